@@ -1,0 +1,5 @@
+export * from "./errors.js";
+export * from "./clock.js";
+export * from "./naming.js";
+export * from "./credentials.js";
+export * from "./pickers.js";

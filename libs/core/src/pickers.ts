@@ -1,0 +1,28 @@
+/**
+ * Backend pickers of the data plane. Pure: the worker hands them the current
+ * ordered backend list and they say which to use.
+ */
+
+/**
+ * Round-robin per new connection. The counter lives across backend-set
+ * updates so a new set does not restart the rotation at its first backend.
+ */
+export class RoundRobin {
+  private next = 0;
+
+  /**
+   * Index in a list of `n` backends where a new connection starts; on refusal
+   * the caller tries the following ones, wrapping around. -1 when empty.
+   */
+  start(n: number): number {
+    if (n <= 0) return -1;
+    const index = this.next % n;
+    this.next = index + 1;
+    return index;
+  }
+}
+
+/** UDP FIFO: the first backend available is the primary; the rest queue in order. */
+export function fifoPrimary<T>(backends: readonly T[]): T | undefined {
+  return backends[0];
+}

@@ -1,0 +1,83 @@
+import pg from "pg";
+import type { Logger } from "pino";
+import { UnavailableError } from "@harbor/core";
+
+export type Pool = pg.Pool;
+export type PoolClient = pg.PoolClient;
+
+export interface PoolOptions {
+  url: string;
+  logger: Logger;
+  max?: number;
+  /** How long a query may wait for a connection before the caller gets UNAVAILABLE. */
+  connectTimeoutMs?: number;
+}
+
+/** A pool whose idle-client errors are logged instead of crashing the process. */
+export function createPool(options: PoolOptions): Pool {
+  const pool = new pg.Pool({
+    connectionString: options.url,
+    max: options.max ?? 10,
+    connectionTimeoutMillis: options.connectTimeoutMs ?? 3_000,
+    idleTimeoutMillis: 30_000,
+    application_name: "harbor",
+  });
+  pool.on("error", (err) => options.logger.warn({ err }, "db-idle-client-error"));
+  return pool;
+}
+
+const CONNECTION_ERRORS = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENOTFOUND", "EPIPE", "57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004"]);
+
+/** True when the error says the database cannot be reached (as opposed to a bad query). */
+export function isConnectionError(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  const code = (err as { code?: string }).code;
+  if (code && CONNECTION_ERRORS.has(code)) return true;
+  return /timeout exceeded when trying to connect|Connection terminated|connect ECONNREFUSED|Client has encountered a connection error/i.test(err.message);
+}
+
+export function isUniqueViolation(err: unknown, constraint?: string): boolean {
+  const e = err as { code?: string; constraint?: string };
+  return e?.code === "23505" && (constraint === undefined || e.constraint === constraint);
+}
+
+/**
+ * Runs `fn` in a transaction: commit on success, roll back on error. A lost
+ * database becomes UnavailableError so callers answer UNAVAILABLE.
+ */
+export async function withTransaction<T>(pool: Pool, fn: (client: PoolClient) => Promise<T>): Promise<T> {
+  let client: PoolClient;
+  try {
+    client = await pool.connect();
+  } catch (err) {
+    throw new UnavailableError("the database is not reachable; try again shortly", { cause: err });
+  }
+  let broken = false;
+  try {
+    await client.query("BEGIN");
+    const result = await fn(client);
+    await client.query("COMMIT");
+    return result;
+  } catch (err) {
+    broken = isConnectionError(err);
+    if (!broken) await client.query("ROLLBACK").catch(() => undefined);
+    if (broken) throw new UnavailableError("the database connection was lost; try again shortly", { cause: err });
+    throw err;
+  } finally {
+    client.release(broken);
+  }
+}
+
+/** One query outside a transaction, with the same mapping of a lost database. */
+export async function query<R extends pg.QueryResultRow = pg.QueryResultRow>(
+  pool: Pool,
+  text: string,
+  values: unknown[] = [],
+): Promise<pg.QueryResult<R>> {
+  try {
+    return await pool.query<R>(text, values);
+  } catch (err) {
+    if (isConnectionError(err)) throw new UnavailableError("the database is not reachable; try again shortly", { cause: err });
+    throw err;
+  }
+}

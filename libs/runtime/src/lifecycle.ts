@@ -1,0 +1,87 @@
+import type { Logger } from "./logger.js";
+
+/** Every long-running part has this shape. `stop` is idempotent and never rejects. */
+export interface Component {
+  readonly name: string;
+  start(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts components in order and stops them in reverse. A component that
+ * fails to start stops the ones already started.
+ */
+export class ComponentGroup implements Component {
+  readonly name = "group";
+  private started: Component[] = [];
+  private stopping: Promise<void> | undefined;
+
+  constructor(
+    private readonly components: Component[],
+    private readonly logger: Logger,
+    private readonly stopDeadlineMs = 15_000,
+  ) {}
+
+  async start(): Promise<void> {
+    for (const component of this.components) {
+      try {
+        await component.start();
+      } catch (err) {
+        this.logger.error({ err, component: component.name }, "component-start-failed");
+        await this.stop();
+        throw err;
+      }
+      this.started.push(component);
+      this.logger.debug({ component: component.name }, "component-started");
+    }
+  }
+
+  stop(): Promise<void> {
+    this.stopping ??= this.stopAll();
+    return this.stopping;
+  }
+
+  private async stopAll(): Promise<void> {
+    for (const component of [...this.started].reverse()) {
+      let timer: NodeJS.Timeout | undefined;
+      const deadline = new Promise<"timeout">((resolve) => {
+        timer = setTimeout(() => resolve("timeout"), this.stopDeadlineMs);
+      });
+      try {
+        const outcome = await Promise.race([component.stop().then(() => "stopped" as const), deadline]);
+        if (outcome === "timeout") this.logger.warn({ component: component.name }, "component-stop-timed-out");
+      } catch (err) {
+        this.logger.error({ err, component: component.name }, "component-stop-failed");
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+    this.started = [];
+  }
+}
+
+/**
+ * Runs a component until SIGTERM or SIGINT, then stops it and resolves. A
+ * second signal exits at once.
+ */
+export async function runUntilSignalled(component: Component, logger: Logger): Promise<void> {
+  await component.start();
+  logger.info("ready");
+  await new Promise<void>((resolve) => {
+    let signalled = false;
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (signalled) {
+        logger.warn({ signal }, "second-signal-exiting");
+        process.exit(1);
+      }
+      signalled = true;
+      logger.info({ signal }, "shutdown-started");
+      void component.stop().then(() => {
+        logger.info("shutdown-complete");
+        resolve();
+      });
+    };
+    process.on("SIGTERM", onSignal);
+    process.on("SIGINT", onSignal);
+  });
+}

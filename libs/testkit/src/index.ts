@@ -1,0 +1,4 @@
+export * from "./net.js";
+export * from "./wait.js";
+export * from "./database.js";
+export * from "./names.js";

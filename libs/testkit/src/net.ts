@@ -1,0 +1,133 @@
+import net from "node:net";
+
+/** A TCP port free on 127.0.0.1 right now. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address() as net.AddressInfo;
+      server.close(() => resolve(address.port));
+    });
+  });
+}
+
+/**
+ * A block of `size` consecutive ports, all free for TCP on 127.0.0.1 now,
+ * below the ephemeral range; for a harbor node's range in a test. Random, so
+ * parallel test files do not pick the same block.
+ */
+export async function freePortBlock(size: number): Promise<{ min: number; max: number }> {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const min = 20_000 + Math.floor(Math.random() * ((32_000 - 20_000 - size) / size)) * size;
+    const ports = Array.from({ length: size }, (_, i) => min + i);
+    const free = await Promise.all(ports.map(isFree));
+    if (free.every(Boolean)) return { min, max: min + size - 1 };
+  }
+  throw new Error(`no block of ${size} free ports found`);
+}
+
+function isFree(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once("error", () => resolve(false));
+    server.listen({ port, host: "127.0.0.1", exclusive: true }, () => server.close(() => resolve(true)));
+  });
+}
+
+export interface EchoBackend {
+  name: string;
+  port: number;
+  /** Connections accepted so far. */
+  accepted: number;
+  close(): Promise<void>;
+}
+
+/**
+ * A TCP backend that greets each connection with `<name>\n` and then echoes
+ * what it receives: the greeting tells a test which backend it reached.
+ */
+export async function startEchoBackend(name: string, port = 0): Promise<EchoBackend> {
+  const sockets = new Set<net.Socket>();
+  const backend: EchoBackend = { name, port: 0, accepted: 0, close: async () => undefined };
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    backend.accepted++;
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    socket.on("error", () => undefined);
+    socket.write(`${name}\n`);
+    socket.pipe(socket);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, "127.0.0.1", () => resolve());
+  });
+  backend.port = (server.address() as net.AddressInfo).port;
+  backend.close = () =>
+    new Promise<void>((resolve) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => resolve());
+    });
+  return backend;
+}
+
+export interface LineClient {
+  socket: net.Socket;
+  /** The next line received (without the newline). */
+  nextLine(timeoutMs?: number): Promise<string>;
+  /** Sends a line and waits for it to come back. */
+  roundTrip(line: string, timeoutMs?: number): Promise<string>;
+  close(): void;
+  /** Resolves when the peer closes the connection. */
+  closed: Promise<void>;
+}
+
+/** A line-oriented TCP client for talking to echo backends through a proxy. */
+export function connectLines(port: number, host = "127.0.0.1"): Promise<LineClient> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ port, host });
+    let buffer = "";
+    const lines: string[] = [];
+    const waiters: Array<(line: string) => void> = [];
+    const closed = new Promise<void>((r) => socket.once("close", () => r()));
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => {
+      buffer += chunk;
+      let index: number;
+      while ((index = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, index);
+        buffer = buffer.slice(index + 1);
+        const waiter = waiters.shift();
+        if (waiter) waiter(line);
+        else lines.push(line);
+      }
+    });
+    socket.once("error", reject);
+    const nextLine = (timeoutMs = 5_000) =>
+      new Promise<string>((res, rej) => {
+        const queued = lines.shift();
+        if (queued !== undefined) return res(queued);
+        const timer = setTimeout(() => rej(new Error(`no line from port ${port} within ${timeoutMs} ms`)), timeoutMs);
+        waiters.push((line) => {
+          clearTimeout(timer);
+          res(line);
+        });
+        void closed.then(() => {
+          clearTimeout(timer);
+          rej(new Error(`port ${port} closed the connection`));
+        });
+      });
+    socket.once("connect", () =>
+      resolve({
+        socket,
+        nextLine,
+        roundTrip: (line, timeoutMs) => {
+          socket.write(`${line}\n`);
+          return nextLine(timeoutMs);
+        },
+        close: () => socket.destroy(),
+        closed,
+      }),
+    );
+  });
+}

@@ -1,0 +1,135 @@
+import { isIP } from "node:net";
+import {
+  InvalidArgumentError,
+  buildAppEnvironment,
+  buildCredentials,
+  protocolFromName,
+  validateAppName,
+  validateNodeId,
+  validatePort,
+  validateServiceName,
+  wantsHttpsProxy,
+} from "@harbor/core";
+import { PortAllocatorService, type PortAllocatorServer } from "@harbor/proto";
+import { unary, type GrpcService, type Logger } from "@harbor/runtime";
+import type { AllocatorEvents } from "./events.js";
+import { toNode, toPortService } from "./mapping.js";
+import type { PortStore } from "./store.js";
+
+const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
+
+function optionalHostname(value: string, what: string): string {
+  if (value !== "" && !HOSTNAME.test(value)) throw new InvalidArgumentError(`${what} ${JSON.stringify(value.slice(0, 80))} is not a valid hostname`);
+  return value;
+}
+
+function ipAddress(value: string, what: string, required: boolean): string {
+  if (value === "" && !required) return value;
+  if (isIP(value) === 0) throw new InvalidArgumentError(`${what} ${JSON.stringify(value.slice(0, 80))} is not an IP address (e.g. 10.0.0.5)`);
+  return value;
+}
+
+function optional(value: string, validate: (v: string) => string): string | undefined {
+  return value === "" ? undefined : validate(value);
+}
+
+export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, logger: Logger): GrpcService {
+  const implementation: PortAllocatorServer = {
+    createPortService: unary(logger, "CreatePortService", async (req) => {
+      const serviceName = validateServiceName(req.name);
+      const nodeId = optional(req.nodeId, validateNodeId);
+      const app = optional(req.app, validateAppName);
+      const port = req.port === 0 ? undefined : validatePort(req.port);
+      const created = await store.createService(
+        { serviceName, protocol: protocolFromName(serviceName), httpsProxy: wantsHttpsProxy(serviceName), nodeId, port },
+        app,
+        async (tx, service) => {
+          await events.serviceCreated(tx, service);
+          const binding = service.bindings[0];
+          if (binding) await events.serviceBound(tx, service, binding.app, binding.intPort);
+        },
+      );
+      logger.info({ serviceId: created.id, serviceName, nodeId: created.nodeId, port: created.port, app }, "port-service-created");
+      return { service: toPortService(created, app) };
+    }),
+
+    getPortService: unary(logger, "GetPortService", async (req) => {
+      const name = validateServiceName(req.name);
+      const app = optional(req.app, validateAppName);
+      return { service: toPortService(await store.getService(name), app) };
+    }),
+
+    listPortServices: unary(logger, "ListPortServices", async (req) => {
+      const nodeId = optional(req.nodeId, validateNodeId);
+      const app = optional(req.app, validateAppName);
+      const services = await store.listServices({ nodeId, app });
+      return { services: services.map((s) => toPortService(s, app)) };
+    }),
+
+    deletePortService: unary(logger, "DeletePortService", async (req) => {
+      const name = validateServiceName(req.name);
+      const deleted = await store.deleteService(name, (tx, service) => events.serviceDeleted(tx, service));
+      logger.info({ serviceId: deleted.id, serviceName: deleted.serviceName, port: deleted.port }, "port-service-deleted");
+      return {};
+    }),
+
+    bindPortService: unary(logger, "BindPortService", async (req) => {
+      const name = validateServiceName(req.name);
+      const app = validateAppName(req.app);
+      const bound = await store.bindService(name, app, (tx, service, intPort) => events.serviceBound(tx, service, app, intPort));
+      logger.info({ serviceId: bound.id, app }, "port-service-bound");
+      return { service: toPortService(bound, app) };
+    }),
+
+    unbindPortService: unary(logger, "UnbindPortService", async (req) => {
+      const name = validateServiceName(req.name);
+      const app = validateAppName(req.app);
+      await store.unbindService(name, app, (tx, service, intPort) => events.serviceUnbound(tx, service, app, intPort));
+      logger.info({ serviceName: name, app }, "port-service-unbound");
+      return {};
+    }),
+
+    getAppEnvironment: unary(logger, "GetAppEnvironment", async (req) => {
+      const app = validateAppName(req.app);
+      const services = await store.listServices({ app });
+      const variables = buildAppEnvironment(
+        app,
+        services.map((s) => {
+          const binding = s.bindings.find((b) => b.app === app);
+          return { serviceName: s.serviceName, credentials: buildCredentials(s.node, s, binding?.intPort ?? 0) };
+        }),
+      );
+      return { variables };
+    }),
+
+    listNodes: unary(logger, "ListNodes", async () => ({ nodes: (await store.listNodes()).map(toNode) })),
+
+    upsertNode: unary(logger, "UpsertNode", async (req) => {
+      const node = req.node;
+      if (!node) throw new InvalidArgumentError("give the node to create or change");
+      const nodeId = validateNodeId(node.nodeId);
+      if (node.portMin === 0 || node.portMax === 0 || node.portMin > node.portMax || node.portMax > 65535) {
+        throw new InvalidArgumentError(`port range ${node.portMin}-${node.portMax} is not valid: use MIN-MAX with 1 <= MIN <= MAX <= 65535`);
+      }
+      const saved = await store.upsertNode(
+        {
+          nodeId,
+          hostname: optionalHostname(node.hostname, "hostname"),
+          host: ipAddress(node.host, "host", true),
+          extHostname: optionalHostname(node.extHostname, "ext_hostname"),
+          extHost: ipAddress(node.extHost, "ext_host", false),
+          portMin: node.portMin,
+          portMax: node.portMax,
+        },
+        (tx, record) => events.nodeUpdated(tx, record),
+      );
+      logger.info({ nodeId, range: `${saved.portMin}-${saved.portMax}`, host: saved.host }, "node-upserted");
+      return { node: toNode(saved) };
+    }),
+  };
+  return {
+    fullName: "harbor.v1.PortAllocator",
+    definition: PortAllocatorService,
+    implementation: implementation as unknown as GrpcService["implementation"],
+  };
+}

@@ -1,0 +1,38 @@
+import { buildCredentials } from "@harbor/core";
+import { protocolToProto, timestampFromMs, type Node, type PortService } from "@harbor/proto";
+import type { NodeRecord, ServiceRecord } from "./store.js";
+
+/** A service as the API shows it: the seed's credentials, with int_port for `app` (else the first binding). */
+export function toPortService(record: ServiceRecord, app?: string): PortService {
+  const binding = (app ? record.bindings.find((b) => b.app === app) : undefined) ?? record.bindings[0];
+  const credentials = buildCredentials(record.node, record, binding?.intPort ?? 0);
+  return {
+    hostname: credentials.hostname,
+    host: credentials.host,
+    port: credentials.port,
+    name: credentials.name,
+    nodeId: credentials.node_id,
+    intPort: credentials.int_port,
+    extHostname: credentials.ext_hostname ?? "",
+    extHost: credentials.ext_host ?? "",
+    serviceName: record.serviceName,
+    protocol: protocolToProto(record.protocol),
+    httpsProxy: record.httpsProxy,
+    bindings: record.bindings.map((b) => ({ app: b.app, intPort: b.intPort, boundAt: timestampFromMs(b.boundAt.getTime()) })),
+    createdAt: timestampFromMs(record.createdAt.getTime()),
+  };
+}
+
+export function toNode(record: NodeRecord): Node {
+  return {
+    nodeId: record.nodeId,
+    hostname: record.hostname,
+    host: record.host,
+    extHostname: record.extHostname,
+    extHost: record.extHost,
+    portMin: record.portMin,
+    portMax: record.portMax,
+    allocated: record.allocated,
+    workerSeenAt: record.workerSeenAt ? timestampFromMs(record.workerSeenAt.getTime()) : undefined,
+  };
+}

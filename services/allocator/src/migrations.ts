@@ -1,0 +1,60 @@
+import type { Migration } from "@harbor/db";
+
+/**
+ * The allocator owns these tables and is their only writer. The registry
+ * reads nodes, port_services and port_bindings to derive backend sets.
+ */
+export const allocatorMigrations: Migration[] = [
+  {
+    version: 1,
+    name: "nodes-services-bindings-outbox",
+    sql: `
+      CREATE TABLE nodes (
+        node_id text PRIMARY KEY,
+        hostname text NOT NULL DEFAULT '',
+        host text NOT NULL,
+        ext_hostname text NOT NULL DEFAULT '',
+        ext_host text NOT NULL DEFAULT '',
+        port_min int NOT NULL,
+        port_max int NOT NULL,
+        worker_seen_at timestamptz,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        CONSTRAINT nodes_range_check CHECK (port_min BETWEEN 1 AND 65535 AND port_max BETWEEN port_min AND 65535)
+      );
+
+      CREATE TABLE port_services (
+        id uuid PRIMARY KEY,
+        service_name text NOT NULL,
+        node_id text NOT NULL REFERENCES nodes (node_id),
+        port int NOT NULL CHECK (port BETWEEN 1 AND 65535),
+        protocol text NOT NULL CHECK (protocol IN ('tcp', 'udp', 'both')),
+        https_proxy boolean NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        -- The guarantee: a port of a node is never held by two services.
+        CONSTRAINT port_services_node_port_key UNIQUE (node_id, port)
+      );
+      -- Names are unique ignoring case: their env var forms must not collide.
+      CREATE UNIQUE INDEX port_services_name_key ON port_services (lower(service_name));
+
+      CREATE TABLE port_bindings (
+        service_id uuid NOT NULL REFERENCES port_services (id) ON DELETE CASCADE,
+        app text NOT NULL,
+        int_port int NOT NULL,
+        bound_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (service_id, app),
+        CONSTRAINT port_bindings_app_int_port_key UNIQUE (app, int_port)
+      );
+      CREATE INDEX port_bindings_app_idx ON port_bindings (app);
+
+      -- Events written in the same transaction as the change they describe,
+      -- relayed to NATS at least once and then deleted.
+      CREATE TABLE outbox (
+        id bigserial PRIMARY KEY,
+        event text NOT NULL,
+        node_id text NOT NULL,
+        payload jsonb NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+      );
+    `,
+  },
+];

@@ -1,0 +1,133 @@
+import type { Logger } from "pino";
+import type { Bus, Subjects } from "@harbor/bus";
+import { withTransaction, type Pool, type PoolClient } from "@harbor/db";
+import type { Component } from "@harbor/runtime";
+import type { OutboxEvent } from "./store.js";
+
+interface OutboxRow {
+  id: string;
+  event: OutboxEvent;
+  node_id: string;
+  payload: Record<string, unknown>;
+}
+
+const BATCH = 200;
+const FLUSH_TIMEOUT_MS = 2_000;
+
+/**
+ * Relays outbox rows to NATS at least once: rows are deleted only after the
+ * bus has flushed them, in the transaction that locked them (SKIP LOCKED lets
+ * replicas share the work). A commit wakes it through NOTIFY; a timer covers
+ * a lost notification. Each event carries its row id as `sequence`.
+ */
+export class OutboxRelay implements Component {
+  readonly name = "outbox-relay";
+  private timer: NodeJS.Timeout | undefined;
+  private listener: PoolClient | undefined;
+  private running: Promise<void> | undefined;
+  private again = false;
+  private stopped = false;
+
+  constructor(
+    private readonly pool: Pool,
+    private readonly bus: Bus,
+    private readonly subjects: Subjects,
+    private readonly logger: Logger,
+    private readonly pollMs: number,
+  ) {}
+
+  async start(): Promise<void> {
+    try {
+      this.listener = await this.pool.connect();
+      this.listener.on("notification", () => this.kick());
+      this.listener.on("error", (err) => {
+        this.logger.warn({ err }, "outbox-listen-lost");
+        this.listener?.release(true);
+        this.listener = undefined;
+      });
+      await this.listener.query("LISTEN harbor_outbox");
+    } catch (err) {
+      this.logger.warn({ err }, "outbox-listen-failed-polling-only");
+    }
+    this.timer = setInterval(() => this.kick(), this.pollMs);
+    this.kick();
+  }
+
+  /** Relays soon; calls while a pass runs schedule one more pass. */
+  kick(): void {
+    if (this.stopped) return;
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    this.running = this.drain().finally(() => {
+      this.running = undefined;
+      if (this.again) {
+        this.again = false;
+        this.kick();
+      }
+    });
+  }
+
+  private async drain(): Promise<void> {
+    try {
+      while (this.bus.isConnected() && (await this.relayBatch()) === BATCH) {
+        // a full batch: there may be more
+      }
+    } catch (err) {
+      this.logger.warn({ err }, "outbox-relay-failed");
+    }
+  }
+
+  /** Publishes one batch and deletes it once flushed; returns how many rows it relayed. */
+  private relayBatch(): Promise<number> {
+    return withTransaction(this.pool, async (tx) => {
+      const { rows } = await tx.query<OutboxRow>(
+        "SELECT id, event, node_id, payload FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        [BATCH],
+      );
+      if (rows.length === 0) return 0;
+      for (const row of rows) this.bus.publish(this.subjectOf(row), JSON.stringify({ ...row.payload, sequence: row.id }));
+      await withTimeout(this.bus.flush(), FLUSH_TIMEOUT_MS, "NATS did not confirm the outbox batch");
+      await tx.query("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [rows.map((r) => r.id)]);
+      this.logger.debug({ count: rows.length, last: rows[rows.length - 1]?.id }, "outbox-relayed");
+      return rows.length;
+    });
+  }
+
+  private subjectOf(row: OutboxRow): string {
+    switch (row.event) {
+      case "service.created":
+        return this.subjects.serviceCreated(row.node_id);
+      case "service.deleted":
+        return this.subjects.serviceDeleted(row.node_id);
+      case "service.bound":
+        return this.subjects.serviceBound(row.node_id);
+      case "service.unbound":
+        return this.subjects.serviceUnbound(row.node_id);
+      case "node.updated":
+        return this.subjects.nodeUpdated(row.node_id);
+    }
+  }
+
+  /** Stops the timer and makes one last pass, so a clean shutdown leaves nothing behind that NATS can take. */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    clearInterval(this.timer);
+    await this.running;
+    this.stopped = true;
+    await this.drain();
+    this.listener?.release();
+    this.listener = undefined;
+  }
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number, message: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(message)), ms);
+    }),
+  ]);
+}

@@ -1,0 +1,76 @@
+import { buildCredentials, type Credentials } from "@harbor/core";
+import { msFromTimestamp, protocolName, type Instance, type Node, type PortService } from "@harbor/proto";
+
+/** What `create-service`, `service` and `services` print: the seed's credentials, with the service's name and protocol beside them. */
+export interface ServiceOutput extends Credentials {
+  service_name: string;
+  protocol: string;
+  https_proxy: boolean;
+  apps: string[];
+}
+
+export function serviceOutput(s: PortService): ServiceOutput {
+  const credentials = buildCredentials(
+    { nodeId: s.nodeId, hostname: s.hostname, host: s.host, extHostname: s.extHostname, extHost: s.extHost },
+    { id: s.name, port: s.port },
+    s.intPort,
+  );
+  return {
+    ...credentials,
+    service_name: s.serviceName,
+    protocol: protocolName(s.protocol),
+    https_proxy: s.httpsProxy,
+    apps: s.bindings.map((b) => b.app),
+  };
+}
+
+export function nodeOutput(n: Node, nowMs: number, liveWithinMs: number) {
+  const seen = msFromTimestamp(n.workerSeenAt);
+  return {
+    node_id: n.nodeId,
+    hostname: n.hostname || n.host,
+    host: n.host,
+    ext_hostname: n.extHostname,
+    ext_host: n.extHost,
+    public: n.extHostname !== "" || n.extHost !== "",
+    port_min: n.portMin,
+    port_max: n.portMax,
+    allocated: n.allocated,
+    worker_live: seen !== undefined && nowMs - seen <= liveWithinMs,
+    worker_seen_at: seen === undefined ? null : new Date(seen).toISOString(),
+  };
+}
+
+export function instanceOutput(i: Instance) {
+  return {
+    app: i.app,
+    instance_id: i.instanceId,
+    host: i.host,
+    ports: i.ports.map((p) => ({ int_port: p.intPort, port: p.port })),
+    ttl_seconds: i.ttlSeconds,
+    available_since: isoOf(i.availableSince),
+    expires_at: isoOf(i.expiresAt),
+  };
+}
+
+function isoOf(t: Instance["availableSince"]): string | null {
+  const ms = msFromTimestamp(t);
+  return ms === undefined ? null : new Date(ms).toISOString();
+}
+
+/** A plain text table: a header row and aligned columns. */
+export function table(headers: string[], rows: string[][]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
+  const line = (cells: string[]) => cells.map((c, i) => c.padEnd(widths[i] ?? 0)).join("  ").trimEnd();
+  return [line(headers), ...rows.map(line)].join("\n") + "\n";
+}
+
+/** Key: value lines, for one object. */
+export function keyValues(record: object): string {
+  const width = Math.max(...Object.keys(record).map((k) => k.length));
+  return (
+    Object.entries(record)
+      .map(([k, v]) => `${(k + ":").padEnd(width + 1)} ${Array.isArray(v) ? v.join(", ") : String(v)}`)
+      .join("\n") + "\n"
+  );
+}

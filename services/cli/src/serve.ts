@@ -1,0 +1,228 @@
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createAllocator, loadAllocatorConfig } from "@harbor/allocator";
+import { connectBus, createSubjects, isValidPrefix, DEFAULT_NATS_PREFIX, type Bus } from "@harbor/bus";
+import { ConfigError } from "@harbor/core";
+import { createPool, startEmbeddedPostgres, type EmbeddedPostgres, type Pool } from "@harbor/db";
+import { createRegistry, loadRegistryConfig } from "@harbor/registry";
+import {
+  ComponentGroup,
+  DEFAULT_API_ADDRESS,
+  EnvReader,
+  createGrpcServer,
+  createLogger,
+  redactUrl,
+  runUntilSignalled,
+  type Component,
+  type GrpcServer,
+  type GrpcService,
+  type Logger,
+} from "@harbor/runtime";
+import { createWorker, loadWorkerConfig } from "@harbor/worker";
+
+export type ServeTarget = "all" | "allocator" | "registry" | "worker";
+
+const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
+
+interface SharedConfig {
+  api: string;
+  databaseUrl?: string;
+  natsUrl?: string;
+  natsPrefix: string;
+  natsToken?: string;
+  natsUser?: string;
+  natsPass?: string;
+  dataDir: string;
+}
+
+function loadSharedConfig(env: Record<string, string | undefined>, apiFlag?: string): SharedConfig {
+  const reader = new EnvReader(env);
+  const config: SharedConfig = {
+    api: apiFlag ?? reader.address("HARBOR_API", DEFAULT_API_ADDRESS),
+    databaseUrl: reader.optional("DATABASE_URL"),
+    natsUrl: reader.optional("NATS_URL"),
+    natsPrefix: reader.string("HARBOR_NATS_PREFIX", DEFAULT_NATS_PREFIX),
+    natsToken: reader.optional("NATS_TOKEN"),
+    natsUser: reader.optional("NATS_USER"),
+    natsPass: reader.optional("NATS_PASSWORD"),
+    dataDir: reader.string("HARBOR_DATA_DIR", resolve(REPO_ROOT, ".harbor")),
+  };
+  if (!isValidPrefix(config.natsPrefix)) reader.problem(`HARBOR_NATS_PREFIX=${config.natsPrefix}: use letters, digits, - and _ only`);
+  reader.finish();
+  return config;
+}
+
+/** A component from a start and a stop function. */
+function component(name: string, start: () => Promise<void>, stop: () => Promise<void>): Component {
+  return { name, start, stop };
+}
+
+/**
+ * `harbor serve`: the process entry of every service. Reads the environment,
+ * composes the service factories and runs them until SIGTERM. `all` is the
+ * one-process mode of `npm start`.
+ */
+export async function serve(target: ServeTarget, env: Record<string, string | undefined>, apiFlag?: string): Promise<number> {
+  const logger = createLogger(`harbor-${target}`);
+  try {
+    const shared = loadSharedConfig(env, apiFlag);
+    const allocatorConfig = target === "all" || target === "allocator" ? loadAllocatorConfig(env) : undefined;
+    const registryConfig = target === "all" || target === "registry" ? loadRegistryConfig(env) : undefined;
+    const workerConfig = target === "all" || target === "worker" ? loadWorkerConfig({ ...env, HARBOR_API: shared.api }) : undefined;
+    if (target !== "all" && target !== "worker" && !shared.databaseUrl) {
+      throw new ConfigError([`DATABASE_URL: required for \`harbor serve ${target}\` (only \`serve all\` embeds a Postgres)`]);
+    }
+    const subjects = createSubjects(shared.natsPrefix);
+    const components: Component[] = [];
+    let pool: Pool | undefined;
+    let bus: Bus | undefined;
+    let embedded: EmbeddedPostgres | undefined;
+    let server: GrpcServer | undefined;
+
+    if (target !== "worker") {
+      components.push(
+        component(
+          "database",
+          async () => {
+            let url = shared.databaseUrl;
+            if (!url) {
+              embedded = await startEmbeddedPostgres({ dataDir: resolve(shared.dataDir, "postgres"), logger: logger.child({ component: "embedded-postgres" }) });
+              url = embedded.url;
+            }
+            pool = createPool({ url, logger, max: 20 });
+            logger.info({ database: redactUrl(url), embedded: embedded !== undefined }, "database-ready");
+          },
+          async () => {
+            await pool?.end().catch(() => undefined);
+            await embedded?.stop();
+          },
+        ),
+      );
+    }
+    components.push(
+      component(
+        "bus",
+        async () => {
+          bus = await connectBus({
+            url: shared.natsUrl,
+            fallbackToInProcess: target === "all",
+            logger: logger.child({ component: "bus" }),
+            token: shared.natsToken,
+            user: shared.natsUser,
+            pass: shared.natsPass,
+          });
+          logger.info({ bus: bus.kind, prefix: shared.natsPrefix }, "bus-ready");
+        },
+        async () => {
+          await bus?.close();
+        },
+      ),
+    );
+
+    const grpcServices: GrpcService[] = [];
+    const deps = () => ({ pool: pool as Pool, bus: bus as Bus, subjects, logger });
+    if (allocatorConfig) {
+      let stopAllocator: (() => Promise<void>) | undefined;
+      components.push(
+        component(
+          "allocator",
+          async () => {
+            const allocator = createAllocator(allocatorConfig, deps());
+            grpcServices.push(allocator.grpc);
+            await allocator.start();
+            stopAllocator = () => allocator.stop();
+          },
+          async () => stopAllocator?.(),
+        ),
+      );
+    }
+    if (registryConfig) {
+      let stopRegistry: (() => Promise<void>) | undefined;
+      components.push(
+        component(
+          "registry",
+          async () => {
+            const registry = createRegistry(registryConfig, deps());
+            grpcServices.push(registry.grpc);
+            await registry.start();
+            stopRegistry = () => registry.stop();
+          },
+          async () => stopRegistry?.(),
+        ),
+      );
+    }
+    if (target !== "worker") {
+      components.push(
+        component(
+          "grpc-server",
+          async () => {
+            server = createGrpcServer({ address: shared.api, services: grpcServices, logger: logger.child({ component: "grpc" }) });
+            await server.start();
+          },
+          async () => server?.stop(),
+        ),
+      );
+    }
+    if (workerConfig) {
+      let stopWorker: (() => Promise<void>) | undefined;
+      components.push(
+        component(
+          "worker",
+          async () => {
+            // In one process the worker calls the API this process just bound (its port may have been 0).
+            const api = server?.boundAddress;
+            const config = api ? { ...workerConfig, allocatorAddress: api, registryAddress: api } : workerConfig;
+            const worker = createWorker(config, { bus: bus as Bus, subjects, logger });
+            await worker.start();
+            stopWorker = () => worker.stop();
+          },
+          async () => stopWorker?.(),
+        ),
+      );
+    }
+
+    const group = new ComponentGroup(components, logger, 30_000);
+    await runUntilSignalled(
+      {
+        name: "harbor",
+        start: async () => {
+          await group.start();
+          if (target === "all") printBanner(server?.boundAddress ?? shared.api, allocatorConfig, embedded, bus, shared);
+        },
+        stop: () => group.stop(),
+      },
+      logger,
+    );
+    return 0;
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`harbor: ${err.message}\n`);
+      return 2;
+    }
+    logger.error({ err }, "serve-failed");
+    process.stderr.write(`harbor: ${(err as Error).message}\n`);
+    return 1;
+  }
+}
+
+function printBanner(
+  api: string,
+  allocator: ReturnType<typeof loadAllocatorConfig> | undefined,
+  embedded: EmbeddedPostgres | undefined,
+  bus: Bus | undefined,
+  shared: SharedConfig,
+): void {
+  const node = allocator?.defaultNode;
+  const lines = [
+    `Harbor is running. API: ${api}${api === DEFAULT_API_ADDRESS ? "" : ` (set HARBOR_API=${api} for the CLI)`}`,
+    node ? `  node ${node.nodeId}: ports ${node.range.min}-${node.range.max} on ${node.host}` : "",
+    `  database: ${embedded ? `embedded Postgres, data in ${embedded.dataDir}` : redactUrl(shared.databaseUrl ?? "")}`,
+    `  events: ${bus?.kind === "nats" ? `NATS ${shared.natsUrl ?? "nats://127.0.0.1:4222"}, subjects ${shared.natsPrefix}.v1.>` : "in-process bus (no NATS found; set NATS_URL to use one)"}`,
+    "Try it (from this folder):",
+    "  npx harbor create-service debug-port --app demo",
+    "  npx harbor service debug-port",
+    "  npx harbor register-instance demo demo-0 --host 127.0.0.1 --port 4100",
+    "Stop with Ctrl-C.",
+  ];
+  process.stdout.write(lines.filter(Boolean).join("\n") + "\n");
+}

@@ -1,0 +1,28 @@
+import { EnvReader } from "@harbor/runtime";
+
+export interface RegistryConfig {
+  /** TTL of an instance that does not give its own; it should heartbeat at a third of it. */
+  defaultTtlSeconds: number;
+  maxTtlSeconds: number;
+  /** How often expired instances are removed. */
+  sweepIntervalMs: number;
+  /** How often every backend set is recomputed, covering any missed event. */
+  reconcileIntervalMs: number;
+}
+
+export const DEFAULT_TTL_SECONDS = 30;
+
+export function loadRegistryConfig(env: Record<string, string | undefined> = process.env): RegistryConfig {
+  const reader = new EnvReader(env);
+  const config: RegistryConfig = {
+    defaultTtlSeconds: reader.int("HARBOR_INSTANCE_TTL_SECONDS", DEFAULT_TTL_SECONDS, 1, 3600),
+    maxTtlSeconds: reader.int("HARBOR_INSTANCE_MAX_TTL_SECONDS", 3600, 1, 86_400),
+    sweepIntervalMs: reader.int("HARBOR_EXPIRY_SWEEP_MS", 1_000, 50, 60_000),
+    reconcileIntervalMs: reader.int("HARBOR_RECONCILE_INTERVAL_MS", 30_000, 1_000, 3_600_000),
+  };
+  if (config.defaultTtlSeconds > config.maxTtlSeconds) {
+    reader.problem(`HARBOR_INSTANCE_TTL_SECONDS=${config.defaultTtlSeconds} is above HARBOR_INSTANCE_MAX_TTL_SECONDS=${config.maxTtlSeconds}`);
+  }
+  reader.finish();
+  return config;
+}

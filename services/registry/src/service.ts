@@ -1,0 +1,140 @@
+import { ANY, subscribeMessages, encodeMessage, type Bus, type BusSubscription, type Subjects } from "@harbor/bus";
+import { errorMessage, systemClock, type Clock } from "@harbor/core";
+import { migrate, type Pool } from "@harbor/db";
+import {
+  BindingEvent,
+  DeregisterInstanceRequest,
+  PortServiceEvent,
+  RegisterInstanceRequest,
+  RegisterInstanceResponse,
+} from "@harbor/proto";
+import type { Component, GrpcService, Logger } from "@harbor/runtime";
+import type { RegistryConfig } from "./config.js";
+import { createRegistryGrpc, toRegistration } from "./grpc.js";
+import { registryMigrations } from "./migrations.js";
+import { Registry } from "./registry.js";
+import { RegistryStore } from "./store.js";
+
+export interface RegistryDeps {
+  pool: Pool;
+  bus: Bus;
+  subjects: Subjects;
+  logger: Logger;
+  clock?: Clock;
+}
+
+export interface RegistryService extends Component {
+  readonly grpc: GrpcService;
+  readonly registry: Registry;
+}
+
+const SCHEMA_WAIT_MS = 60_000;
+
+/**
+ * The registry: instances over gRPC and NATS, expiry, and backend sets kept
+ * published. Follows the allocator's binding events and reconciles all sets
+ * at start and on a timer.
+ */
+export function createRegistry(config: RegistryConfig, deps: RegistryDeps): RegistryService {
+  const logger = deps.logger.child({ component: "registry" });
+  const store = new RegistryStore(deps.pool);
+  const registry = new Registry(store, deps.bus, deps.subjects, deps.clock ?? systemClock, logger);
+  const subscriptions: BusSubscription[] = [];
+  const timers: NodeJS.Timeout[] = [];
+  let sweeping: Promise<void> | undefined;
+
+  const every = (ms: number, task: () => Promise<void>, event: string) => {
+    let busy = false;
+    timers.push(
+      setInterval(() => {
+        if (busy) return;
+        busy = true;
+        const run = task()
+          .catch((err: unknown) => logger.warn({ err }, event))
+          .finally(() => {
+            busy = false;
+          });
+        sweeping = run;
+      }, ms),
+    );
+  };
+
+  return {
+    name: "registry",
+    grpc: createRegistryGrpc(registry, store, deps.bus, deps.subjects, config, logger),
+    registry,
+    async start() {
+      await waitForAllocatorSchema(store, logger);
+      await migrate(deps.pool, "registry", registryMigrations, logger);
+      const s = deps.subjects;
+      const onBinding = (event: BindingEvent) => (event.service ? registry.recompute(event.service.name) : undefined);
+      subscriptions.push(
+        subscribeMessages(deps.bus, s.serviceBound(ANY), BindingEvent, logger, onBinding),
+        subscribeMessages(deps.bus, s.serviceUnbound(ANY), BindingEvent, logger, onBinding),
+        subscribeMessages(deps.bus, s.serviceDeleted(ANY), PortServiceEvent, logger, (event) =>
+          event.service ? registry.serviceDeleted(event.service.name) : undefined,
+        ),
+        // Instance agents may register over NATS; replicas share the subject as a queue group.
+        deps.bus.subscribe(
+          s.registerInstance(),
+          (msg) => {
+            void (async () => {
+              try {
+                const req = RegisterInstanceRequest.fromJSON(JSON.parse(msg.data));
+                const result = await registry.register(toRegistration(req, config));
+                msg.respond(encodeMessage(RegisterInstanceResponse, result));
+              } catch (err) {
+                logger.warn({ subject: msg.subject, err }, "bus-register-rejected");
+                msg.respond(JSON.stringify({ error: errorMessage(err) }));
+              }
+            })();
+          },
+          { queue: "harbor-registry" },
+        ),
+        deps.bus.subscribe(
+          s.deregisterInstance(),
+          (msg) => {
+            void (async () => {
+              try {
+                const req = DeregisterInstanceRequest.fromJSON(JSON.parse(msg.data));
+                const gone = await registry.deregister(req.app, req.instanceId);
+                msg.respond(JSON.stringify({ deregistered: gone !== undefined }));
+              } catch (err) {
+                logger.warn({ subject: msg.subject, err }, "bus-deregister-rejected");
+                msg.respond(JSON.stringify({ error: errorMessage(err) }));
+              }
+            })();
+          },
+          { queue: "harbor-registry" },
+        ),
+      );
+      deps.bus.onReconnect(() => void registry.reconcile().catch((err: unknown) => logger.warn({ err }, "reconcile-failed")));
+      await registry.expire();
+      await registry.reconcile();
+      every(config.sweepIntervalMs, () => registry.expire(), "expiry-sweep-failed");
+      every(config.reconcileIntervalMs, () => registry.reconcile(), "reconcile-failed");
+      logger.info({ defaultTtlSeconds: config.defaultTtlSeconds }, "registry-started");
+    },
+    async stop() {
+      for (const timer of timers.splice(0)) clearInterval(timer);
+      for (const sub of subscriptions.splice(0)) sub.unsubscribe();
+      await sweeping;
+    },
+  };
+}
+
+async function waitForAllocatorSchema(store: RegistryStore, logger: Logger): Promise<void> {
+  const until = Date.now() + SCHEMA_WAIT_MS;
+  let logged = false;
+  for (;;) {
+    try {
+      if (await store.allocatorSchemaReady()) return;
+    } catch (err) {
+      if (Date.now() > until) throw err;
+    }
+    if (Date.now() > until) throw new Error("the allocator's tables did not appear within 60 s; start the allocator against the same DATABASE_URL");
+    if (!logged) logger.info("waiting-for-allocator-schema");
+    logged = true;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}

@@ -1,0 +1,37 @@
+import { validateNodeId } from "@harbor/core";
+import { DEFAULT_API_ADDRESS, EnvReader } from "@harbor/runtime";
+
+export interface WorkerConfig {
+  nodeId: string;
+  allocatorAddress: string;
+  registryAddress: string;
+  /** Listen here instead of the node's `host` (e.g. 0.0.0.0 in a container). */
+  listenHost?: string;
+  resyncIntervalMs: number;
+  heartbeatIntervalMs: number;
+  connectTimeoutMs: number;
+  /** On stop, how long open connections may finish before they are cut. */
+  drainTimeoutMs: number;
+}
+
+export function loadWorkerConfig(env: Record<string, string | undefined> = process.env): WorkerConfig {
+  const reader = new EnvReader(env);
+  const api = reader.address("HARBOR_API", DEFAULT_API_ADDRESS);
+  const config: WorkerConfig = {
+    nodeId: reader.string("HARBOR_NODE_ID", "harbor_node_1"),
+    allocatorAddress: reader.address("HARBOR_ALLOCATOR_API", api),
+    registryAddress: reader.address("HARBOR_REGISTRY_API", api),
+    listenHost: reader.optional("HARBOR_WORKER_LISTEN_HOST"),
+    resyncIntervalMs: reader.int("HARBOR_RESYNC_INTERVAL_MS", 30_000, 100, 3_600_000),
+    heartbeatIntervalMs: reader.int("HARBOR_HEARTBEAT_INTERVAL_MS", 5_000, 100, 600_000),
+    connectTimeoutMs: reader.int("HARBOR_CONNECT_TIMEOUT_MS", 5_000, 10, 120_000),
+    drainTimeoutMs: reader.int("HARBOR_DRAIN_TIMEOUT_MS", 10_000, 0, 600_000),
+  };
+  try {
+    validateNodeId(config.nodeId);
+  } catch (err) {
+    reader.problem(`HARBOR_NODE_ID=${config.nodeId}: ${(err as Error).message}`);
+  }
+  reader.finish();
+  return config;
+}

@@ -1,0 +1,79 @@
+import { Protocol, type Backend, type BackendSet, type PortService } from "@harbor/proto";
+
+/** What the data plane needs of a port service. */
+export interface ServiceView {
+  id: string;
+  name: string;
+  port: number;
+  protocol: Protocol;
+}
+
+export interface BackendView {
+  revision: bigint;
+  backends: Backend[];
+}
+
+export function serviceView(service: PortService): ServiceView {
+  return { id: service.name, name: service.serviceName, port: service.port, protocol: service.protocol };
+}
+
+export function carriesTcp(service: ServiceView): boolean {
+  return service.protocol === Protocol.PROTOCOL_TCP || service.protocol === Protocol.PROTOCOL_BOTH;
+}
+
+/**
+ * The worker's picture of its node: which services it serves and each one's
+ * backend set. Pure. A set is applied only when its revision is newer than
+ * the one held (state, not deltas: the set replaces the old one whole).
+ */
+export class NodeView {
+  private readonly services = new Map<string, ServiceView>();
+  private readonly sets = new Map<string, BackendView>();
+  host: string | undefined;
+
+  listServices(): ServiceView[] {
+    return [...this.services.values()];
+  }
+
+  service(id: string): ServiceView | undefined {
+    return this.services.get(id);
+  }
+
+  upsertService(service: ServiceView): void {
+    this.services.set(service.id, service);
+  }
+
+  removeService(id: string): void {
+    this.services.delete(id);
+    this.sets.delete(id);
+  }
+
+  /** Replaces the services with a snapshot's; sets of services that are gone are dropped. */
+  replaceServices(services: ServiceView[]): void {
+    this.services.clear();
+    for (const s of services) this.services.set(s.id, s);
+    for (const id of [...this.sets.keys()]) if (!this.services.has(id)) this.sets.delete(id);
+  }
+
+  /** Applies a set if newer than the one held; returns whether it did. */
+  applySet(set: BackendSet): boolean {
+    let revision: bigint;
+    try {
+      revision = BigInt(set.revision);
+    } catch {
+      return false;
+    }
+    const held = this.sets.get(set.serviceId);
+    if (held && held.revision >= revision) return false;
+    this.sets.set(set.serviceId, { revision, backends: set.backends });
+    return true;
+  }
+
+  backends(serviceId: string): Backend[] {
+    return this.sets.get(serviceId)?.backends ?? [];
+  }
+
+  revision(serviceId: string): bigint {
+    return this.sets.get(serviceId)?.revision ?? 0n;
+  }
+}

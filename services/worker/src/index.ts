@@ -1,0 +1,2 @@
+export { createWorker, type Worker, type WorkerDeps } from "./service.js";
+export { loadWorkerConfig, type WorkerConfig } from "./config.js";

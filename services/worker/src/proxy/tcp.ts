@@ -1,0 +1,150 @@
+import net from "node:net";
+import type { Logger } from "pino";
+import { RoundRobin } from "@harbor/core";
+import type { Backend } from "@harbor/proto";
+
+export interface TcpListenerOptions {
+  serviceId: string;
+  host: string;
+  port: number;
+  /** The service's current backends, read at each new connection. */
+  backends: () => readonly Backend[];
+  connectTimeoutMs: number;
+  logger: Logger;
+}
+
+interface Pair {
+  client: net.Socket;
+  upstream: net.Socket;
+}
+
+/**
+ * One TCP port of a service. Each new connection goes to the next backend in
+ * round-robin order; a backend that refuses is skipped for the next one. Open
+ * connections belong to their pair of sockets, not to the backend set, so no
+ * set change ever cuts them. With no backend the client is closed at once.
+ */
+export class TcpListener {
+  private readonly server: net.Server;
+  private readonly rotation = new RoundRobin();
+  private readonly open = new Set<Pair>();
+  private readonly pending = new Set<net.Socket>();
+  listening = false;
+  error: string | undefined;
+
+  constructor(private readonly options: TcpListenerOptions) {
+    this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
+    this.server.on("error", (err) => {
+      this.error = err.message;
+      this.options.logger.warn({ err, port: options.port }, "tcp-listener-error");
+    });
+  }
+
+  get port(): number {
+    return this.options.port;
+  }
+
+  get connections(): number {
+    return this.open.size + this.pending.size;
+  }
+
+  /** Binds the port; a failure (e.g. taken by another process) is recorded, not thrown. */
+  async listen(): Promise<boolean> {
+    const { host, port, logger, serviceId } = this.options;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const onError = (err: Error) => reject(err);
+        this.server.once("error", onError);
+        this.server.listen({ host, port, backlog: 1024, exclusive: true }, () => {
+          this.server.removeListener("error", onError);
+          resolve();
+        });
+      });
+      this.listening = true;
+      this.error = undefined;
+      logger.info({ serviceId, host, port }, "tcp-listener-opened");
+      return true;
+    } catch (err) {
+      this.error = (err as Error).message;
+      logger.warn({ serviceId, host, port, err }, "tcp-listener-bind-failed");
+      return false;
+    }
+  }
+
+  /** Stops accepting; open connections carry on. */
+  async close(): Promise<void> {
+    if (!this.listening) return;
+    this.listening = false;
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.options.logger.info({ serviceId: this.options.serviceId, port: this.options.port, open: this.connections }, "tcp-listener-closed");
+  }
+
+  /** Waits for open connections to end, up to `deadlineMs`, then cuts the rest. */
+  async drain(deadlineMs: number): Promise<void> {
+    const until = Date.now() + deadlineMs;
+    while (this.connections > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    for (const pair of this.open) {
+      pair.client.destroy();
+      pair.upstream.destroy();
+    }
+    for (const socket of this.pending) socket.destroy();
+  }
+
+  private accept(client: net.Socket): void {
+    client.on("error", () => undefined); // the pair's close handling tears both down
+    const backends = this.options.backends();
+    const start = this.rotation.start(backends.length);
+    if (start < 0) {
+      client.destroy();
+      return;
+    }
+    this.pending.add(client);
+    client.once("close", () => this.pending.delete(client));
+    this.connect(client, backends, start, 0);
+  }
+
+  private connect(client: net.Socket, backends: readonly Backend[], start: number, attempt: number): void {
+    if (client.destroyed) return;
+    const backend = backends[(start + attempt) % backends.length] as Backend;
+    const upstream = net.connect({ host: backend.host, port: backend.port, allowHalfOpen: true });
+    const timer = setTimeout(() => upstream.destroy(new Error(`connect timed out after ${this.options.connectTimeoutMs} ms`)), this.options.connectTimeoutMs);
+    const abandon = () => upstream.destroy();
+    client.once("close", abandon);
+    upstream.once("error", (err) => {
+      clearTimeout(timer);
+      client.removeListener("close", abandon);
+      this.options.logger.debug({ serviceId: this.options.serviceId, backend: `${backend.host}:${backend.port}`, err: err.message }, "backend-connect-failed");
+      if (attempt + 1 < backends.length) this.connect(client, backends, start, attempt + 1);
+      else client.destroy();
+    });
+    upstream.once("connect", () => {
+      clearTimeout(timer);
+      client.removeListener("close", abandon);
+      upstream.removeAllListeners("error");
+      this.splice(client, upstream);
+    });
+  }
+
+  /**
+   * Joins the two sockets. Half-close passes through (each side's FIN ends
+   * the other's write side); an error or reset on either side tears down both.
+   */
+  private splice(client: net.Socket, upstream: net.Socket): void {
+    this.pending.delete(client);
+    const pair: Pair = { client, upstream };
+    this.open.add(pair);
+    client.setNoDelay(true);
+    upstream.setNoDelay(true);
+    const finish = (other: net.Socket) => (hadError: boolean) => {
+      this.open.delete(pair);
+      if (hadError) other.destroy();
+      else other.end();
+    };
+    client.once("close", finish(upstream));
+    upstream.once("close", finish(client));
+    upstream.on("error", () => undefined);
+    client.pipe(upstream);
+    upstream.pipe(client);
+    client.resume();
+  }
+}

@@ -1,0 +1,142 @@
+import type { Logger } from "pino";
+import { subscribeMessages, type Bus, type BusSubscription, type Subjects } from "@harbor/bus";
+import {
+  BackendSet,
+  BindingEvent,
+  NodeEvent,
+  PortServiceEvent,
+  type BackendRegistryClient,
+  type PortAllocatorClient,
+} from "@harbor/proto";
+import { callUnary } from "@harbor/runtime";
+import { serviceView, type NodeView } from "../domain/node-view.js";
+
+export interface FollowerOptions {
+  nodeId: string;
+  view: NodeView;
+  bus: Bus;
+  subjects: Subjects;
+  allocator: PortAllocatorClient;
+  registry: BackendRegistryClient;
+  resyncIntervalMs: number;
+  logger: Logger;
+  /** Called after every change of the view, so listeners follow. */
+  onChange: () => void;
+}
+
+type Event = { kind: "created" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet } | { kind: "node"; event: NodeEvent };
+
+const RETRY_MS = 1_000;
+
+/**
+ * Keeps the node view in step with the control plane: a snapshot over gRPC
+ * (node, services, backend sets), then NATS events. Events that arrive
+ * during a snapshot are held and applied after it. A snapshot is taken at
+ * start, on NATS reconnect and on a timer; while the control plane is away
+ * the last view stays in force (the data plane keeps forwarding).
+ */
+export class Follower {
+  private subscriptions: BusSubscription[] = [];
+  private held: Event[] | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private retry: NodeJS.Timeout | undefined;
+  private syncing: Promise<void> | undefined;
+  private stopped = false;
+  synced = false;
+
+  constructor(private readonly o: FollowerOptions) {}
+
+  start(): Promise<void> {
+    const { bus, subjects, nodeId, logger } = this.o;
+    this.subscriptions = [
+      subscribeMessages(bus, subjects.serviceCreated(nodeId), PortServiceEvent, logger, (event) => this.receive({ kind: "created", event })),
+      subscribeMessages(bus, subjects.serviceDeleted(nodeId), PortServiceEvent, logger, (event) => this.receive({ kind: "deleted", event })),
+      // A bind to a service created before this worker knew it; also makes sure the service is known.
+      subscribeMessages(bus, subjects.serviceBound(nodeId), BindingEvent, logger, (event) => this.receive({ kind: "bound", event })),
+      subscribeMessages(bus, subjects.backendsOfNode(nodeId), BackendSet, logger, (set) => this.receive({ kind: "set", set })),
+      subscribeMessages(bus, subjects.nodeUpdated(nodeId), NodeEvent, logger, (event) => this.receive({ kind: "node", event })),
+    ];
+    bus.onReconnect(() => void this.resync("nats-reconnected"));
+    this.timer = setInterval(() => void this.resync("timer"), this.o.resyncIntervalMs);
+    return this.resync("start");
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearInterval(this.timer);
+    clearTimeout(this.retry);
+    for (const sub of this.subscriptions) sub.unsubscribe();
+    this.subscriptions = [];
+  }
+
+  private receive(event: Event): void {
+    if (this.held) this.held.push(event);
+    else if (this.apply(event)) this.o.onChange();
+  }
+
+  private apply(e: Event): boolean {
+    const { view, nodeId } = this.o;
+    switch (e.kind) {
+      case "created":
+      case "bound": {
+        const service = e.event.service;
+        if (!service || service.nodeId !== nodeId) return false;
+        view.upsertService(serviceView(service));
+        return true;
+      }
+      case "deleted": {
+        const service = e.event.service;
+        if (!service) return false;
+        view.removeService(service.name);
+        return true;
+      }
+      case "set":
+        return e.set.nodeId === nodeId && view.applySet(e.set);
+      case "node": {
+        const host = e.event.node?.host;
+        if (!host || host === view.host) return false;
+        view.host = host;
+        return true;
+      }
+    }
+  }
+
+  /** Takes a snapshot; concurrent calls share one. A failure keeps the current view and retries soon. */
+  resync(reason: string): Promise<void> {
+    this.syncing ??= this.snapshot(reason).finally(() => {
+      this.syncing = undefined;
+    });
+    return this.syncing;
+  }
+
+  private async snapshot(reason: string): Promise<void> {
+    if (this.stopped) return;
+    const { view, nodeId, allocator, registry, logger } = this.o;
+    this.held = [];
+    try {
+      const [nodes, services, sets] = await Promise.all([
+        callUnary(allocator.listNodes.bind(allocator), {}),
+        callUnary(allocator.listPortServices.bind(allocator), { nodeId, app: "" }),
+        callUnary(registry.listBackends.bind(registry), { nodeId, serviceId: "" }),
+      ]);
+      const node = nodes.nodes.find((n) => n.nodeId === nodeId);
+      if (!node) throw new Error(`node ${nodeId} is not configured in the allocator (\`harbor set-node ${nodeId} …\`)`);
+      view.host = node.host;
+      view.replaceServices(services.services.map(serviceView));
+      for (const set of sets.sets) view.applySet(set);
+      const held = this.held;
+      this.held = undefined;
+      for (const event of held) this.apply(event);
+      this.synced = true;
+      logger.info({ reason, services: services.services.length, sets: sets.sets.length }, "worker-synced");
+    } catch (err) {
+      const held = this.held ?? [];
+      this.held = undefined;
+      for (const event of held) this.apply(event);
+      logger.warn({ reason, err: (err as Error).message }, "worker-sync-failed-keeping-last-state");
+      clearTimeout(this.retry);
+      if (!this.stopped) this.retry = setTimeout(() => void this.resync("retry"), RETRY_MS);
+    }
+    this.o.onChange();
+  }
+}
