@@ -136,6 +136,22 @@ export function callUnary<Req, Res>(
   });
 }
 
+/** Request and response types of a ts-proto client method (its last, fullest overload). */
+export type RequestOf<F> = F extends (req: infer R, m: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (err: grpc.ServiceError | null, res: any) => void) => any ? R : never;
+export type ResponseOf<F> = F extends (req: any, m: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (err: grpc.ServiceError | null, res: infer S) => void) => any ? S : never;
+
+/** Calls a unary method by name: `invoke(client, "createPortService", request)`. */
+export function invoke<C extends grpc.Client, K extends keyof C & string>(
+  client: C,
+  method: K,
+  request: RequestOf<C[K]>,
+  timeoutMs = 10_000,
+  metadata = new grpc.Metadata(),
+): Promise<ResponseOf<C[K]>> {
+  const fn = (client[method] as (...args: unknown[]) => grpc.ClientUnaryCall).bind(client);
+  return callUnary(fn as never, request, timeoutMs, metadata) as Promise<ResponseOf<C[K]>>;
+}
+
 export function isServiceError(err: unknown): err is grpc.ServiceError {
   return typeof err === "object" && err !== null && "code" in err && "details" in err && "metadata" in err;
 }

@@ -1,5 +1,5 @@
 import { BackendRegistryClient, PortAllocatorClient } from "@harbor/proto";
-import { DEFAULT_API_ADDRESS, callUnary, describeServiceError, grpc } from "@harbor/runtime";
+import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, type RequestOf, type ResponseOf } from "@harbor/runtime";
 
 /** A failure to report as one line on stderr; exit code 2 for usage, 1 otherwise. */
 export class CliError extends Error {
@@ -10,10 +10,6 @@ export class CliError extends Error {
     super(message);
   }
 }
-
-/** Request and response types of a ts-proto client method (its last, fullest overload). */
-type RequestOf<F> = F extends (req: infer R, m: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (err: grpc.ServiceError | null, res: any) => void) => any ? R : never;
-type ResponseOf<F> = F extends (req: any, m: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (err: grpc.ServiceError | null, res: infer S) => void) => any ? S : never;
 
 export interface Clients {
   address: string;
@@ -32,9 +28,8 @@ export function createClients(address = DEFAULT_API_ADDRESS): Clients {
     allocator,
     registry,
     async call(client, method, request) {
-      const fn = (client[method] as (...args: unknown[]) => grpc.ClientUnaryCall).bind(client);
       try {
-        return await callUnary(fn, request, 10_000);
+        return await invoke(client, method, request);
       } catch (err) {
         throw new CliError(describeServiceError(err, address));
       }

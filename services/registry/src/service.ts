@@ -1,5 +1,5 @@
 import { ANY, subscribeMessages, encodeMessage, type Bus, type BusSubscription, type Subjects } from "@harbor/bus";
-import { errorMessage, systemClock, type Clock } from "@harbor/core";
+import { errorMessage, systemClock, validateAppName, validateInstanceId, type Clock } from "@harbor/core";
 import { migrate, type Pool } from "@harbor/db";
 import {
   BindingEvent,
@@ -97,7 +97,7 @@ export function createRegistry(config: RegistryConfig, deps: RegistryDeps): Regi
             void (async () => {
               try {
                 const req = DeregisterInstanceRequest.fromJSON(JSON.parse(msg.data));
-                const gone = await registry.deregister(req.app, req.instanceId);
+                const gone = await registry.deregister(validateAppName(req.app), validateInstanceId(req.instanceId));
                 msg.respond(JSON.stringify({ deregistered: gone !== undefined }));
               } catch (err) {
                 logger.warn({ subject: msg.subject, err }, "bus-deregister-rejected");

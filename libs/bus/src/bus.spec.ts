@@ -1,0 +1,43 @@
+import { describe, expect, it } from "vitest";
+import { subjectMatches } from "./bus.js";
+import { InProcessBus } from "./memory.js";
+import { ANY, createSubjects } from "./subjects.js";
+
+describe("bus - subjects", () => {
+  it("carry the deployment's prefix and version", () => {
+    const s = createSubjects("blue");
+    expect(s.backends("harbor_node_1", "abc")).toBe("blue.v1.backends.harbor_node_1.abc");
+    expect(s.serviceCreated(ANY)).toBe("blue.v1.services.*.created");
+    expect(s.all()).toBe("blue.v1.>");
+  });
+
+  it("refuse values that would change a subject's shape", () => {
+    const s = createSubjects();
+    expect(() => s.instanceUp("a.b")).toThrow(/not usable in a NATS subject/);
+    expect(() => s.instanceUp(">")).toThrow();
+    expect(() => createSubjects("a.b")).toThrow();
+  });
+
+  it("match NATS wildcards", () => {
+    expect(subjectMatches("a.*.c", "a.b.c")).toBe(true);
+    expect(subjectMatches("a.*.c", "a.b.d")).toBe(false);
+    expect(subjectMatches("a.>", "a.b.c")).toBe(true);
+    expect(subjectMatches("a.>", "a")).toBe(false);
+    expect(subjectMatches("a.b", "a.b.c")).toBe(false);
+  });
+});
+
+describe("bus - in-process", () => {
+  it("delivers to matching subscribers and answers requests", async () => {
+    const bus = new InProcessBus();
+    const seen: string[] = [];
+    bus.subscribe("x.*", (m) => seen.push(`${m.subject}=${m.data}`));
+    bus.subscribe("svc", (m) => m.respond(`echo:${m.data}`));
+    bus.publish("x.1", "a");
+    bus.publish("y.1", "b");
+    expect(await bus.request("svc", "hi", 1000)).toBe("echo:hi");
+    await bus.flush();
+    expect(seen).toEqual(["x.1=a"]);
+    await expect(bus.request("nobody", "hi", 50)).rejects.toThrow(/no answer/);
+  });
+});

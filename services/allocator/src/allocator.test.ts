@@ -1,0 +1,160 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { NatsBus, createSubjects, type Bus, type BusMessage } from "@harbor/bus";
+import { createPool, type Pool } from "@harbor/db";
+import { PortAllocatorClient, Protocol } from "@harbor/proto";
+import { createGrpcServer, createLogger, grpc, invoke, type GrpcServer } from "@harbor/runtime";
+import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
+import { loadAllocatorConfig } from "./config.js";
+import { createAllocator, type Allocator } from "./service.js";
+
+const logger = createLogger("test", "silent");
+let db: TestDatabase;
+let pool: Pool;
+let bus: Bus;
+let allocator: Allocator;
+let server: GrpcServer;
+let client: PortAllocatorClient;
+const subjects = createSubjects(uniqueName("hbt"));
+
+async function expectCode(promise: Promise<unknown>, code: grpc.status, message: RegExp): Promise<void> {
+  const err = (await promise.then(
+    () => expect.unreachable("the call succeeded"),
+    (e: unknown) => e,
+  )) as grpc.ServiceError;
+  expect(grpc.status[err.code]).toBe(grpc.status[code]);
+  expect(err.details).toMatch(message);
+}
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  pool = createPool({ url: db.url, logger, max: 20 });
+  bus = await NatsBus.connect({ url: "nats://127.0.0.1:4222", logger });
+  allocator = createAllocator(loadAllocatorConfig({ HARBOR_NODE_ID: "n1", HARBOR_PORT_RANGE: "30000-30999", HARBOR_NODE_HOST: "10.0.0.5" }), { pool, bus, subjects, logger });
+  await allocator.start();
+  server = createGrpcServer({ address: "127.0.0.1:0", services: [allocator.grpc], logger });
+  await server.start();
+  client = new PortAllocatorClient(server.boundAddress, grpc.credentials.createInsecure());
+});
+
+afterAll(async () => {
+  client?.close();
+  await server?.stop();
+  await allocator?.stop();
+  await bus?.close();
+  await pool?.end();
+  await db?.drop();
+});
+
+describe("allocator - create and bind", () => {
+  it("create returns the seed's credentials, and an app's int_ports go 4100, 4101", async () => {
+    const { service } = await invoke(client, "createPortService", { name: "my-port", app: "port-test", nodeId: "", port: 0 });
+    expect(service).toMatchObject({ hostname: "10.0.0.5", host: "10.0.0.5", nodeId: "n1", intPort: 4100, serviceName: "my-port", protocol: Protocol.PROTOCOL_TCP, extHost: "", extHostname: "" });
+    expect(service!.name).toMatch(/^[0-9a-f-]{36}$/);
+    expect(service!.port).toBeGreaterThanOrEqual(30000);
+    expect(service!.port).toBeLessThanOrEqual(30999);
+    const second = await invoke(client, "createPortService", { name: "udp-port-test", app: "", nodeId: "", port: 0 });
+    expect(second.service!.protocol).toBe(Protocol.PROTOCOL_UDP);
+    expect(second.service!.intPort).toBe(0);
+    const bound = await invoke(client, "bindPortService", { name: "udp-port-test", app: "port-test" });
+    expect(bound.service!.intPort).toBe(4101);
+    const { variables } = await invoke(client, "getAppEnvironment", { app: "port-test" });
+    expect(variables.STACKATO_HARBOR).toBeUndefined();
+    expect(variables.STACKATO_HARBOR_MY_PORT).toBe("4100");
+    expect(variables.STACKATO_HARBOR_UDP_PORT_TEST).toBe("4101");
+    expect(variables.STACKATO_APP_NAME_UPCASE).toBe("PORT_TEST");
+    expect(JSON.parse(variables.STACKATO_SERVICES!)["my-port"]).toEqual({
+      hostname: "10.0.0.5",
+      host: "10.0.0.5",
+      port: service!.port,
+      name: service!.name,
+      node_id: "n1",
+      int_port: 4100,
+    });
+    await expectCode(invoke(client, "bindPortService", { name: "udp-port-test", app: "port-test" }), grpc.status.ALREADY_EXISTS, /already bound.*4101/);
+  });
+
+  it("protocol and HTTPS proxy follow the name", async () => {
+    const both = await invoke(client, "createPortService", { name: "multi-dns", app: "", nodeId: "", port: 0 });
+    expect(both.service!.protocol).toBe(Protocol.PROTOCOL_BOTH);
+    const https = await invoke(client, "createPortService", { name: "harbor-https-custom-1", app: "", nodeId: "", port: 0 });
+    expect(https.service!.httpsProxy).toBe(true);
+    expect(https.service!.protocol).toBe(Protocol.PROTOCOL_TCP);
+  });
+
+  it("a requested port is honoured; a taken one is ALREADY_EXISTS; one in no range is INVALID_ARGUMENT", async () => {
+    const { service } = await invoke(client, "createPortService", { name: "fixed", app: "", nodeId: "", port: 30134 });
+    expect(service!.port).toBe(30134);
+    await expectCode(invoke(client, "createPortService", { name: "fixed-2", app: "", nodeId: "", port: 30134 }), grpc.status.ALREADY_EXISTS, /port 30134 on node n1 is already allocated/);
+    await expectCode(invoke(client, "createPortService", { name: "fixed-3", app: "", nodeId: "", port: 40000 }), grpc.status.INVALID_ARGUMENT, /in no node's range \(n1 30000-30999/);
+    await expectCode(invoke(client, "createPortService", { name: "fixed-4", app: "", nodeId: "n1", port: 29999 }), grpc.status.INVALID_ARGUMENT, /outside node n1's range/);
+  });
+
+  it("bad input answers a clear error and changes nothing", async () => {
+    const before = (await invoke(client, "listPortServices", { nodeId: "", app: "" })).services.length;
+    await expectCode(invoke(client, "createPortService", { name: "no spaces", app: "", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /service name "no spaces" is not valid/);
+    await expectCode(invoke(client, "createPortService", { name: "x".repeat(5000), app: "", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /is not valid/);
+    await expectCode(invoke(client, "createPortService", { name: "ok-name", app: "bad.app", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /app name "bad.app"/);
+    await expectCode(invoke(client, "createPortService", { name: "ok-name", app: "", nodeId: "", port: 70000 }), grpc.status.INVALID_ARGUMENT, /port 70000 is not valid/);
+    await expectCode(invoke(client, "createPortService", { name: "ok-name", app: "", nodeId: "nowhere", port: 0 }), grpc.status.NOT_FOUND, /no harbor node "nowhere"/);
+    await expectCode(invoke(client, "createPortService", { name: "MY-PORT", app: "", nodeId: "", port: 0 }), grpc.status.ALREADY_EXISTS, /already exists/);
+    await expectCode(invoke(client, "getPortService", { name: "missing", app: "" }), grpc.status.NOT_FOUND, /no port service named "missing"/);
+    await expectCode(invoke(client, "unbindPortService", { name: "fixed", app: "nobody" }), grpc.status.NOT_FOUND, /not bound to app "nobody"/);
+    await expectCode(invoke(client, "upsertNode", { node: undefined }), grpc.status.INVALID_ARGUMENT, /give the node/);
+    expect((await invoke(client, "listPortServices", { nodeId: "", app: "" })).services.length).toBe(before);
+  });
+
+  it("a node's range cannot shrink past allocated ports", async () => {
+    await expectCode(
+      invoke(client, "upsertNode", { node: { nodeId: "n1", hostname: "", host: "10.0.0.5", extHostname: "", extHost: "", portMin: 30500, portMax: 30999, allocated: 0, workerSeenAt: undefined } }),
+      grpc.status.FAILED_PRECONDITION,
+      /would leave allocated ports outside it \(.*30134/,
+    );
+  });
+});
+
+describe("allocator - concurrency", () => {
+  it("200 concurrent creates on a 100-port node give 100 distinct ports and 100 clear RESOURCE_EXHAUSTED", async () => {
+    await invoke(client, "upsertNode", { node: { nodeId: "small", hostname: "", host: "10.0.0.9", extHostname: "", extHost: "", portMin: 31000, portMax: 31099, allocated: 0, workerSeenAt: undefined } });
+    const results = await Promise.allSettled(
+      Array.from({ length: 200 }, (_, i) => invoke(client, "createPortService", { name: `rush-${i}`, app: "", nodeId: "small", port: 0 }, 60_000)),
+    );
+    const ports = results.flatMap((r) => (r.status === "fulfilled" ? [r.value.service!.port] : []));
+    const errors = results.flatMap((r) => (r.status === "rejected" ? [r.reason as grpc.ServiceError] : []));
+    expect(ports.length).toBe(100);
+    expect(new Set(ports).size).toBe(100);
+    expect(ports.every((p) => p >= 31000 && p <= 31099)).toBe(true);
+    expect(errors.length).toBe(100);
+    for (const err of errors) {
+      expect(err.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+      expect(err.details).toMatch(/no free port on node small: all 100 ports of its range 31000-31099 are allocated/);
+    }
+    const { rows } = await pool.query("SELECT count(*)::int AS n, count(DISTINCT port)::int AS d FROM port_services WHERE node_id = 'small'");
+    expect(rows[0]).toEqual({ n: 100, d: 100 });
+  });
+});
+
+describe("allocator - events", () => {
+  it("every change reaches NATS through the outbox, in order, with increasing sequence", async () => {
+    const seen: BusMessage[] = [];
+    const sub = bus.subscribe(subjects.all(), (m) => seen.push(m));
+    await bus.flush();
+    await invoke(client, "createPortService", { name: "evented", app: "ev-app", nodeId: "", port: 0 });
+    await invoke(client, "unbindPortService", { name: "evented", app: "ev-app" });
+    await invoke(client, "deletePortService", { name: "evented" });
+    await waitFor(() => seen.length >= 4, "four events");
+    sub.unsubscribe();
+    expect(seen.map((m) => m.subject)).toEqual([
+      `${subjects.prefix}.v1.services.n1.created`,
+      `${subjects.prefix}.v1.services.n1.bound`,
+      `${subjects.prefix}.v1.services.n1.unbound`,
+      `${subjects.prefix}.v1.services.n1.deleted`,
+    ]);
+    const payloads = seen.map((m) => JSON.parse(m.data) as { sequence: string; service: { serviceName: string }; app?: string });
+    expect(payloads.every((p) => p.service.serviceName === "evented")).toBe(true);
+    expect(payloads[1]!.app).toBe("ev-app");
+    const sequences = payloads.map((p) => Number(p.sequence));
+    expect([...sequences].sort((a, b) => a - b)).toEqual(sequences);
+    expect(new Set(sequences).size).toBe(4);
+    await waitFor(async () => (await pool.query("SELECT count(*)::int AS n FROM outbox")).rows[0].n === 0, "an empty outbox");
+  });
+});

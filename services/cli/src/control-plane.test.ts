@@ -1,0 +1,180 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { createAllocator, loadAllocatorConfig, type Allocator } from "@harbor/allocator";
+import { NatsBus, createSubjects, type Bus } from "@harbor/bus";
+import { ManualClock } from "@harbor/core";
+import { createPool, type Pool } from "@harbor/db";
+import { BackendRegistryClient, BackendSet, PortAllocatorClient, type WatchBackendsResponse } from "@harbor/proto";
+import { createRegistry, loadRegistryConfig, type RegistryService } from "@harbor/registry";
+import { createGrpcServer, createLogger, grpc, invoke, type GrpcServer } from "@harbor/runtime";
+import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
+
+// The registry derives backend sets from the allocator's bindings, so its
+// service tests run both, against the real Postgres and NATS.
+const logger = createLogger("test", "silent");
+const clock = new ManualClock(Date.now());
+const subjects = createSubjects(uniqueName("hbt"));
+let db: TestDatabase;
+let pool: Pool;
+let bus: Bus;
+let allocator: Allocator;
+let registry: RegistryService;
+let server: GrpcServer;
+let ports: PortAllocatorClient;
+let backends: BackendRegistryClient;
+let published: BackendSet[] = [];
+
+async function startRegistry(): Promise<void> {
+  registry = createRegistry(loadRegistryConfig({ HARBOR_INSTANCE_TTL_SECONDS: "30", HARBOR_EXPIRY_SWEEP_MS: "60000" }), { pool, bus, subjects, logger, clock });
+  await registry.start();
+  server = createGrpcServer({ address: "127.0.0.1:0", services: [allocator.grpc, registry.grpc], logger });
+  await server.start();
+  ports = new PortAllocatorClient(server.boundAddress, grpc.credentials.createInsecure());
+  backends = new BackendRegistryClient(server.boundAddress, grpc.credentials.createInsecure());
+}
+
+async function stopRegistry(): Promise<void> {
+  ports.close();
+  backends.close();
+  await server.stop();
+  await registry.stop();
+}
+
+const register = (app: string, instanceId: string, port: number, extra: { ttlSeconds?: number; ports?: Array<{ intPort: number; port: number }> } = {}) =>
+  invoke(backends, "registerInstance", { app, instanceId, host: "127.0.0.1", ports: extra.ports ?? [{ intPort: 4100, port }], ttlSeconds: extra.ttlSeconds ?? 0 });
+
+const setOf = (serviceId: string) => published.filter((s) => s.serviceId === serviceId).at(-1);
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  pool = createPool({ url: db.url, logger, max: 20 });
+  bus = await NatsBus.connect({ url: "nats://127.0.0.1:4222", logger });
+  bus.subscribe(subjects.backendsOfNode("n1"), (m) => published.push(BackendSet.fromJSON(JSON.parse(m.data))));
+  allocator = createAllocator(loadAllocatorConfig({ HARBOR_NODE_ID: "n1", HARBOR_PORT_RANGE: "30000-30999" }), { pool, bus, subjects, logger });
+  await allocator.start();
+  await startRegistry();
+});
+
+afterAll(async () => {
+  await stopRegistry();
+  await allocator?.stop();
+  await bus?.close();
+  await pool?.end();
+  await db?.drop();
+});
+
+beforeEach(() => {
+  published = [];
+});
+
+describe("registry - instances and backend sets", () => {
+  it("publishes the ordered set when instances come; a heartbeat that changes nothing publishes nothing", async () => {
+    const { service } = await invoke(ports, "createPortService", { name: "game", app: "arcade", nodeId: "", port: 0 });
+    const id = service!.name;
+    expect((await register("arcade", "a-0", 5000)).created).toBe(true);
+    await register("arcade", "a-1", 5001);
+    await waitFor(() => setOf(id)?.backends.length === 2, "a set with two backends");
+    const first = setOf(id)!;
+    expect(first.backends.map((b) => [b.instanceId, b.port])).toEqual([["a-0", 5000], ["a-1", 5001]]);
+    expect(first.port).toBe(service!.port);
+    const count = published.length;
+    const beat = await register("arcade", "a-0", 5000);
+    expect(beat.created).toBe(false);
+    await bus.flush();
+    await new Promise((r) => setTimeout(r, 100));
+    expect(published.length).toBe(count);
+    // ListBackends answers the same set
+    const listed = await invoke(backends, "listBackends", { nodeId: "n1", serviceId: id });
+    expect(listed.sets[0]!.revision).toBe(first.revision);
+  });
+
+  it("deregistration, expiry and re-registration keep availability order, with revisions that only increase", async () => {
+    const { service } = await invoke(ports, "createPortService", { name: "fifo", app: "queue", nodeId: "", port: 0 });
+    const id = service!.name;
+    await register("queue", "q-0", 6000);
+    await register("queue", "q-1", 6001, { ttlSeconds: 5 });
+    await register("queue", "q-2", 6002);
+    await waitFor(() => setOf(id)?.backends.length === 3, "three backends");
+    const r3 = BigInt(setOf(id)!.revision);
+    await invoke(backends, "deregisterInstance", { app: "queue", instanceId: "q-0" });
+    await waitFor(() => setOf(id)?.backends.length === 2, "q-0 gone");
+    expect(setOf(id)!.backends.map((b) => b.instanceId)).toEqual(["q-1", "q-2"]);
+    const r4 = BigInt(setOf(id)!.revision);
+    expect(r4).toBeGreaterThan(r3);
+    // q-1's TTL runs out; heartbeats keep the others
+    clock.advance(6_000);
+    await register("queue", "q-2", 6002);
+    await registry.registry.expire();
+    await waitFor(() => setOf(id)?.backends.length === 1, "q-1 expired");
+    // q-0 returns: it joins the back of the queue
+    await register("queue", "q-0", 6000);
+    await waitFor(() => setOf(id)?.backends.length === 2, "q-0 back");
+    expect(setOf(id)!.backends.map((b) => b.instanceId)).toEqual(["q-2", "q-0"]);
+    expect(BigInt(setOf(id)!.revision)).toBeGreaterThan(r4);
+  });
+
+  it("an instance may register before any service is bound; int_ports without a mapping are reached at host:int_port", async () => {
+    await register("late", "l-0", 0, { ports: [{ intPort: 4101, port: 7101 }] });
+    const { service: first } = await invoke(ports, "createPortService", { name: "late-one", app: "late", nodeId: "", port: 0 });
+    const { service: second } = await invoke(ports, "createPortService", { name: "late-two", app: "late", nodeId: "", port: 0 });
+    await waitFor(() => setOf(first!.name)?.backends.length === 1 && setOf(second!.name)?.backends.length === 1, "both sets");
+    expect(setOf(first!.name)!.backends[0]!.port).toBe(4100);
+    expect(setOf(second!.name)!.backends[0]!.port).toBe(7101);
+  });
+
+  it("revisions keep increasing across a registry restart", async () => {
+    const { service } = await invoke(ports, "createPortService", { name: "restart", app: "phoenix", nodeId: "", port: 0 });
+    await register("phoenix", "p-0", 8000);
+    await waitFor(() => setOf(service!.name)?.backends.length === 1, "one backend");
+    const before = BigInt(setOf(service!.name)!.revision);
+    await stopRegistry();
+    await startRegistry();
+    await register("phoenix", "p-1", 8001);
+    await waitFor(() => setOf(service!.name)?.backends.length === 2, "two backends");
+    expect(BigInt(setOf(service!.name)!.revision)).toBeGreaterThan(before);
+  });
+
+  it("WatchBackends sends a snapshot, then each change", async () => {
+    const { service } = await invoke(ports, "createPortService", { name: "watched", app: "tv", nodeId: "", port: 0 });
+    await register("tv", "t-0", 9000);
+    const messages: WatchBackendsResponse[] = [];
+    const stream = backends.watchBackends({ nodeId: "n1" });
+    stream.on("data", (m: WatchBackendsResponse) => messages.push(m));
+    stream.on("error", () => undefined);
+    await waitFor(() => messages.length >= 1, "the snapshot");
+    expect(messages[0]!.snapshot).toBe(true);
+    expect(messages[0]!.sets.find((s) => s.serviceId === service!.name)?.backends.length).toBe(1);
+    await register("tv", "t-1", 9001);
+    await waitFor(() => messages.some((m) => !m.snapshot && m.sets[0]?.serviceId === service!.name && m.sets[0].backends.length === 2), "the change");
+    stream.cancel();
+  });
+
+  it("instance agents can register over NATS; malformed requests get an error and change nothing", async () => {
+    const reply = JSON.parse(await bus.request(subjects.registerInstance(), JSON.stringify({ app: "natsy", instanceId: "n-0", host: "127.0.0.1", ports: [{ intPort: 4100, port: 9100 }] }), 5_000));
+    expect(reply.created).toBe(true);
+    for (const garbage of ["not json", "[]", JSON.stringify({ app: "bad app", instanceId: "x", host: "127.0.0.1" }), JSON.stringify({ app: "ok", instanceId: "x", host: "no host!" })]) {
+      const answer = JSON.parse(await bus.request(subjects.registerInstance(), garbage, 5_000));
+      expect(answer.error).toBeTruthy();
+    }
+    const { instances } = await invoke(backends, "listInstances", { app: "" });
+    expect(instances.map((i) => i.app).sort()).not.toContain("ok");
+    expect(instances.some((i) => i.app === "natsy")).toBe(true);
+  });
+
+  it("bad registrations answer INVALID_ARGUMENT or NOT_FOUND and change nothing", async () => {
+    const before = (await invoke(backends, "listInstances", { app: "" })).instances.length;
+    const bad = [
+      { app: "x", instanceId: "i", host: "not a host!", ports: [], ttlSeconds: 0 },
+      { app: "x", instanceId: "i", host: "127.0.0.1", ports: [{ intPort: 4100, port: 0 }], ttlSeconds: 0 },
+      { app: "x", instanceId: "i", host: "127.0.0.1", ports: [{ intPort: 4100, port: 1 }, { intPort: 4100, port: 2 }], ttlSeconds: 0 },
+      { app: "x", instanceId: "i", host: "127.0.0.1", ports: [], ttlSeconds: 999_999 },
+      { app: "", instanceId: "i", host: "127.0.0.1", ports: [], ttlSeconds: 0 },
+    ];
+    for (const req of bad) {
+      const err = (await invoke(backends, "registerInstance", req).catch((e: unknown) => e)) as grpc.ServiceError;
+      expect(err.code).toBe(grpc.status.INVALID_ARGUMENT);
+    }
+    const missing = (await invoke(backends, "deregisterInstance", { app: "x", instanceId: "nobody" }).catch((e: unknown) => e)) as grpc.ServiceError;
+    expect(missing.code).toBe(grpc.status.NOT_FOUND);
+    expect((await invoke(backends, "listInstances", { app: "" })).instances.length).toBe(before);
+  });
+});

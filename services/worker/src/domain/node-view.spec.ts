@@ -1,0 +1,43 @@
+import { describe, expect, it } from "vitest";
+import { Protocol, type BackendSet } from "@harbor/proto";
+import { NodeView } from "./node-view.js";
+
+const set = (revision: string, ...ports: number[]): BackendSet => ({
+  serviceId: "s1",
+  nodeId: "n1",
+  serviceName: "debug-port",
+  port: 30000,
+  protocol: Protocol.PROTOCOL_TCP,
+  revision,
+  backends: ports.map((port, i) => ({ instanceId: `i${i}`, app: "demo", host: "127.0.0.1", port, availableSince: undefined })),
+});
+
+describe("node view - backend sets", () => {
+  it("applies newer revisions and ignores equal or older ones", () => {
+    const view = new NodeView();
+    expect(view.applySet(set("2", 1, 2))).toBe(true);
+    expect(view.applySet(set("1", 9))).toBe(false);
+    expect(view.applySet(set("2", 9))).toBe(false);
+    expect(view.backends("s1").map((b) => b.port)).toEqual([1, 2]);
+    expect(view.applySet(set("10", 3))).toBe(true);
+    expect(view.backends("s1").map((b) => b.port)).toEqual([3]);
+  });
+
+  it("compares revisions as numbers beyond 2^53", () => {
+    const view = new NodeView();
+    view.applySet(set("9007199254740993", 1));
+    expect(view.applySet(set("9007199254740992", 2))).toBe(false);
+  });
+
+  it("ignores a revision that is not a number", () => {
+    expect(new NodeView().applySet(set("abc", 1))).toBe(false);
+  });
+
+  it("a snapshot drops the sets of services that are gone", () => {
+    const view = new NodeView();
+    view.applySet(set("1", 1));
+    view.replaceServices([{ id: "s2", name: "other", port: 30001, protocol: Protocol.PROTOCOL_TCP }]);
+    expect(view.backends("s1")).toEqual([]);
+    expect(view.listServices().map((s) => s.id)).toEqual(["s2"]);
+  });
+});

@@ -1,0 +1,140 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectLines, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
+import { startHarbor, type Harbor } from "./harbor.js";
+
+interface ServiceJson {
+  hostname: string;
+  host: string;
+  port: number;
+  name: string;
+  node_id: string;
+  int_port: number;
+  service_name: string;
+  protocol: string;
+}
+
+/** Opens a connection through the port and returns the greeting: which backend answered. */
+async function reach(port: number): Promise<string> {
+  const client = await connectLines(port);
+  try {
+    return await client.nextLine();
+  } finally {
+    client.close();
+  }
+}
+
+async function spread(port: number, connections: number): Promise<Record<string, number>> {
+  const counts: Record<string, number> = {};
+  for (let i = 0; i < connections; i++) {
+    const name = await reach(port);
+    counts[name] = (counts[name] ?? 0) + 1;
+  }
+  return counts;
+}
+
+let harbor: Harbor;
+const backends: EchoBackend[] = [];
+
+beforeAll(async () => {
+  harbor = await startHarbor();
+});
+
+afterAll(async () => {
+  for (const b of backends) await b.close();
+  await harbor?.stop();
+});
+
+describe("e2e tcp - a port that works end to end", () => {
+  it("create, bind, three instances: round-robin 3/3/3; one deregistered: others only, while an open connection keeps echoing", async () => {
+    const created = await harbor.json<ServiceJson>("create-service", "debug-port");
+    expect(Object.keys(created).slice(0, 6)).toEqual(["hostname", "host", "port", "name", "node_id", "int_port"]);
+    expect(created).toMatchObject({ hostname: "127.0.0.1", host: "127.0.0.1", node_id: "harbor_node_1", service_name: "debug-port", protocol: "tcp" });
+    expect(created.port).toBeGreaterThanOrEqual(harbor.range.min);
+    expect(created.port).toBeLessThanOrEqual(harbor.range.max);
+    const bound = await harbor.json<ServiceJson>("bind-service", "debug-port", "demo");
+    expect(bound.int_port).toBe(4100);
+
+    for (const name of ["alpha", "bravo", "charlie"]) {
+      const backend = await startEchoBackend(name);
+      backends.push(backend);
+      const registered = await harbor.cli("register-instance", "demo", `demo-${name}`, "--host", "127.0.0.1", "--port", String(backend.port));
+      expect(registered.code, registered.stderr).toBe(0);
+    }
+    // The worker follows NATS: wait until every instance is in rotation.
+    const seen = new Set<string>();
+    await waitFor(async () => {
+      seen.add(await reach(created.port).catch(() => "none"));
+      return seen.has("alpha") && seen.has("bravo") && seen.has("charlie");
+    }, "all three backends in rotation");
+
+    expect(await spread(created.port, 9)).toEqual({ alpha: 3, bravo: 3, charlie: 3 });
+
+    const open = await connectLines(created.port);
+    const held = await open.nextLine();
+    expect(await open.roundTrip("before")).toBe("before");
+
+    const gone = await harbor.cli("deregister-instance", "demo", `demo-${held}`);
+    expect(gone.code, gone.stderr).toBe(0);
+    const others = ["alpha", "bravo", "charlie"].filter((n) => n !== held);
+    await waitFor(async () => {
+      const counts = await spread(created.port, 4);
+      return !(held in counts);
+    }, "the deregistered backend out of rotation");
+    const after = await spread(created.port, 6);
+    expect(Object.keys(after).sort()).toEqual(others.sort());
+    expect(Object.values(after)).toEqual([3, 3]);
+
+    // The connection opened before the change is still up and still echoing.
+    expect(await open.roundTrip("still-here")).toBe("still-here");
+    open.close();
+  });
+
+  it("a backend that refuses is skipped for the next; with no backend the client is closed at once", async () => {
+    const created = await harbor.json<ServiceJson>("create-service", "flaky-port", "--app", "flaky");
+    const live = await startEchoBackend("live");
+    backends.push(live);
+    const dead = await startEchoBackend("dead");
+    const deadPort = dead.port;
+    await dead.close();
+    expect((await harbor.cli("register-instance", "flaky", "f-dead", "--host", "127.0.0.1", "--port", String(deadPort))).code).toBe(0);
+    expect((await harbor.cli("register-instance", "flaky", "f-live", "--host", "127.0.0.1", "--port", String(live.port))).code).toBe(0);
+    await waitFor(async () => (await reach(created.port).catch(() => "none")) === "live", "the live backend reachable");
+    expect(await spread(created.port, 6)).toEqual({ live: 6 });
+
+    expect((await harbor.cli("deregister-instance", "flaky", "f-dead")).code).toBe(0);
+    expect((await harbor.cli("deregister-instance", "flaky", "f-live")).code).toBe(0);
+    await waitFor(async () => {
+      const client = await connectLines(created.port);
+      const started = Date.now();
+      await client.closed;
+      return Date.now() - started < 1_000;
+    }, "connections closed at once with no backend");
+  });
+
+  it("the CLI answers bad input with one line on stderr and a non-zero exit, and --json everywhere", async () => {
+    const bad = await harbor.cli("create-service", "not valid!");
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr.trim().split("\n")).toHaveLength(1);
+    expect(bad.stderr).toMatch(/^harbor: service name "not valid!" is not valid/);
+    const missing = await harbor.cli("service", "nope");
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/no port service named "nope"/);
+    const usage = await harbor.cli("register-instance", "demo");
+    expect(usage.code).toBe(2);
+
+    const services = await harbor.json<ServiceJson[]>("services");
+    expect(services.map((s) => s.service_name)).toEqual(["debug-port", "flaky-port"]);
+    const env = await harbor.json<Record<string, string>>("env", "demo");
+    expect(env.STACKATO_HARBOR).toBe("4100");
+    expect(JSON.parse(env.STACKATO_SERVICES!)["debug-port"].int_port).toBe(4100);
+    const nodes = await harbor.json<Array<{ node_id: string; worker_live: boolean }>>("nodes");
+    expect(nodes).toMatchObject([{ node_id: "harbor_node_1", worker_live: true }]);
+    const stackatoForm = await harbor.json<ServiceJson>("create-service", "harbor", "tcp-legacy", "demo");
+    expect(stackatoForm).toMatchObject({ service_name: "tcp-legacy", int_port: 4101 });
+  });
+
+  it("stops cleanly on SIGTERM", async () => {
+    expect(await harbor.stop()).toBe(0);
+    expect(harbor.logs()).toMatch(/"msg":"shutdown-complete"/);
+  });
+});
