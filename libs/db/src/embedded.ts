@@ -49,6 +49,9 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
     const port = await freePort();
     const child = spawn(join(bin, "postgres"), ["-D", dataDir, "-p", String(port), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200"], {
       ...(runAs ?? {}),
+      // Its own process group: a Ctrl-C meant for Harbor must not stop the
+      // database before Harbor has flushed its outbox; Harbor stops it last.
+      detached: true,
       stdio: ["ignore", "ignore", "pipe"],
       env: { ...process.env, LC_ALL: "C" },
     });

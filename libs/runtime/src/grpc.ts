@@ -160,7 +160,8 @@ export function isServiceError(err: unknown): err is grpc.ServiceError {
 export function describeServiceError(err: unknown, address: string): string {
   if (!isServiceError(err)) return err instanceof Error ? err.message : String(err);
   if (err.code === grpc.status.UNAVAILABLE && /ECONNREFUSED|No connection established|connect/i.test(err.details)) {
-    return `cannot reach harbor at ${address} (${err.details}); is \`harbor serve\` running? (set HARBOR_API or --api)`;
+    const cause = /ECONNREFUSED/.test(err.details) ? "connection refused" : "no connection";
+    return `cannot reach harbor at ${address} (${cause}); is \`harbor serve\` running? (set HARBOR_API or --api)`;
   }
   if (err.code === grpc.status.DEADLINE_EXCEEDED) return `harbor at ${address} did not answer in time`;
   return err.details || grpc.status[err.code] || "request failed";
