@@ -74,6 +74,13 @@ export async function startHarbor(extraEnv: Record<string, string> = {}): Promis
     });
 
   let stopped: Promise<number | null> | undefined;
+  // A server that dies under a test leaves the reason where the test run shows it.
+  void exited.then((code) => {
+    if (!stopped) {
+      const errors = stderr.split("\n").filter((l) => !l.includes('"level":20') && !l.includes('"level":30'));
+      process.stderr.write(`harbor serve all exited unexpectedly (code ${code}); last lines:\n${errors.slice(-15).join("\n")}\n`);
+    }
+  });
   return {
     env,
     range,

@@ -1,36 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectLines, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
+import { reach, spread, type ServiceJson } from "./cluster.js";
 import { startHarbor, type Harbor } from "./harbor.js";
-
-interface ServiceJson {
-  hostname: string;
-  host: string;
-  port: number;
-  name: string;
-  node_id: string;
-  int_port: number;
-  service_name: string;
-  protocol: string;
-}
-
-/** Opens a connection through the port and returns the greeting: which backend answered. */
-async function reach(port: number): Promise<string> {
-  const client = await connectLines(port);
-  try {
-    return await client.nextLine();
-  } finally {
-    client.close();
-  }
-}
-
-async function spread(port: number, connections: number): Promise<Record<string, number>> {
-  const counts: Record<string, number> = {};
-  for (let i = 0; i < connections; i++) {
-    const name = await reach(port);
-    counts[name] = (counts[name] ?? 0) + 1;
-  }
-  return counts;
-}
 
 let harbor: Harbor;
 const backends: EchoBackend[] = [];

@@ -2,3 +2,4 @@ export * from "./net.js";
 export * from "./wait.js";
 export * from "./database.js";
 export * from "./names.js";
+export * from "./udp.js";

@@ -12,6 +12,8 @@ export interface WorkerConfig {
   connectTimeoutMs: number;
   /** On stop, how long open connections may finish before they are cut. */
   drainTimeoutMs: number;
+  udpSessionIdleMs: number;
+  udpMaxSessions: number;
 }
 
 export function loadWorkerConfig(env: Record<string, string | undefined> = process.env): WorkerConfig {
@@ -26,6 +28,8 @@ export function loadWorkerConfig(env: Record<string, string | undefined> = proce
     heartbeatIntervalMs: reader.int("HARBOR_HEARTBEAT_INTERVAL_MS", 5_000, 100, 600_000),
     connectTimeoutMs: reader.int("HARBOR_CONNECT_TIMEOUT_MS", 5_000, 10, 120_000),
     drainTimeoutMs: reader.int("HARBOR_DRAIN_TIMEOUT_MS", 10_000, 0, 600_000),
+    udpSessionIdleMs: reader.int("HARBOR_UDP_SESSION_IDLE_MS", 60_000, 100, 3_600_000),
+    udpMaxSessions: reader.int("HARBOR_UDP_MAX_SESSIONS", 10_000, 1, 1_000_000),
   };
   try {
     validateNodeId(config.nodeId);

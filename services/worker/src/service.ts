@@ -1,10 +1,12 @@
 import { randomUUID } from "node:crypto";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
-import { BackendRegistryClient, PortAllocatorClient, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
+import { BackendRegistryClient, PortAllocatorClient, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
 import { grpc, type Component, type Logger } from "@harbor/runtime";
 import type { WorkerConfig } from "./config.js";
-import { NodeView, carriesTcp } from "./domain/node-view.js";
+import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
+import type { PortListener } from "./proxy/listener.js";
 import { TcpListener } from "./proxy/tcp.js";
+import { UdpListener } from "./proxy/udp.js";
 import { Follower } from "./sync/follower.js";
 
 export interface WorkerDeps {
@@ -29,7 +31,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const logger = deps.logger.child({ component: "worker", nodeId: config.nodeId });
   const workerId = randomUUID();
   const view = new NodeView();
-  const listeners = new Map<string, TcpListener>();
+  /** Keyed `<service id>/<protocol>`. */
+  const listeners = new Map<string, PortListener>();
   let listenHost: string | undefined;
   let reconciling = Promise.resolve();
   let heartbeat: NodeJS.Timeout | undefined;
@@ -37,7 +40,18 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const allocator = new PortAllocatorClient(config.allocatorAddress, grpc.credentials.createInsecure());
   const registry = new BackendRegistryClient(config.registryAddress, grpc.credentials.createInsecure());
 
-  /** Opens a listener for every TCP service of the node, closes the rest; on a host change, reopens all. */
+  const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
+    const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), logger };
+    return protocol === "tcp"
+      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs })
+      : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions, failedBackendMs: 5_000 });
+  };
+
+  /**
+   * Opens a listener per protocol of every service of the node and closes the
+   * rest; tells every listener its set may have changed; on a host change,
+   * reopens all.
+   */
   const reconcile = async () => {
     if (stopped) return;
     const host = config.listenHost ?? view.host;
@@ -48,28 +62,23 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       listeners.clear();
       listenHost = host;
     }
-    const wanted = new Map(view.listServices().filter(carriesTcp).map((s) => [s.id, s]));
-    for (const [id, listener] of listeners) {
-      const service = wanted.get(id);
+    const wanted = new Map<string, ServiceView>();
+    for (const service of view.listServices()) for (const protocol of protocolsOf(service)) wanted.set(`${service.id}/${protocol}`, service);
+    for (const [key, listener] of listeners) {
+      const service = wanted.get(key);
       if (!service || service.port !== listener.port) {
-        listeners.delete(id);
+        listeners.delete(key);
         await listener.close();
       }
     }
-    for (const [id, service] of wanted) {
-      let listener = listeners.get(id);
+    for (const [key, service] of wanted) {
+      let listener = listeners.get(key);
       if (!listener) {
-        listener = new TcpListener({
-          serviceId: id,
-          host,
-          port: service.port,
-          backends: () => view.backends(id),
-          connectTimeoutMs: config.connectTimeoutMs,
-          logger,
-        });
-        listeners.set(id, listener);
+        listener = createListener(service, key.endsWith("/udp") ? "udp" : "tcp", host);
+        listeners.set(key, listener);
       }
       if (!listener.listening) await listener.listen();
+      listener.backendsChanged();
     }
   };
   // Reconciles run one after another, so listeners are never opened twice.
@@ -95,22 +104,25 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       nodeId: config.nodeId,
       workerId,
       at: timestampFromMs(Date.now()),
-      listeners: [...listeners].map(([id, l]) => ({
-        serviceId: id,
-        port: l.port,
-        protocol: view.service(id)?.protocol ?? 0,
-        listening: l.listening,
-        error: l.error ?? "",
-        backends: view.backends(id).length,
-        revision: String(view.revision(id)),
-      })),
+      listeners: [...listeners].map(([key, l]) => {
+        const id = key.slice(0, key.indexOf("/"));
+        return {
+          serviceId: id,
+          port: l.port,
+          protocol: l.protocol === "tcp" ? Protocol.PROTOCOL_TCP : Protocol.PROTOCOL_UDP,
+          listening: l.listening,
+          error: l.error ?? "",
+          backends: view.backends(id).length,
+          revision: String(view.revision(id)),
+        };
+      }),
     });
   };
 
   return {
     name: "worker",
     view,
-    listeningPorts: () => [...listeners.values()].filter((l) => l.listening).map((l) => l.port),
+    listeningPorts: () => [...new Set([...listeners.values()].filter((l) => l.listening).map((l) => l.port))],
     whenSynced: async () => {
       while (!follower.synced) await new Promise((r) => setTimeout(r, 20));
       await scheduleReconcile();

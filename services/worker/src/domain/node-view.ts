@@ -17,8 +17,18 @@ export function serviceView(service: PortService): ServiceView {
   return { id: service.name, name: service.serviceName, port: service.port, protocol: service.protocol };
 }
 
-export function carriesTcp(service: ServiceView): boolean {
-  return service.protocol === Protocol.PROTOCOL_TCP || service.protocol === Protocol.PROTOCOL_BOTH;
+/** The protocols a service needs listeners for: `both` is TCP and UDP on one port number. */
+export function protocolsOf(service: ServiceView): Array<"tcp" | "udp"> {
+  switch (service.protocol) {
+    case Protocol.PROTOCOL_TCP:
+      return ["tcp"];
+    case Protocol.PROTOCOL_UDP:
+      return ["udp"];
+    case Protocol.PROTOCOL_BOTH:
+      return ["tcp", "udp"];
+    default:
+      return [];
+  }
 }
 
 /**

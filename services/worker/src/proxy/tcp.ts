@@ -2,6 +2,7 @@ import net from "node:net";
 import type { Logger } from "pino";
 import { RoundRobin } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
+import type { PortListener } from "./listener.js";
 
 export interface TcpListenerOptions {
   serviceId: string;
@@ -24,7 +25,8 @@ interface Pair {
  * connections belong to their pair of sockets, not to the backend set, so no
  * set change ever cuts them. With no backend the client is closed at once.
  */
-export class TcpListener {
+export class TcpListener implements PortListener {
+  readonly protocol = "tcp" as const;
   private readonly server: net.Server;
   private readonly rotation = new RoundRobin();
   private readonly open = new Set<Pair>();
@@ -78,6 +80,9 @@ export class TcpListener {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
     this.options.logger.info({ serviceId: this.options.serviceId, port: this.options.port, open: this.connections }, "tcp-listener-closed");
   }
+
+  /** Connections already open stay with their backend; new ones read the set when they start. */
+  backendsChanged(): void {}
 
   /** Waits for open connections to end, up to `deadlineMs`, then cuts the rest. */
   async drain(deadlineMs: number): Promise<void> {

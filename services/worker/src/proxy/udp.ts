@@ -1,0 +1,204 @@
+import dgram from "node:dgram";
+import { isIPv6 } from "node:net";
+import type { Logger } from "pino";
+import type { Backend } from "@harbor/proto";
+import type { PortListener } from "./listener.js";
+
+export interface UdpListenerOptions {
+  serviceId: string;
+  host: string;
+  port: number;
+  /** The service's backends in FIFO order, read when a session starts or the set changes. */
+  backends: () => readonly Backend[];
+  /** A session with no datagram either way for this long is closed. */
+  sessionIdleMs: number;
+  /** At most this many sessions; the least recently started goes first. */
+  maxSessions: number;
+  /** A backend that answered "port unreachable" is passed over for this long. */
+  failedBackendMs: number;
+  logger: Logger;
+}
+
+interface Session {
+  clientAddress: string;
+  clientPort: number;
+  backendKey: string;
+  upstream: dgram.Socket;
+  lastSeen: number;
+  /** Datagrams that arrived before the upstream socket was connected; undefined once it is. */
+  pending: Buffer[] | undefined;
+}
+
+/** Datagrams held per session while its upstream socket connects. */
+const MAX_PENDING = 64;
+
+const backendKey = (b: Backend) => `${b.host}:${b.port}`;
+
+/**
+ * One UDP port of a service. FIFO: the first backend available is the
+ * primary and every new client session goes to it. A session per client
+ * address has its own upstream socket, so replies are matched to the client
+ * and sent back from the service's port (clients such as dig reject replies
+ * from any other). When a session's backend leaves the set, only that
+ * session moves, to the current primary; sessions on backends that remain
+ * stay where they are.
+ */
+export class UdpListener implements PortListener {
+  readonly protocol = "udp" as const;
+  private socket: dgram.Socket | undefined;
+  private readonly sessions = new Map<string, Session>();
+  private readonly failed = new Map<string, number>();
+  private sweeper: NodeJS.Timeout | undefined;
+  listening = false;
+  error: string | undefined;
+  /** Datagrams dropped because no backend was there. */
+  dropped = 0;
+
+  constructor(private readonly options: UdpListenerOptions) {}
+
+  get port(): number {
+    return this.options.port;
+  }
+
+  get sessionCount(): number {
+    return this.sessions.size;
+  }
+
+  async listen(): Promise<boolean> {
+    const { host, port, logger, serviceId } = this.options;
+    const socket = dgram.createSocket({ type: isIPv6(host) ? "udp6" : "udp4" });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        socket.once("error", reject);
+        socket.bind({ address: host, port, exclusive: true }, () => {
+          socket.removeListener("error", reject);
+          resolve();
+        });
+      });
+    } catch (err) {
+      socket.close();
+      this.error = (err as Error).message;
+      logger.warn({ serviceId, host, port, err }, "udp-listener-bind-failed");
+      return false;
+    }
+    socket.on("error", (err) => logger.warn({ serviceId, port, err }, "udp-listener-error"));
+    socket.on("message", (msg, rinfo) => this.fromClient(msg, rinfo.address, rinfo.port));
+    this.socket = socket;
+    this.listening = true;
+    this.error = undefined;
+    this.sweeper = setInterval(() => this.sweep(), Math.min(1_000, this.options.sessionIdleMs));
+    this.sweeper.unref();
+    logger.info({ serviceId, host, port }, "udp-listener-opened");
+    return true;
+  }
+
+  private fromClient(msg: Buffer, address: string, port: number): void {
+    const key = `${address}|${port}`;
+    let session = this.sessions.get(key);
+    if (!session) {
+      const backend = this.primary();
+      if (!backend) {
+        this.dropped++;
+        return;
+      }
+      session = this.openSession(address, port, backend);
+      if (!session) return;
+    }
+    session.lastSeen = Date.now();
+    if (session.pending) {
+      if (session.pending.length < MAX_PENDING) session.pending.push(msg);
+      return;
+    }
+    this.forward(session, msg);
+  }
+
+  private forward(session: Session, msg: Buffer): void {
+    try {
+      session.upstream.send(msg);
+    } catch (err) {
+      this.options.logger.debug({ err: (err as Error).message, backend: session.backendKey }, "udp-send-failed");
+    }
+  }
+
+  /** The first backend in FIFO order that has not just failed; the first of all when every one has. */
+  private primary(): Backend | undefined {
+    const backends = this.options.backends();
+    const now = Date.now();
+    for (const b of backends) {
+      const until = this.failed.get(backendKey(b));
+      if (until === undefined || until <= now) return b;
+    }
+    return backends[0];
+  }
+
+  private openSession(clientAddress: string, clientPort: number, backend: Backend): Session | undefined {
+    if (this.sessions.size >= this.options.maxSessions) {
+      const oldest = this.sessions.keys().next().value as string;
+      this.closeSession(oldest);
+    }
+    const upstream = dgram.createSocket({ type: isIPv6(backend.host) ? "udp6" : "udp4" });
+    const session: Session = { clientAddress, clientPort, backendKey: backendKey(backend), upstream, lastSeen: Date.now(), pending: [] };
+    const key = `${clientAddress}|${clientPort}`;
+    // A connected socket: the kernel only passes replies from the backend.
+    upstream.connect(backend.port, backend.host, () => {
+      const held = session.pending ?? [];
+      session.pending = undefined;
+      for (const msg of held) this.forward(session, msg);
+    });
+    upstream.on("message", (reply) => {
+      session.lastSeen = Date.now();
+      this.socket?.send(reply, clientPort, clientAddress);
+    });
+    upstream.on("error", (err: NodeJS.ErrnoException) => {
+      if (err.code === "ECONNREFUSED") {
+        // ICMP port unreachable: the backend is gone; pass it over and move this session.
+        this.failed.set(session.backendKey, Date.now() + this.options.failedBackendMs);
+        this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
+        this.closeSession(key);
+        return;
+      }
+      this.options.logger.debug({ err: err.message, backend: session.backendKey }, "udp-session-error");
+      this.closeSession(key);
+    });
+    this.sessions.set(key, session);
+    return session;
+  }
+
+  private closeSession(key: string): void {
+    const session = this.sessions.get(key);
+    if (!session) return;
+    this.sessions.delete(key);
+    try {
+      session.upstream.close();
+    } catch {
+      // already closed
+    }
+  }
+
+  private sweep(): void {
+    const idleBefore = Date.now() - this.options.sessionIdleMs;
+    for (const [key, session] of this.sessions) if (session.lastSeen < idleBefore) this.closeSession(key);
+    const now = Date.now();
+    for (const [key, until] of this.failed) if (until <= now) this.failed.delete(key);
+  }
+
+  /** Sessions whose backend left the set are closed; their clients' next datagram opens one on the primary. */
+  backendsChanged(): void {
+    const present = new Set(this.options.backends().map(backendKey));
+    for (const [key, session] of this.sessions) if (!present.has(session.backendKey)) this.closeSession(key);
+  }
+
+  async close(): Promise<void> {
+    if (!this.listening) return;
+    this.listening = false;
+    clearInterval(this.sweeper);
+    await new Promise<void>((resolve) => this.socket?.close(() => resolve()) ?? resolve());
+    this.socket = undefined;
+    for (const key of [...this.sessions.keys()]) this.closeSession(key);
+    this.options.logger.info({ serviceId: this.options.serviceId, port: this.options.port }, "udp-listener-closed");
+  }
+
+  async drain(): Promise<void> {
+    // UDP has no connections to finish: closing the listener ended every session.
+  }
+}

@@ -1,0 +1,37 @@
+import { connectLines } from "@harbor/testkit";
+
+/** Opens a TCP connection through a port and returns the greeting: which backend answered. */
+export async function reach(port: number): Promise<string> {
+  const client = await connectLines(port);
+  try {
+    return await client.nextLine();
+  } finally {
+    client.close();
+  }
+}
+
+/** How many of `connections` new connections reached each backend. */
+export async function spread(port: number, connections: number): Promise<Record<string, number>> {
+  const counts: Record<string, number> = {};
+  for (let i = 0; i < connections; i++) {
+    const name = await reach(port);
+    counts[name] = (counts[name] ?? 0) + 1;
+  }
+  return counts;
+}
+
+/** The credentials object `create-service --json` and `service --json` print. */
+export interface ServiceJson {
+  hostname: string;
+  host: string;
+  port: number;
+  name: string;
+  node_id: string;
+  int_port: number;
+  ext_hostname?: string;
+  ext_host?: string;
+  service_name: string;
+  protocol: string;
+  https_proxy: boolean;
+  apps: string[];
+}
