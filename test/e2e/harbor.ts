@@ -13,16 +13,33 @@ export interface CliResult {
   stderr: string;
 }
 
+export interface Background {
+  child: ChildProcess;
+  output(): string;
+  /** Sends the signal and waits for the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
 export interface Harbor {
   env: Record<string, string>;
   range: { min: number; max: number };
   /** Everything the server logged so far (JSON lines). */
   logs(): string;
   cli(...args: string[]): Promise<CliResult>;
+  /** Starts a long-running verb (run, watch, serve worker) with this Harbor's environment. */
+  spawnCli(args: string[], options?: { cwd?: string; env?: Record<string, string> }): Background;
   /** Runs a verb with --json and parses stdout; fails the test with stderr when it exits non-zero. */
   json<T = unknown>(...args: string[]): Promise<T>;
   /** SIGTERM, and the exit code. */
   stop(): Promise<number | null>;
+}
+
+export interface HarborOptions {
+  /** Reuse this database (and leave it) instead of a fresh one dropped on stop: for restarts. */
+  database?: TestDatabase;
+  /** Reuse another Harbor's API address, NATS prefix and range: a restart of it. */
+  like?: Harbor;
+  env?: Record<string, string>;
 }
 
 /**
@@ -30,19 +47,18 @@ export interface Harbor {
  * Postgres, the machine's NATS under a prefix of its own, and a free block of
  * ports as its node's range.
  */
-export async function startHarbor(extraEnv: Record<string, string> = {}): Promise<Harbor> {
-  const db: TestDatabase = await createTestDatabase();
-  const range = await freePortBlock(20);
-  const api = `127.0.0.1:${await freePort()}`;
+export async function startHarbor(options: HarborOptions = {}): Promise<Harbor> {
+  const db: TestDatabase = options.database ?? (await createTestDatabase());
+  const range = options.like?.range ?? (await freePortBlock(20));
   const env: Record<string, string> = {
     ...(process.env as Record<string, string>),
     DATABASE_URL: db.url,
     NATS_URL: process.env.NATS_URL ?? "nats://127.0.0.1:4222",
-    HARBOR_NATS_PREFIX: uniqueName("e2e"),
-    HARBOR_API: api,
+    HARBOR_NATS_PREFIX: options.like?.env.HARBOR_NATS_PREFIX ?? uniqueName("e2e"),
+    HARBOR_API: options.like?.env.HARBOR_API ?? `127.0.0.1:${await freePort()}`,
     HARBOR_PORT_RANGE: `${range.min}-${range.max}`,
     LOG_LEVEL: "debug",
-    ...extraEnv,
+    ...options.env,
   };
   const child: ChildProcess = spawn(process.execPath, [HARBOR_BIN, "serve", "all"], { env, stdio: ["ignore", "pipe", "pipe"] });
   let stdout = "";
@@ -86,6 +102,25 @@ export async function startHarbor(extraEnv: Record<string, string> = {}): Promis
     range,
     logs: () => stderr,
     cli,
+    spawnCli(args, spawnOptions = {}) {
+      const run = spawn(process.execPath, [HARBOR_BIN, ...args], {
+        env: { ...env, ...spawnOptions.env },
+        cwd: spawnOptions.cwd,
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      let output = "";
+      run.stdout.on("data", (c: Buffer) => (output += c.toString()));
+      run.stderr.on("data", (c: Buffer) => (output += c.toString()));
+      const done = new Promise<number | null>((r) => run.once("exit", (code) => r(code)));
+      return {
+        child: run,
+        output: () => output,
+        stop: (signal = "SIGTERM") => {
+          if (run.exitCode === null) run.kill(signal);
+          return done;
+        },
+      };
+    },
     async json<T>(...args: string[]) {
       const result = await cli(...args, "--json");
       if (result.code !== 0) throw new Error(`harbor ${args.join(" ")} exited ${result.code}: ${result.stderr}`);
@@ -95,7 +130,7 @@ export async function startHarbor(extraEnv: Record<string, string> = {}): Promis
       stopped ??= (async () => {
         child.kill("SIGTERM");
         const code = await exited;
-        await db.drop();
+        if (!options.database) await db.drop();
         return code;
       })();
       return stopped;

@@ -1,11 +1,13 @@
 import { BackendRegistryClient, PortAllocatorClient } from "@harbor/proto";
-import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, type RequestOf, type ResponseOf } from "@harbor/runtime";
+import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, isServiceError, type RequestOf, type ResponseOf } from "@harbor/runtime";
 
 /** A failure to report as one line on stderr; exit code 2 for usage, 1 otherwise. */
 export class CliError extends Error {
   constructor(
     message: string,
     readonly exitCode = 1,
+    /** The gRPC status when a call failed. */
+    readonly grpcCode?: grpc.status,
   ) {
     super(message);
   }
@@ -31,7 +33,7 @@ export function createClients(address = DEFAULT_API_ADDRESS): Clients {
       try {
         return await invoke(client, method, request);
       } catch (err) {
-        throw new CliError(describeServiceError(err, address));
+        throw new CliError(describeServiceError(err, address), 1, isServiceError(err) ? err.code : undefined);
       }
     },
     close() {

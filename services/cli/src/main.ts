@@ -2,7 +2,11 @@ import { Command, CommanderError, Option } from "commander";
 import { parseRange } from "@harbor/runtime";
 import { createClients, CliError, type Clients } from "./client.js";
 import { instanceOutput, keyValues, nodeOutput, serviceOutput, table } from "./output.js";
-import { serve, type ServeTarget } from "./serve.js";
+import { applyManifest } from "./apply.js";
+import { readManifest } from "./manifest.js";
+import { runInstances } from "./run.js";
+import { SERVE_TARGETS, serve, type ServeTarget } from "./serve.js";
+import { watchEvents } from "./watch.js";
 
 interface GlobalOptions {
   api?: string;
@@ -272,12 +276,58 @@ export function buildProgram(): Command {
     );
 
   program
+    .command("apply")
+    .description("create and bind the harbor services of a stackato.yml (running it twice changes nothing)")
+    .option("-f, --file <file>", "the manifest", "stackato.yml")
+    .option("--app <app>", "the app (default: the manifest's name)")
+    .addOption(json())
+    .action(
+      withClients(program, async (c, opts, local: { file: string; app?: string; json?: boolean }) => {
+        const { app, applied } = await applyManifest(c, readManifest(local.file), local.app);
+        print(local.json ?? opts.json, applied, () =>
+          applied.length === 0
+            ? `${local.file} asks for no harbor service\n`
+            : table(
+                ["SERVICE", "ACTION", "PROTOCOL", "PORT", "INT_PORT"],
+                applied.map((a) => [a.service_name, a.action, a.protocol, String(a.port), String(a.int_port)]),
+              ) + `app: ${app}\n`,
+        );
+      }),
+    );
+
+  program
+    .command("run")
+    .description("run instances of an app here, with the platform's environment, registered and heartbeating")
+    .option("--app <app>", "the app (default: the manifest's name)")
+    .option("--instances <n>", "how many", "1")
+    .option("-f, --file <file>", "a stackato.yml to apply first (default: ./stackato.yml if present)")
+    .option("--ttl <seconds>", "registration TTL; heartbeats go at a third of it", "15")
+    .argument("<command...>", "the app's command, after --")
+    .action(
+      withClients(program, async (c, _opts, command: string[], local: { app?: string; instances: string; file?: string; ttl: string }) => {
+        const instances = Number(local.instances);
+        const ttl = Number(local.ttl);
+        if (!Number.isInteger(instances) || instances < 1 || instances > 64) throw new CliError(`--instances ${JSON.stringify(local.instances)}: use 1 to 64`, 2);
+        if (!Number.isInteger(ttl) || ttl < 3) throw new CliError(`--ttl ${JSON.stringify(local.ttl)}: use whole seconds, at least 3`, 2);
+        process.exitCode = await runInstances(c, { app: local.app, instances, manifestFile: local.file, command, ttlSeconds: ttl });
+      }),
+    );
+
+  program
+    .command("watch")
+    .description("print the live NATS events of this deployment (SUBJECT relative to <prefix>.v1., e.g. 'backends.>')")
+    .argument("[subject]")
+    .addOption(json())
+    .action(async function (this: Command, subject: string | undefined, local: { json?: boolean }) {
+      await watchEvents(subject, local.json ?? this.optsWithGlobals<GlobalOptions>().json ?? false, process.env);
+    });
+
+  program
     .command("serve")
-    .description("run Harbor: all (one process, as `npm start`), or one of allocator, registry, worker")
-    .argument("[target]", "all | allocator | registry | worker", "all")
+    .description("run Harbor: all (one process, as `npm start`), one of allocator, registry, worker, or an app instance's HTTPS container-proxy")
+    .argument("[target]", SERVE_TARGETS.join(" | "), "all")
     .action(async function (this: Command, target: string) {
-      const targets = ["all", "allocator", "registry", "worker"];
-      if (!targets.includes(target)) throw new CliError(`serve target ${JSON.stringify(target)} is not one of ${targets.join(", ")}`, 2);
+      if (!(SERVE_TARGETS as string[]).includes(target)) throw new CliError(`serve target ${JSON.stringify(target)} is not one of ${SERVE_TARGETS.join(", ")}`, 2);
       const opts = this.optsWithGlobals<GlobalOptions>();
       process.exitCode = await serve(target as ServeTarget, process.env, opts.api);
     });

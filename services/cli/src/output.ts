@@ -9,14 +9,18 @@ export interface ServiceOutput extends Credentials {
   apps: string[];
 }
 
-export function serviceOutput(s: PortService): ServiceOutput {
-  const credentials = buildCredentials(
+/** The seed's credentials object of a service, as `$STACKATO_SERVICES` holds it. */
+export function credentialsOf(s: PortService): Credentials {
+  return buildCredentials(
     { nodeId: s.nodeId, hostname: s.hostname, host: s.host, extHostname: s.extHostname, extHost: s.extHost },
     { id: s.name, port: s.port },
     s.intPort,
   );
+}
+
+export function serviceOutput(s: PortService): ServiceOutput {
   return {
-    ...credentials,
+    ...credentialsOf(s),
     service_name: s.serviceName,
     protocol: protocolName(s.protocol),
     https_proxy: s.httpsProxy,

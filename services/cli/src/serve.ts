@@ -2,7 +2,7 @@ import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createAllocator, loadAllocatorConfig } from "@harbor/allocator";
 import { connectBus, createSubjects, isValidPrefix, DEFAULT_NATS_PREFIX, type Bus } from "@harbor/bus";
-import { ConfigError } from "@harbor/core";
+import { ConfigError, HarborError } from "@harbor/core";
 import { createPool, startEmbeddedPostgres, type EmbeddedPostgres, type Pool } from "@harbor/db";
 import { createRegistry, loadRegistryConfig } from "@harbor/registry";
 import {
@@ -19,8 +19,10 @@ import {
   type Logger,
 } from "@harbor/runtime";
 import { createWorker, loadWorkerConfig } from "@harbor/worker";
+import { createContainerProxy, loadContainerProxyConfig } from "@harbor/container-proxy";
 
-export type ServeTarget = "all" | "allocator" | "registry" | "worker";
+export type ServeTarget = "all" | "allocator" | "registry" | "worker" | "container-proxy";
+export const SERVE_TARGETS: ServeTarget[] = ["all", "allocator", "registry", "worker", "container-proxy"];
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 
@@ -65,6 +67,11 @@ function component(name: string, start: () => Promise<void>, stop: () => Promise
 export async function serve(target: ServeTarget, env: Record<string, string | undefined>, apiFlag?: string): Promise<number> {
   const logger = createLogger(`harbor-${target}`);
   try {
+    if (target === "container-proxy") {
+      // The HTTPS sidecar of one app instance: no database, no bus.
+      await runUntilSignalled(createContainerProxy(loadContainerProxyConfig(env), { logger }), logger);
+      return 0;
+    }
     const shared = loadSharedConfig(env, apiFlag);
     const allocatorConfig = target === "all" || target === "allocator" ? loadAllocatorConfig(env) : undefined;
     const registryConfig = target === "all" || target === "registry" ? loadRegistryConfig(env) : undefined;
@@ -198,6 +205,10 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     if (err instanceof ConfigError) {
       process.stderr.write(`harbor: ${err.message}\n`);
       return 2;
+    }
+    if (err instanceof HarborError) {
+      process.stderr.write(`harbor: ${err.message}\n`);
+      return 1;
     }
     logger.error({ err }, "serve-failed");
     process.stderr.write(`harbor: ${(err as Error).message}\n`);

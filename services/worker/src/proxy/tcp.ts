@@ -1,6 +1,7 @@
 import net from "node:net";
 import type { Logger } from "pino";
 import { RoundRobin } from "@harbor/core";
+import { spliceSockets } from "@harbor/runtime";
 import type { Backend } from "@harbor/proto";
 import type { PortListener } from "./listener.js";
 
@@ -130,26 +131,13 @@ export class TcpListener implements PortListener {
     });
   }
 
-  /**
-   * Joins the two sockets. Half-close passes through (each side's FIN ends
-   * the other's write side); an error or reset on either side tears down both.
-   */
   private splice(client: net.Socket, upstream: net.Socket): void {
     this.pending.delete(client);
     const pair: Pair = { client, upstream };
     this.open.add(pair);
     client.setNoDelay(true);
     upstream.setNoDelay(true);
-    const finish = (other: net.Socket) => (hadError: boolean) => {
-      this.open.delete(pair);
-      if (hadError) other.destroy();
-      else other.end();
-    };
-    client.once("close", finish(upstream));
-    upstream.once("close", finish(client));
-    upstream.on("error", () => undefined);
-    client.pipe(upstream);
-    upstream.pipe(client);
+    spliceSockets(client, upstream, () => this.open.delete(pair));
     client.resume();
   }
 }

@@ -1,0 +1,83 @@
+import { readFileSync } from "node:fs";
+import { isMap, isScalar, parseDocument } from "yaml";
+import { expandAppName, validateAppName, validateServiceName } from "@harbor/core";
+import { CliError } from "./client.js";
+
+/** What Harbor reads of a stackato.yml. */
+export interface Manifest {
+  file: string;
+  name?: string;
+  /** The `…: harbor` services, names as written (`${name}` not yet expanded). */
+  harborServices: string[];
+  /** False when the manifest says `processes: web: ~` (no web process, so no PORT). */
+  web: boolean;
+}
+
+/** The 1-based line of an offset in the text. */
+function lineAt(text: string, offset: number): number {
+  return text.slice(0, offset).split("\n").length;
+}
+
+function lineOf(text: string, node: unknown): string {
+  const range = (node as { range?: [number, number, number] } | undefined)?.range;
+  return range ? `:${lineAt(text, range[0])}` : "";
+}
+
+/**
+ * Parses a stackato.yml. A service is Harbor's when its value is `harbor` or
+ * a mapping with `type: harbor`. Errors name the file and the line.
+ */
+export function parseManifest(text: string, file: string): Manifest {
+  const doc = parseDocument(text, { prettyErrors: false });
+  const first = doc.errors[0];
+  if (first) throw new CliError(`${file}:${lineAt(text, first.pos[0])}: ${first.message.split("\n")[0]}`, 2);
+  const root = doc.contents;
+  if (!isMap(root)) throw new CliError(`${file}: expected a mapping at the top (name:, services:, …)`, 2);
+  const nameNode = root.get("name", true);
+  let name: string | undefined;
+  if (nameNode !== undefined) {
+    if (!isScalar(nameNode) || typeof nameNode.value !== "string") throw new CliError(`${file}${lineOf(text, nameNode)}: name must be a string`, 2);
+    name = nameNode.value;
+  }
+  const harborServices: string[] = [];
+  const services = root.get("services", true);
+  if (services !== undefined && services !== null && !(isScalar(services) && services.value === null)) {
+    if (!isMap(services)) throw new CliError(`${file}${lineOf(text, services)}: services must be a mapping of name: type`, 2);
+    for (const pair of services.items) {
+      const key = isScalar(pair.key) ? String(pair.key.value) : "";
+      const value = pair.value;
+      const type = isScalar(value) ? value.value : isMap(value) ? (value.get("type") as unknown) : undefined;
+      if (type === "harbor") harborServices.push(key);
+    }
+  }
+  const processes = root.get("processes", true);
+  let web = true;
+  if (isMap(processes) && processes.has("web")) {
+    const webNode = processes.get("web", true);
+    web = !(webNode === null || (isScalar(webNode) && (webNode.value === null || webNode.value === "~")));
+  }
+  return { file, name, harborServices, web };
+}
+
+export function readManifest(file: string): Manifest {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new CliError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`, 2);
+  }
+  return parseManifest(text, file);
+}
+
+/** The app's name and its harbor service names with `${name}` expanded, validated. */
+export function resolveManifest(manifest: Manifest, appOverride?: string): { app: string; services: string[] } {
+  const app = appOverride ?? manifest.name;
+  if (!app) throw new CliError(`${manifest.file}: no name: given; add one or pass --app`, 2);
+  try {
+    validateAppName(app);
+    const services = manifest.harborServices.map((s) => validateServiceName(expandAppName(s, app)));
+    return { app, services };
+  } catch (err) {
+    throw new CliError(`${manifest.file}: ${(err as Error).message}`, 2);
+  }
+}

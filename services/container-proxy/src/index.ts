@@ -1,0 +1,3 @@
+export { createContainerProxy, type ContainerProxy } from "./proxy.js";
+export { loadContainerProxyConfig, type ContainerProxyConfig } from "./config.js";
+export { findCertificate, certificateCandidates } from "./certs.js";
