@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { Protocol, type BackendSet } from "@harbor/proto";
-import { NodeView } from "./node-view.js";
+import { NodeView, protocolsOf } from "./node-view.js";
 
 const set = (revision: string, ...ports: number[]): BackendSet => ({
   serviceId: "s1",
@@ -39,5 +39,15 @@ describe("node view - backend sets", () => {
     view.replaceServices([{ id: "s2", name: "other", port: 30001, protocol: Protocol.PROTOCOL_TCP }]);
     expect(view.backends("s1")).toEqual([]);
     expect(view.listServices().map((s) => s.id)).toEqual(["s2"]);
+  });
+});
+
+describe("node view - protocols", () => {
+  it("both is a TCP and a UDP listener on one port", () => {
+    const service = (protocol: Protocol) => ({ id: "s", name: "n", port: 1, protocol });
+    expect(protocolsOf(service(Protocol.PROTOCOL_TCP))).toEqual(["tcp"]);
+    expect(protocolsOf(service(Protocol.PROTOCOL_UDP))).toEqual(["udp"]);
+    expect(protocolsOf(service(Protocol.PROTOCOL_BOTH))).toEqual(["tcp", "udp"]);
+    expect(protocolsOf(service(Protocol.PROTOCOL_UNSPECIFIED))).toEqual([]);
   });
 });

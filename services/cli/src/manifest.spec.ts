@@ -1,0 +1,28 @@
+import { describe, expect, it } from "vitest";
+import { parseManifest, resolveManifest } from "./manifest.js";
+
+describe("manifest - stackato.yml", () => {
+  it("reads the name, the harbor services (string or type:) and processes: web: ~", () => {
+    const m = parseManifest(
+      "name: port-test\nframework:\n  type: node\nmem: 64\nprocesses:\n  web: ~\nservices:\n  my-port: harbor\n  udp-${name}: { type: harbor }\n  db: mysql\n",
+      "stackato.yml",
+    );
+    expect(m).toEqual({ file: "stackato.yml", name: "port-test", harborServices: ["my-port", "udp-${name}"], web: false });
+    expect(resolveManifest(m).services).toEqual(["my-port", "udp-port-test"]);
+    expect(resolveManifest(m, "other").services).toEqual(["my-port", "udp-other"]);
+  });
+
+  it("has a web process unless it says otherwise, and may have no services", () => {
+    expect(parseManifest("name: a\n", "f")).toMatchObject({ harborServices: [], web: true });
+    expect(parseManifest("name: a\nprocesses:\n  web: node server.js\nservices:\n", "f")).toMatchObject({ harborServices: [], web: true });
+  });
+
+  it("names the file and line of what is wrong", () => {
+    expect(() => parseManifest("name: a\nservices:\n\tx: harbor\n", "m.yml")).toThrow(/^m\.yml:3: /);
+    expect(() => parseManifest("- a\n- b\n", "m.yml")).toThrow(/m\.yml: expected a mapping at the top/);
+    expect(() => parseManifest("name: a\nservices: [x]\n", "m.yml")).toThrow(/m\.yml:2: services must be a mapping/);
+    expect(() => parseManifest("name: 5\n", "m.yml")).toThrow(/m\.yml:1: name must be a string/);
+    expect(() => resolveManifest(parseManifest("services:\n  x: harbor\n", "m.yml"))).toThrow(/no name: given/);
+    expect(() => resolveManifest(parseManifest("name: a\nservices:\n  bad_name: harbor\n", "m.yml"))).toThrow(/service name "bad_name" is not valid/);
+  });
+});
