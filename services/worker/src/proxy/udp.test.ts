@@ -1,0 +1,88 @@
+import { afterEach, describe, expect, it } from "vitest";
+import type { Backend } from "@harbor/proto";
+import { createLogger } from "@harbor/runtime";
+import { freePort, startUdpEchoBackend, udpClient, waitFor, type UdpClient, type UdpEchoBackend } from "@harbor/testkit";
+import { UdpListener } from "./udp.js";
+
+const logger = createLogger("test", "silent");
+const cleanup: Array<() => unknown> = [];
+
+afterEach(async () => {
+  for (const c of cleanup.splice(0)) await c();
+});
+
+async function setup(names: string[], options: { sessionIdleMs?: number; maxSessions?: number } = {}) {
+  const backends: UdpEchoBackend[] = [];
+  for (const name of names) {
+    const b = await startUdpEchoBackend(name);
+    backends.push(b);
+    cleanup.push(() => b.close());
+  }
+  let set: Backend[] = backends.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
+  const port = await freePort();
+  const listener = new UdpListener({
+    serviceId: "s",
+    host: "127.0.0.1",
+    port,
+    backends: () => set,
+    sessionIdleMs: options.sessionIdleMs ?? 60_000,
+    maxSessions: options.maxSessions ?? 100,
+    failedBackendMs: 5_000,
+    logger,
+  });
+  expect(await listener.listen()).toBe(true);
+  cleanup.push(() => listener.close());
+  const clients: UdpClient[] = [];
+  const client = async () => {
+    const c = await udpClient(port);
+    clients.push(c);
+    cleanup.push(() => c.close());
+    return c;
+  };
+  return {
+    listener,
+    backends,
+    client,
+    setBackends: (next: Backend[]) => {
+      set = next;
+      listener.backendsChanged();
+    },
+    current: () => set,
+  };
+}
+
+describe("udp listener - sessions", () => {
+  it("a session stays on its backend while that backend remains, even when another becomes primary", async () => {
+    const { client, setBackends, current } = await setup(["a", "b"]);
+    const early = await client();
+    expect((await early.ask("x")).text).toBe("a:x");
+    // b is put first (a re-ordered set): new sessions go to b, the open one stays on a.
+    setBackends([current()[1]!, current()[0]!]);
+    const late = await client();
+    expect((await late.ask("y")).text).toBe("b:y");
+    expect((await early.ask("z")).text).toBe("a:z");
+    // a leaves: only its session moves.
+    setBackends([current()[0]!]);
+    expect((await early.ask("moved")).text).toBe("b:moved");
+  });
+
+  it("keeps at most maxSessions, closing the oldest first", async () => {
+    const { listener, client } = await setup(["a"], { maxSessions: 2 });
+    for (let i = 0; i < 3; i++) await (await client()).ask(`c${i}`);
+    expect(listener.sessionCount).toBe(2);
+  });
+
+  it("closes sessions idle for sessionIdleMs", async () => {
+    const { listener, client } = await setup(["a"], { sessionIdleMs: 200 });
+    await (await client()).ask("hello");
+    expect(listener.sessionCount).toBe(1);
+    await waitFor(() => listener.sessionCount === 0, "the idle session closed", 3_000);
+  });
+
+  it("drops datagrams when there is no backend, and counts them", async () => {
+    const { listener, client, setBackends } = await setup(["a"]);
+    setBackends([]);
+    await expect((await client()).ask("lost", 200)).rejects.toThrow(/no UDP reply/);
+    expect(listener.dropped).toBe(1);
+  });
+});
