@@ -32,6 +32,8 @@ export interface Harbor {
   json<T = unknown>(...args: string[]): Promise<T>;
   /** SIGTERM, and the exit code. */
   stop(): Promise<number | null>;
+  /** Sends a signal (kill -9: SIGKILL) and waits for the exit; the database stays as `stop` would leave it. */
+  kill(signal: NodeJS.Signals): Promise<number | null>;
 }
 
 export interface HarborOptions {
@@ -125,6 +127,14 @@ export async function startHarbor(options: HarborOptions = {}): Promise<Harbor> 
       const result = await cli(...args, "--json");
       if (result.code !== 0) throw new Error(`harbor ${args.join(" ")} exited ${result.code}: ${result.stderr}`);
       return JSON.parse(result.stdout) as T;
+    },
+    kill(signal) {
+      return (stopped ??= (async () => {
+        child.kill(signal);
+        const code = await exited;
+        if (!options.database) await db.drop();
+        return code;
+      })());
     },
     stop() {
       stopped ??= (async () => {

@@ -11,6 +11,8 @@ export interface EmbeddedPostgresOptions {
   /** Preferred data folder (git-ignored). Used when the server's user can reach it. */
   dataDir: string;
   logger: Logger;
+  /** A fixed port (a restart at the same address); default: any free one. */
+  port?: number;
 }
 
 export interface EmbeddedPostgres {
@@ -46,7 +48,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
   try {
     stopOrphan(dataDir, logger);
     if (!existsSync(join(dataDir, "PG_VERSION"))) initdb(bin, dataDir, runAs, logger);
-    const port = await freePort();
+    const port = options.port ?? (await freePort());
     const child = spawn(join(bin, "postgres"), ["-D", dataDir, "-p", String(port), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200"], {
       ...(runAs ?? {}),
       // Its own process group: a Ctrl-C meant for Harbor must not stop the

@@ -28,6 +28,14 @@ type Event = { kind: "created" | "deleted"; event: PortServiceEvent } | { kind: 
 
 const RETRY_MS = 1_000;
 
+function isGap(held: bigint, revision: string): boolean {
+  try {
+    return BigInt(revision) > held + 1n;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Keeps the node view in step with the control plane: a snapshot over gRPC
  * (node, services, backend sets), then NATS events. Events that arrive
@@ -90,8 +98,15 @@ export class Follower {
         view.removeService(service.name);
         return true;
       }
-      case "set":
-        return e.set.nodeId === nodeId && view.applySet(e.set);
+      case "set": {
+        if (e.set.nodeId !== nodeId) return false;
+        // Revisions of a set go up by one per change: a jump means events were
+        // missed, perhaps for other sets too. The set is whole state, so it is
+        // applied anyway, and a snapshot fills in the rest.
+        const held = view.revision(e.set.serviceId);
+        if (held > 0n && isGap(held, e.set.revision)) void this.resync("revision-gap");
+        return view.applySet(e.set);
+      }
       case "node": {
         const host = e.event.node?.host;
         if (!host || host === view.host) return false;

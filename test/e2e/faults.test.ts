@@ -1,0 +1,97 @@
+import { afterAll, describe, expect, it } from "vitest";
+import { connectLines, createTestDatabase, freePortBlock, startEchoBackend, startNatsServer, waitFor, type EchoBackend, type NatsServer, type TestDatabase } from "@harbor/testkit";
+import { reach, spread, type ServiceJson } from "./cluster.js";
+import { startHarbor, type Background, type Harbor } from "./harbor.js";
+
+const stoppers: Array<() => Promise<unknown>> = [];
+afterAll(async () => {
+  for (const stop of stoppers.reverse()) await stop().catch(() => undefined);
+});
+
+async function echo(name: string): Promise<EchoBackend> {
+  const b = await startEchoBackend(name);
+  stoppers.push(() => b.close());
+  return b;
+}
+
+async function register(harbor: Harbor, app: string, id: string, port: number, ttl = "60"): Promise<void> {
+  const r = await harbor.cli("register-instance", app, id, "--host", "127.0.0.1", "--port", String(port), "--map", `4101:${port}`, "--ttl", ttl);
+  expect(r.code, r.stderr).toBe(0);
+}
+
+const only = async (port: number, name: string) => {
+  const counts = await spread(port, 4).catch(() => ({}));
+  return Object.keys(counts).length === 1 && (counts as Record<string, number>)[name] === 4;
+};
+
+describe("e2e faults - NATS away", () => {
+  it("workers keep forwarding while NATS is down, and every worker converges to the truth when it is back", async () => {
+    const nats: NatsServer = await startNatsServer();
+    stoppers.push(() => nats.stop());
+    const harbor = await startHarbor({ env: { NATS_URL: nats.url } });
+    stoppers.push(() => harbor.stop());
+    const range = await freePortBlock(20);
+    expect((await harbor.cli("set-node", "edge-2", "--range", `${range.min}-${range.max}`, "--host", "127.0.0.1")).code).toBe(0);
+    const worker: Background = harbor.spawnCli(["serve", "worker"], { env: { HARBOR_NODE_ID: "edge-2" } });
+    stoppers.push(() => worker.stop());
+
+    const alpha = await harbor.json<ServiceJson>("create-service", "alpha", "--node", "harbor_node_1", "--app", "shop");
+    const bravo = await harbor.json<ServiceJson>("create-service", "bravo", "--node", "edge-2", "--app", "shop");
+    const old = await echo("old");
+    await register(harbor, "shop", "shop-old", old.port);
+    await waitFor(async () => (await only(alpha.port, "old")) && (await only(bravo.port, "old")), "both workers forwarding");
+
+    await nats.stop();
+    // Static stability: with the bus gone, both workers forward on their last state.
+    expect(await only(alpha.port, "old")).toBe(true);
+    expect(await only(bravo.port, "old")).toBe(true);
+    // The truth changes while nobody can hear about it.
+    const fresh = await echo("fresh");
+    await register(harbor, "shop", "shop-fresh", fresh.port);
+    expect((await harbor.cli("deregister-instance", "shop", "shop-old")).code).toBe(0);
+    const charlie = await harbor.json<ServiceJson>("create-service", "charlie", "--node", "edge-2", "--app", "kiosk");
+    const kiosk = await echo("kiosk");
+    await register(harbor, "kiosk", "kiosk-0", kiosk.port);
+    // Longer than a NATS client's default reconnect budget (10 attempts) at Harbor's 0.5 s wait.
+    await new Promise((r) => setTimeout(r, 8_000));
+    await nats.start();
+
+    await waitFor(async () => (await only(alpha.port, "fresh")) && (await only(bravo.port, "fresh")), "both workers on the new backend set", 20_000);
+    await waitFor(async () => (await reach(charlie.port).catch(() => "")) === "kiosk", "the service created during the outage open on edge-2", 20_000);
+    expect(harbor.logs()).toMatch(/"msg":"nats-connection-reconnected"/);
+    expect(worker.output()).toMatch(/"reason":"nats-reconnected"[^\n]*"msg":"worker-synced"/);
+  });
+});
+
+describe("e2e faults - restarts", () => {
+  let db: TestDatabase | undefined;
+  afterAll(async () => {
+    await db?.drop();
+  });
+
+  it("kill -9 loses no allocation, binding or registration; the restarted worker reopens its ports; SIGTERM drains open connections", async () => {
+    db = await createTestDatabase();
+    const first = await startHarbor({ database: db });
+    const service = await first.json<ServiceJson>("create-service", "durable", "--app", "keeper");
+    const backend = await echo("kept");
+    await register(first, "keeper", "keeper-0", backend.port);
+    await waitFor(() => only(service.port, "kept"), "traffic before the crash");
+    const envBefore = await first.json<Record<string, string>>("env", "keeper");
+
+    expect(await first.kill("SIGKILL")).toBe(null);
+    const second = await startHarbor({ database: db, like: first });
+    stoppers.push(() => second.stop());
+    expect(await second.json<Record<string, string>>("env", "keeper")).toEqual(envBefore);
+    expect((await second.json<Array<{ instance_id: string }>>("instances", "keeper")).map((i) => i.instance_id)).toEqual(["keeper-0"]);
+    await waitFor(() => only(service.port, "kept"), "traffic after the restart");
+
+    // SIGTERM: stop accepting, let the open connection finish, then exit 0.
+    const open = await connectLines(service.port);
+    expect(await open.nextLine()).toBe("kept");
+    const exit = second.stop();
+    await waitFor(async () => (await reach(service.port).then(() => false, () => true)), "new connections refused");
+    expect(await open.roundTrip("still served")).toBe("still served");
+    open.close();
+    expect(await exit).toBe(0);
+  });
+});
