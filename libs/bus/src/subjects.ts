@@ -24,6 +24,10 @@ export interface Subjects {
   backendsOfNode(nodeId: string): string;
   /** WorkerHeartbeat. */
   workerHeartbeat(nodeId: string): string;
+  /** PortBindFailed: a worker could not listen on a service's port. */
+  portBindFailed(nodeId: string): string;
+  /** DriftReport: the repair pass's findings for a node. */
+  repairDrift(nodeId: string): string;
   /** RegisterInstanceRequest / DeregisterInstanceRequest from instance agents (request-reply optional). */
   registerInstance(): string;
   deregisterInstance(): string;
@@ -62,6 +66,8 @@ export function createSubjects(prefix: string = DEFAULT_NATS_PREFIX): Subjects {
     backends: (node, service) => `${base}.backends.${token(node)}.${token(service)}`,
     backendsOfNode: (node) => `${base}.backends.${token(node)}.*`,
     workerHeartbeat: (node) => `${base}.workers.${token(node)}.heartbeat`,
+    portBindFailed: (node) => `${base}.ports.${token(node)}.bind_failed`,
+    repairDrift: (node) => `${base}.repair.${token(node)}.drift`,
     registerInstance: () => `${base}.registry.register`,
     deregisterInstance: () => `${base}.registry.deregister`,
     all: () => `${base}.>`,

@@ -5,7 +5,9 @@ import { PortAllocatorClient, Protocol } from "@harbor/proto";
 import { createGrpcServer, createLogger, grpc, invoke, type GrpcServer } from "@harbor/runtime";
 import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
 import { loadAllocatorConfig } from "./config.js";
-import { createAllocator, type Allocator } from "./service.js";
+import { createAllocator, repair, type Allocator } from "./service.js";
+import { PortBindFailed, WorkerHeartbeat, Protocol as P, timestampFromMs, type Node } from "@harbor/proto";
+import { publishMessage } from "@harbor/bus";
 
 const logger = createLogger("test", "silent");
 let db: TestDatabase;
@@ -105,7 +107,7 @@ describe("allocator - create and bind", () => {
 
   it("a node's range cannot shrink past allocated ports", async () => {
     await expectCode(
-      invoke(client, "upsertNode", { node: { nodeId: "n1", hostname: "", host: "10.0.0.5", extHostname: "", extHost: "", portMin: 30500, portMax: 30999, allocated: 0, workerSeenAt: undefined } }),
+      invoke(client, "upsertNode", { node: { nodeId: "n1", hostname: "", host: "10.0.0.5", extHostname: "", extHost: "", portMin: 30500, portMax: 30999, allocated: 0, workerSeenAt: undefined, blocked: [] } }),
       grpc.status.FAILED_PRECONDITION,
       /would leave allocated ports outside it \(.*30134/,
     );
@@ -114,7 +116,7 @@ describe("allocator - create and bind", () => {
 
 describe("allocator - concurrency", () => {
   it("200 concurrent creates on a 100-port node give 100 distinct ports and 100 clear RESOURCE_EXHAUSTED", async () => {
-    await invoke(client, "upsertNode", { node: { nodeId: "small", hostname: "", host: "10.0.0.9", extHostname: "", extHost: "", portMin: 31000, portMax: 31099, allocated: 0, workerSeenAt: undefined } });
+    await invoke(client, "upsertNode", { node: { nodeId: "small", hostname: "", host: "10.0.0.9", extHostname: "", extHost: "", portMin: 31000, portMax: 31099, allocated: 0, workerSeenAt: undefined, blocked: [] } });
     const results = await Promise.allSettled(
       Array.from({ length: 200 }, (_, i) => invoke(client, "createPortService", { name: `rush-${i}`, app: "", nodeId: "small", port: 0 }, 60_000)),
     );
@@ -156,5 +158,88 @@ describe("allocator - events", () => {
     expect([...sequences].sort((a, b) => a - b)).toEqual(sequences);
     expect(new Set(sequences).size).toBe(4);
     await waitFor(async () => (await pool.query("SELECT count(*)::int AS n FROM outbox")).rows[0].n === 0, "an empty outbox");
+  });
+});
+
+const node = (nodeId: string, portMin: number, portMax: number, blocked: Node["blocked"] = []): Node => ({
+  nodeId,
+  hostname: "",
+  host: "10.0.1.1",
+  extHostname: "",
+  extHost: "",
+  portMin,
+  portMax,
+  allocated: 0,
+  workerSeenAt: undefined,
+  blocked,
+});
+const create = (name: string, nodeId: string, port = 0) => invoke(client, "createPortService", { name, app: "", nodeId, port });
+
+describe("allocator - ports", () => {
+  it("a released port cools down: no other service gets it, the same name gets it back", async () => {
+    await invoke(client, "upsertNode", { node: node("cool", 32000, 32002) });
+    const first = (await create("cooling", "cool")).service!.port;
+    await invoke(client, "deletePortService", { name: "cooling" });
+    const others = [(await create("other-a", "cool")).service!.port, (await create("other-b", "cool")).service!.port];
+    expect(others).not.toContain(first);
+    await expectCode(create("other-c", "cool"), grpc.status.RESOURCE_EXHAUSTED, /2 are allocated and the rest reserved or cooling down/);
+    await expectCode(create("other-c", "cool", first), grpc.status.FAILED_PRECONDITION, new RegExp(`port ${first} on node cool was released by "cooling" and is kept for it until`));
+    // Re-created soon after, without naming a node or port: its old port.
+    const back = (await invoke(client, "createPortService", { name: "cooling", app: "", nodeId: "", port: 0 })).service!;
+    expect([back.nodeId, back.port]).toEqual(["cool", first]);
+  });
+
+  it("operator-reserved ports are never handed out", async () => {
+    await invoke(client, "upsertNode", { node: node("held", 32100, 32109, [{ portMin: 32100, portMax: 32107, reason: "reserved" }]) });
+    const ports = [(await create("free-1", "held")).service!.port, (await create("free-2", "held")).service!.port].sort();
+    expect(ports).toEqual([32108, 32109]);
+    await expectCode(create("free-3", "held"), grpc.status.RESOURCE_EXHAUSTED, /no free port on node held/);
+    await expectCode(create("free-3", "held", 32103), grpc.status.FAILED_PRECONDITION, /port 32103 on node held is not offered \(reserved\)/);
+    const { nodes } = await invoke(client, "listNodes", {});
+    expect(nodes.find((n) => n.nodeId === "held")!.blocked).toEqual([{ portMin: 32100, portMax: 32107, reason: "reserved" }]);
+    await expectCode(
+      invoke(client, "upsertNode", { node: node("held", 32100, 32109, [{ portMin: 9, portMax: 3, reason: "" }]) }),
+      grpc.status.INVALID_ARGUMENT,
+      /reserved range 9-3 is not valid/,
+    );
+  });
+
+  it("a port a worker cannot bind stops being offered until a worker listens on it", async () => {
+    await invoke(client, "upsertNode", { node: node("taken", 32200, 32201) });
+    const holder = (await create("holder", "taken")).service!;
+    publishMessage(bus, subjects.portBindFailed("taken"), PortBindFailed, {
+      nodeId: "taken", serviceId: holder.name, port: holder.port, protocol: P.PROTOCOL_TCP, error: "listen EADDRINUSE", at: undefined,
+    });
+    await waitFor(async () => (await invoke(client, "listNodes", {})).nodes.find((n) => n.nodeId === "taken")!.blocked.length === 1, "the port blocked");
+    const blocked = (await invoke(client, "listNodes", {})).nodes.find((n) => n.nodeId === "taken")!.blocked[0]!;
+    expect(blocked).toEqual({ portMin: holder.port, portMax: holder.port, reason: "bind failed: listen EADDRINUSE" });
+    // The holder is deleted; its port is still not offered (blocked, and cooling down).
+    await invoke(client, "deletePortService", { name: "holder" });
+    const other = (await create("neighbour", "taken")).service!;
+    expect(other.port).not.toBe(holder.port);
+    // A worker reports the port listening: it is offered again.
+    publishMessage(bus, subjects.workerHeartbeat("taken"), WorkerHeartbeat, {
+      nodeId: "taken", workerId: "w", at: timestampFromMs(Date.now()),
+      listeners: [{ serviceId: other.name, port: holder.port, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" }],
+    });
+    await waitFor(async () => (await invoke(client, "listNodes", {})).nodes.find((n) => n.nodeId === "taken")!.blocked.length === 0, "the port offered again");
+  });
+
+  it("the repair pass reports what differs between allocations and what a worker listens on", async () => {
+    await invoke(client, "upsertNode", { node: node("drift", 32300, 32309) });
+    const a = (await create("drift-a", "drift")).service!;
+    const b = (await create("drift-b", "drift")).service!;
+    const beat: WorkerHeartbeat = {
+      nodeId: "drift", workerId: "w", at: timestampFromMs(Date.now()),
+      listeners: [
+        { serviceId: a.name, port: a.port, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" },
+        { serviceId: "gone", port: 32309, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" },
+        { serviceId: b.name, port: b.port, protocol: P.PROTOCOL_UDP, listening: false, error: "EADDRINUSE", backends: 0, revision: "0" },
+      ],
+    };
+    const [report] = await repair(allocator.store, new Map([["drift", beat]]), { pool, bus, subjects, logger }, logger);
+    expect(report).toMatchObject({ nodeId: "drift", missing: [b.port], unexpected: [32309], failing: [b.port] });
+    const clean = await repair(allocator.store, new Map([["drift", { ...beat, listeners: beat.listeners.slice(0, 1).concat({ ...beat.listeners[2]!, listening: true, error: "" }) }]]), { pool, bus, subjects, logger }, logger);
+    expect(clean).toEqual([]);
   });
 });

@@ -17,6 +17,10 @@ export interface AllocatorConfig {
   defaultNode: DefaultNodeConfig;
   /** How often the outbox relay looks for rows when not kicked by a commit. */
   outboxPollMs: number;
+  /** How long a released port is kept from other services. */
+  portCooldownSeconds: number;
+  /** How often allocations are compared with what workers listen on. */
+  repairIntervalMs: number;
 }
 
 export const DEFAULT_NODE_ID = "harbor_node_1";
@@ -49,6 +53,8 @@ export function loadAllocatorConfig(env: Record<string, string | undefined> = pr
       explicit,
     },
     outboxPollMs: reader.int("HARBOR_OUTBOX_POLL_MS", 250, 10, 60_000),
+    portCooldownSeconds: reader.int("HARBOR_PORT_COOLDOWN_SECONDS", 300, 0, 30 * 86_400),
+    repairIntervalMs: reader.int("HARBOR_REPAIR_INTERVAL_MS", 60_000, 1_000, 86_400_000),
   };
   reader.finish();
   return config;

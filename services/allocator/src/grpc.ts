@@ -111,9 +111,20 @@ export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, l
       if (node.portMin === 0 || node.portMax === 0 || node.portMin > node.portMax || node.portMax > 65535) {
         throw new InvalidArgumentError(`port range ${node.portMin}-${node.portMax} is not valid: use MIN-MAX with 1 <= MIN <= MAX <= 65535`);
       }
+      if (node.blocked.length > 100) throw new InvalidArgumentError("at most 100 reserved ranges per node");
+      // Ports blocked because a worker could not bind them are the allocator's to manage; the rest are the operator's reservations.
+      const reserved = node.blocked
+        .filter((b) => !b.reason.startsWith("bind failed"))
+        .map((b) => {
+          if (b.portMin < 1 || b.portMax > 65535 || b.portMin > b.portMax) {
+            throw new InvalidArgumentError(`reserved range ${b.portMin}-${b.portMax} is not valid: use MIN-MAX with 1 <= MIN <= MAX <= 65535`);
+          }
+          return { min: b.portMin, max: b.portMax, reason: b.reason.slice(0, 200) || "reserved" };
+        });
       const saved = await store.upsertNode(
         {
           nodeId,
+          reserved,
           hostname: optionalHostname(node.hostname, "hostname"),
           host: ipAddress(node.host, "host", true),
           extHostname: optionalHostname(node.extHostname, "ext_hostname"),

@@ -34,5 +34,6 @@ export function toNode(record: NodeRecord): Node {
     portMax: record.portMax,
     allocated: record.allocated,
     workerSeenAt: record.workerSeenAt ? timestampFromMs(record.workerSeenAt.getTime()) : undefined,
+    blocked: record.blocked.map((b) => ({ portMin: b.min, portMax: b.max, reason: b.reason })),
   };
 }

@@ -57,4 +57,33 @@ export const allocatorMigrations: Migration[] = [
       );
     `,
   },
+  {
+    version: 2,
+    name: "released-and-blocked-ports",
+    sql: `
+      -- A released port is kept from other services for a cool-down period;
+      -- the service name that held it may have it back.
+      CREATE TABLE released_ports (
+        node_id text NOT NULL REFERENCES nodes (node_id) ON DELETE CASCADE,
+        port int NOT NULL,
+        service_name text NOT NULL,
+        released_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (node_id, port)
+      );
+      CREATE INDEX released_ports_name_idx ON released_ports (lower(service_name), released_at DESC);
+
+      -- Ports never handed out: operator reservations and ports a worker
+      -- could not bind.
+      CREATE TABLE blocked_ports (
+        node_id text NOT NULL REFERENCES nodes (node_id) ON DELETE CASCADE,
+        port_min int NOT NULL,
+        port_max int NOT NULL,
+        kind text NOT NULL CHECK (kind IN ('reserved', 'bind-failed')),
+        reason text NOT NULL,
+        since timestamptz NOT NULL DEFAULT now(),
+        CHECK (port_min BETWEEN 1 AND port_max AND port_max <= 65535),
+        UNIQUE (node_id, kind, port_min, port_max)
+      );
+    `,
+  },
 ];

@@ -1,7 +1,7 @@
 import { readFileSync } from "node:fs";
-import { ANY, subscribeMessages, type Bus, type Subjects } from "@harbor/bus";
+import { ANY, publishMessage, subscribeMessages, type Bus, type Subjects } from "@harbor/bus";
 import { migrate, type Pool } from "@harbor/db";
-import { WorkerHeartbeat, msFromTimestamp } from "@harbor/proto";
+import { DriftReport, PortBindFailed, WorkerHeartbeat, msFromTimestamp, timestampFromMs } from "@harbor/proto";
 import type { Component, GrpcService, Logger, PortRange } from "@harbor/runtime";
 import type { BusSubscription } from "@harbor/bus";
 import type { AllocatorConfig } from "./config.js";
@@ -29,9 +29,12 @@ export interface Allocator extends Component {
  */
 export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): Allocator {
   const logger = deps.logger.child({ component: "allocator" });
-  const store = new PortStore(deps.pool);
+  const store = new PortStore(deps.pool, config.portCooldownSeconds);
   const relay = new OutboxRelay(deps.pool, deps.bus, deps.subjects, logger.child({ component: "outbox-relay" }), config.outboxPollMs);
-  let heartbeats: BusSubscription | undefined;
+  const subscriptions: BusSubscription[] = [];
+  /** The last heartbeat of each node's worker, for the repair pass. */
+  const lastBeats = new Map<string, WorkerHeartbeat>();
+  let repairTimer: NodeJS.Timeout | undefined;
 
   return {
     name: "allocator",
@@ -41,19 +44,56 @@ export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): A
       await migrate(deps.pool, "allocator", allocatorMigrations, logger);
       await ensureDefaultNode(store, config, logger);
       await relay.start();
-      // A worker's heartbeat marks its node live for `harbor nodes`.
-      heartbeats = subscribeMessages(deps.bus, deps.subjects.workerHeartbeat(ANY), WorkerHeartbeat, logger, async (beat) => {
-        const at = msFromTimestamp(beat.at);
-        if (!beat.nodeId || at === undefined) return;
-        await store.markWorkerSeen(beat.nodeId, new Date(Math.min(at, Date.now())));
-      });
+      subscriptions.push(
+        // A worker's heartbeat marks its node live for `harbor nodes`, and ports it listens on are offered again.
+        subscribeMessages(deps.bus, deps.subjects.workerHeartbeat(ANY), WorkerHeartbeat, logger, async (beat) => {
+          const at = msFromTimestamp(beat.at);
+          if (!beat.nodeId || at === undefined) return;
+          lastBeats.set(beat.nodeId, beat);
+          await store.markWorkerSeen(beat.nodeId, new Date(Math.min(at, Date.now())));
+          await store.unblockListening(beat.nodeId, beat.listeners.filter((l) => l.listening).map((l) => l.port));
+        }),
+        // A port a worker cannot bind is not offered to new services.
+        subscribeMessages(deps.bus, deps.subjects.portBindFailed(ANY), PortBindFailed, logger, async (event) => {
+          if (!event.nodeId || !event.port) return;
+          if (await store.blockFailedPort(event.nodeId, event.port, event.error)) {
+            logger.warn({ nodeId: event.nodeId, port: event.port, serviceId: event.serviceId, error: event.error }, "port-blocked-bind-failed");
+          }
+        }),
+      );
+      repairTimer = setInterval(() => void repair(store, lastBeats, deps, logger).catch((err: unknown) => logger.warn({ err }, "repair-failed")), config.repairIntervalMs);
     },
     async stop() {
-      heartbeats?.unsubscribe();
-      heartbeats = undefined;
+      clearInterval(repairTimer);
+      for (const sub of subscriptions.splice(0)) sub.unsubscribe();
       await relay.stop();
     },
   };
+}
+
+/**
+ * The repair pass: compares each node's allocations with what its worker
+ * last said it listens on, and reports drift (a log event and a NATS
+ * message). It changes nothing: a port is better leaked than handed out twice.
+ */
+export async function repair(store: PortStore, beats: Map<string, WorkerHeartbeat>, deps: AllocatorDeps, logger: Logger): Promise<DriftReport[]> {
+  const reports: DriftReport[] = [];
+  for (const [nodeId, beat] of beats) {
+    const allocated = new Set((await store.listServices({ nodeId })).map((s) => s.port));
+    const listening = new Set(beat.listeners.filter((l) => l.listening).map((l) => l.port));
+    const report: DriftReport = {
+      nodeId,
+      missing: [...allocated].filter((p) => !listening.has(p)).sort((a, b) => a - b),
+      unexpected: [...listening].filter((p) => !allocated.has(p)).sort((a, b) => a - b),
+      failing: [...new Set(beat.listeners.filter((l) => !l.listening && l.error).map((l) => l.port))].sort((a, b) => a - b),
+      at: timestampFromMs(Date.now()),
+    };
+    if (report.missing.length + report.unexpected.length + report.failing.length === 0) continue;
+    logger.warn({ nodeId, missing: report.missing, unexpected: report.unexpected, failing: report.failing }, "repair-drift");
+    publishMessage(deps.bus, deps.subjects.repairDrift(nodeId), DriftReport, report);
+    reports.push(report);
+  }
+  return reports;
 }
 
 /** Creates the configured node if missing; fields whose variables are set are applied at every start. */

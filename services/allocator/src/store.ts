@@ -11,11 +11,19 @@ import {
 } from "@harbor/core";
 import { isUniqueViolation, query, withTransaction, type Pool, type PoolClient } from "@harbor/db";
 
+export interface BlockedRange {
+  min: number;
+  max: number;
+  reason: string;
+}
+
 export interface NodeRecord extends NodeAddress {
   portMin: number;
   portMax: number;
   allocated: number;
   workerSeenAt: Date | null;
+  /** Operator reservations and ports a worker could not bind. */
+  blocked: BlockedRange[];
 }
 
 export interface BindingRecord {
@@ -97,10 +105,13 @@ interface NodeRow {
   port_max: number;
   allocated: string;
   worker_seen_at: Date | null;
+  blocked: Array<{ min: number; max: number; reason: string }>;
 }
 
 const NODE_SELECT = `
-  SELECT n.*, (SELECT count(*) FROM port_services s WHERE s.node_id = n.node_id) AS allocated
+  SELECT n.*, (SELECT count(*) FROM port_services s WHERE s.node_id = n.node_id) AS allocated,
+         COALESCE((SELECT json_agg(json_build_object('min', b.port_min, 'max', b.port_max, 'reason', b.reason) ORDER BY b.port_min)
+                     FROM blocked_ports b WHERE b.node_id = n.node_id), '[]') AS blocked
     FROM nodes n`;
 
 function nodeFromRow(row: NodeRow): NodeRecord {
@@ -114,6 +125,7 @@ function nodeFromRow(row: NodeRow): NodeRecord {
     portMax: row.port_max,
     allocated: Number(row.allocated),
     workerSeenAt: row.worker_seen_at,
+    blocked: row.blocked,
   };
 }
 
@@ -123,7 +135,11 @@ function nodeFromRow(row: NodeRow): NodeRecord {
  * commits together with its outbox rows.
  */
 export class PortStore {
-  constructor(private readonly pool: Pool) {}
+  constructor(
+    private readonly pool: Pool,
+    /** How long a released port is kept from other services. */
+    private readonly cooldownSeconds = 300,
+  ) {}
 
   async createService(input: NewService, app: string | undefined, onCreated: AfterChange): Promise<ServiceRecord> {
     return withTransaction(this.pool, async (tx) => {
@@ -133,10 +149,15 @@ export class PortStore {
           `a port service named "${existing.serviceName}" already exists (port ${existing.port} on node ${existing.nodeId})`,
         );
       }
-      const node = await chooseNode(tx, input);
       const id = randomUUID();
-      if (input.port !== undefined) await insertAtPort(tx, id, input, node, input.port);
-      else await insertAtRandomFreePort(tx, id, input, node);
+      // A service re-created soon after its deletion gets its old port back when it is free.
+      const previous = input.nodeId === undefined && input.port === undefined ? await previousPort(tx, input.serviceName) : undefined;
+      const node = previous ? previous.node : await chooseNode(tx, input);
+      if (input.port !== undefined) await insertAtPort(tx, id, input, node, input.port, this.cooldownSeconds);
+      else if (!(previous && (await tryInsertAt(tx, id, input, node, previous.port)))) {
+        await insertAtRandomFreePort(tx, id, input, node, this.cooldownSeconds);
+      }
+      await tx.query("DELETE FROM released_ports WHERE lower(service_name) = lower($1)", [input.serviceName]);
       if (app) await bind(tx, id, app);
       const created = (await findServiceById(tx, id)) as ServiceRecord;
       await onCreated(tx, created);
@@ -168,6 +189,11 @@ export class PortStore {
       const service = await findServiceByName(tx, name, true);
       if (!service) throw notFound(name);
       await tx.query("DELETE FROM port_services WHERE id = $1", [service.id]);
+      await tx.query(
+        `INSERT INTO released_ports (node_id, port, service_name) VALUES ($1, $2, $3)
+         ON CONFLICT (node_id, port) DO UPDATE SET service_name = $3, released_at = now()`,
+        [service.nodeId, service.port, service.serviceName],
+      );
       await onDeleted(tx, service);
       return service;
     });
@@ -213,7 +239,7 @@ export class PortStore {
    * past ports that are allocated: those services would be stranded.
    */
   async upsertNode(
-    node: { nodeId: string } & Partial<Omit<NodeRecord, "nodeId" | "allocated" | "workerSeenAt">>,
+    node: { nodeId: string } & Partial<Omit<NodeRecord, "nodeId" | "allocated" | "workerSeenAt" | "blocked">> & { reserved?: BlockedRange[] },
     onUpdated: (tx: PoolClient, node: NodeRecord) => Promise<void>,
   ): Promise<NodeRecord> {
     return withTransaction(this.pool, async (tx) => {
@@ -250,16 +276,28 @@ export class PortStore {
            port_min = $6, port_max = $7, updated_at = now()`,
         [node.nodeId, merged.hostname, merged.host, merged.extHostname, merged.extHost, merged.portMin, merged.portMax],
       );
+      if (node.reserved) {
+        await tx.query("DELETE FROM blocked_ports WHERE node_id = $1 AND kind = 'reserved'", [node.nodeId]);
+        for (const r of node.reserved) {
+          await tx.query(
+            "INSERT INTO blocked_ports (node_id, port_min, port_max, kind, reason) VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT DO NOTHING",
+            [node.nodeId, r.min, r.max, r.reason || "reserved"],
+          );
+        }
+      }
       const { rows } = await tx.query<NodeRow>(`${NODE_SELECT} WHERE n.node_id = $1`, [node.nodeId]);
       const after = nodeFromRow(rows[0] as NodeRow);
-      const changed = !before || (["hostname", "host", "extHostname", "extHost", "portMin", "portMax"] as const).some((k) => before[k] !== after[k]);
+      const changed =
+        !before ||
+        (["hostname", "host", "extHostname", "extHost", "portMin", "portMax"] as const).some((k) => before[k] !== after[k]) ||
+        JSON.stringify(before.blocked) !== JSON.stringify(after.blocked);
       if (changed) await onUpdated(tx, after);
       return after;
     });
   }
 
   /** Creates the node if missing; returns whether it was created. */
-  async ensureNode(node: Omit<NodeRecord, "allocated" | "workerSeenAt">): Promise<boolean> {
+  async ensureNode(node: Omit<NodeRecord, "allocated" | "workerSeenAt" | "blocked">): Promise<boolean> {
     const { rowCount } = await query(
       this.pool,
       `INSERT INTO nodes (node_id, hostname, host, ext_hostname, ext_host, port_min, port_max)
@@ -267,6 +305,24 @@ export class PortStore {
       [node.nodeId, node.hostname, node.host, node.extHostname, node.extHost, node.portMin, node.portMax],
     );
     return rowCount === 1;
+  }
+
+  /** A worker could not bind this port: stop offering it until a worker reports it listening. */
+  async blockFailedPort(nodeId: string, port: number, error: string): Promise<boolean> {
+    const { rowCount } = await query(
+      this.pool,
+      `INSERT INTO blocked_ports (node_id, port_min, port_max, kind, reason)
+       SELECT $1, $2, $2, 'bind-failed', $3 WHERE EXISTS (SELECT 1 FROM nodes WHERE node_id = $1)
+       ON CONFLICT (node_id, kind, port_min, port_max) DO NOTHING`,
+      [nodeId, port, `bind failed: ${error.slice(0, 200)}`],
+    );
+    return rowCount === 1;
+  }
+
+  /** Ports a worker now listens on are offered again. */
+  async unblockListening(nodeId: string, ports: number[]): Promise<void> {
+    if (ports.length === 0) return;
+    await query(this.pool, "DELETE FROM blocked_ports WHERE node_id = $1 AND kind = 'bind-failed' AND port_min = ANY($2::int[])", [nodeId, ports]);
   }
 
   async markWorkerSeen(nodeId: string, at: Date): Promise<void> {
@@ -347,7 +403,56 @@ async function describeRanges(tx: PoolClient): Promise<string> {
   return rows.map((r) => `${r.node_id} ${r.port_min}-${r.port_max}: ${r.used} of ${r.port_max - r.port_min + 1} allocated`).join("; ") || "no nodes";
 }
 
-async function insertAtPort(tx: PoolClient, id: string, input: NewService, node: ChosenNode, port: number): Promise<void> {
+/** The port a service of this name held most recently, if it is free and offered now. */
+async function previousPort(tx: PoolClient, serviceName: string): Promise<{ node: ChosenNode; port: number } | undefined> {
+  const { rows } = await tx.query<ChosenNode & { port: number }>(
+    `SELECT n.node_id, n.port_min, n.port_max, r.port
+       FROM released_ports r JOIN nodes n ON n.node_id = r.node_id
+      WHERE lower(r.service_name) = lower($1) AND r.port BETWEEN n.port_min AND n.port_max
+        AND NOT EXISTS (SELECT 1 FROM port_services s WHERE s.node_id = r.node_id AND s.port = r.port)
+        AND NOT EXISTS (SELECT 1 FROM blocked_ports b WHERE b.node_id = r.node_id AND r.port BETWEEN b.port_min AND b.port_max)
+      ORDER BY r.released_at DESC LIMIT 1`,
+    [serviceName],
+  );
+  const row = rows[0];
+  return row ? { node: { node_id: row.node_id, port_min: row.port_min, port_max: row.port_max }, port: row.port } : undefined;
+}
+
+/** Claims a port if nobody holds it; false if someone does. */
+async function tryInsertAt(tx: PoolClient, id: string, input: NewService, node: ChosenNode, port: number): Promise<boolean> {
+  try {
+    const result = await tx.query(
+      `INSERT INTO port_services (id, service_name, node_id, port, protocol, https_proxy) VALUES ($1, $2, $3, $4, $5, $6)
+       ON CONFLICT (node_id, port) DO NOTHING`,
+      [id, input.serviceName, node.node_id, port, input.protocol, input.httpsProxy],
+    );
+    return result.rowCount === 1;
+  } catch (err) {
+    throw nameTaken(err, input.serviceName);
+  }
+}
+
+/** Why a port may not be handed to this service now, if it may not: reserved, or cooling down for another. */
+async function refusal(tx: PoolClient, node: ChosenNode, port: number, serviceName: string, cooldownSeconds: number): Promise<string | undefined> {
+  const { rows: blocked } = await tx.query<{ reason: string }>(
+    "SELECT reason FROM blocked_ports WHERE node_id = $1 AND $2 BETWEEN port_min AND port_max LIMIT 1",
+    [node.node_id, port],
+  );
+  if (blocked[0]) return `port ${port} on node ${node.node_id} is not offered (${blocked[0].reason})`;
+  const { rows: cooling } = await tx.query<{ service_name: string; until: Date }>(
+    `SELECT service_name, released_at + make_interval(secs => $3) AS until FROM released_ports
+      WHERE node_id = $1 AND port = $2 AND released_at > now() - make_interval(secs => $3) AND lower(service_name) <> lower($4)`,
+    [node.node_id, port, cooldownSeconds, serviceName],
+  );
+  if (cooling[0]) {
+    return `port ${port} on node ${node.node_id} was released by "${cooling[0].service_name}" and is kept for it until ${cooling[0].until.toISOString()}`;
+  }
+  return undefined;
+}
+
+async function insertAtPort(tx: PoolClient, id: string, input: NewService, node: ChosenNode, port: number, cooldownSeconds: number): Promise<void> {
+  const refused = await refusal(tx, node, port, input.serviceName, cooldownSeconds);
+  if (refused) throw new FailedPreconditionError(refused);
   try {
     await tx.query(
       `INSERT INTO port_services (id, service_name, node_id, port, protocol, https_proxy) VALUES ($1, $2, $3, $4, $5, $6)`,
@@ -367,20 +472,20 @@ async function insertAtPort(tx: PoolClient, id: string, input: NewService, node:
  * nothing and another free port is tried. Each retry means someone else got
  * a port, so the loop ends; RESOURCE_EXHAUSTED only when none is free.
  */
-async function insertAtRandomFreePort(tx: PoolClient, id: string, input: NewService, node: ChosenNode): Promise<void> {
+async function insertAtRandomFreePort(tx: PoolClient, id: string, input: NewService, node: ChosenNode, cooldownSeconds: number): Promise<void> {
   for (;;) {
+    // Free: not allocated, not blocked, not cooling down after a release.
     const { rows: candidates } = await tx.query<{ port: number }>(
       `SELECT p AS port FROM generate_series($2::int, $3::int) AS p
         WHERE NOT EXISTS (SELECT 1 FROM port_services s WHERE s.node_id = $1 AND s.port = p)
+          AND NOT EXISTS (SELECT 1 FROM blocked_ports b WHERE b.node_id = $1 AND p BETWEEN b.port_min AND b.port_max)
+          AND NOT EXISTS (SELECT 1 FROM released_ports r WHERE r.node_id = $1 AND r.port = p
+                                                          AND r.released_at > now() - make_interval(secs => $4))
         ORDER BY random() LIMIT 1`,
-      [node.node_id, node.port_min, node.port_max],
+      [node.node_id, node.port_min, node.port_max, cooldownSeconds],
     );
     const candidate = candidates[0];
-    if (!candidate) {
-      throw new ResourceExhaustedError(
-        `no free port on node ${node.node_id}: all ${node.port_max - node.port_min + 1} ports of its range ${node.port_min}-${node.port_max} are allocated`,
-      );
-    }
+    if (!candidate) throw await exhausted(tx, node);
     let inserted: number;
     try {
       const result = await tx.query(
@@ -394,6 +499,18 @@ async function insertAtRandomFreePort(tx: PoolClient, id: string, input: NewServ
     }
     if (inserted === 1) return;
   }
+}
+
+async function exhausted(tx: PoolClient, node: ChosenNode): Promise<ResourceExhaustedError> {
+  const size = node.port_max - node.port_min + 1;
+  const { rows } = await tx.query<{ allocated: string }>("SELECT count(*) AS allocated FROM port_services WHERE node_id = $1", [node.node_id]);
+  const allocated = Number(rows[0]?.allocated ?? 0);
+  if (allocated >= size) {
+    return new ResourceExhaustedError(`no free port on node ${node.node_id}: all ${size} ports of its range ${node.port_min}-${node.port_max} are allocated`);
+  }
+  return new ResourceExhaustedError(
+    `no free port on node ${node.node_id}: of the ${size} ports of its range ${node.port_min}-${node.port_max}, ${allocated} are allocated and the rest reserved or cooling down after a release`,
+  );
 }
 
 function nameTaken(err: unknown, name: string): unknown {

@@ -215,14 +215,22 @@ export function buildProgram(): Command {
     .option("--ext-hostname <name>", "public hostname")
     .option("--ext-host <ip>", "public IP address")
     .option("--private", "clear the public hostname and address")
+    .option("--reserve <min-max>", "never hand out these ports (repeatable; adds to the node's reservations)", (v: string, prev: string[] = []) => [...prev, v])
+    .option("--clear-reserved", "drop the node's reservations (before adding --reserve ones)")
     .addOption(json())
     .action(
-      withClients(program, async (c, opts, nodeId: string, local: Record<string, string | boolean | undefined>) => {
+      withClients(program, async (c, opts, nodeId: string, local: Record<string, string | boolean | string[] | undefined>) => {
         const range = typeof local.range === "string" ? parseRange(local.range) : undefined;
         if (typeof local.range === "string" && !range) throw new CliError(`--range ${JSON.stringify(local.range)} is not valid: use MIN-MAX, e.g. 30000-32767`, 2);
         const { nodes } = await c.call(c.allocator, "listNodes", {});
         const current = nodes.find((n) => n.nodeId === nodeId);
         const str = (key: string) => (typeof local[key] === "string" ? (local[key] as string) : undefined);
+        const reservations = ((local.reserve as string[] | undefined) ?? []).map((value) => {
+          const r = value.includes("-") ? parseRange(value) : parseRange(`${value}-${value}`);
+          if (!r) throw new CliError(`--reserve ${JSON.stringify(value)} is not valid: use MIN-MAX or a port, e.g. 30000-30010`, 2);
+          return { portMin: r.min, portMax: r.max, reason: "reserved" };
+        });
+        const kept = local.clearReserved ? [] : (current?.blocked ?? []).filter((b) => !b.reason.startsWith("bind failed"));
         const node = {
           nodeId,
           hostname: str("hostname") ?? current?.hostname ?? "",
@@ -233,6 +241,7 @@ export function buildProgram(): Command {
           portMax: range?.max ?? current?.portMax ?? 0,
           allocated: 0,
           workerSeenAt: undefined,
+          blocked: [...kept, ...reservations],
         };
         if (!current && (!node.host || !range)) throw new CliError(`node ${nodeId} is new: give --host IP and --range MIN-MAX`, 2);
         const saved = await c.call(c.allocator, "upsertNode", { node });

@@ -42,6 +42,7 @@ export function nodeOutput(n: Node, nowMs: number, liveWithinMs: number) {
     allocated: n.allocated,
     worker_live: seen !== undefined && nowMs - seen <= liveWithinMs,
     worker_seen_at: seen === undefined ? null : new Date(seen).toISOString(),
+    blocked: n.blocked.map((b) => ({ ports: b.portMin === b.portMax ? String(b.portMin) : `${b.portMin}-${b.portMax}`, reason: b.reason })),
   };
 }
 

@@ -11,6 +11,8 @@ import {
   EnvReader,
   createGrpcServer,
   createLogger,
+  createMetricsRegistry,
+  createMetricsServer,
   redactUrl,
   runUntilSignalled,
   type Component,
@@ -35,6 +37,7 @@ interface SharedConfig {
   natsUser?: string;
   natsPass?: string;
   dataDir: string;
+  metricsAddress?: string;
 }
 
 function loadSharedConfig(env: Record<string, string | undefined>, apiFlag?: string): SharedConfig {
@@ -48,6 +51,7 @@ function loadSharedConfig(env: Record<string, string | undefined>, apiFlag?: str
     natsUser: reader.optional("NATS_USER"),
     natsPass: reader.optional("NATS_PASSWORD"),
     dataDir: reader.string("HARBOR_DATA_DIR", resolve(REPO_ROOT, ".harbor")),
+    metricsAddress: reader.optional("HARBOR_METRICS_ADDRESS") === undefined ? undefined : reader.address("HARBOR_METRICS_ADDRESS", "127.0.0.1:9300"),
   };
   if (!isValidPrefix(config.natsPrefix)) reader.problem(`HARBOR_NATS_PREFIX=${config.natsPrefix}: use letters, digits, - and _ only`);
   reader.finish();
@@ -80,7 +84,9 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
       throw new ConfigError([`DATABASE_URL: required for \`harbor serve ${target}\` (only \`serve all\` embeds a Postgres)`]);
     }
     const subjects = createSubjects(shared.natsPrefix);
+    const metrics = createMetricsRegistry();
     const components: Component[] = [];
+    if (shared.metricsAddress) components.push(createMetricsServer(shared.metricsAddress, metrics, logger));
     let pool: Pool | undefined;
     let bus: Bus | undefined;
     let embedded: EmbeddedPostgres | undefined;
@@ -179,7 +185,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
             // In one process the worker calls the API this process just bound (its port may have been 0).
             const api = server?.boundAddress;
             const config = api ? { ...workerConfig, allocatorAddress: api, registryAddress: api } : workerConfig;
-            const worker = createWorker(config, { bus: bus as Bus, subjects, logger });
+            const worker = createWorker(config, { bus: bus as Bus, subjects, logger, metrics });
             await worker.start();
             stopWorker = () => worker.stop();
           },

@@ -1,7 +1,8 @@
 import { randomUUID } from "node:crypto";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
-import { BackendRegistryClient, PortAllocatorClient, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
-import { grpc, type Component, type Logger } from "@harbor/runtime";
+import { BackendRegistryClient, PortAllocatorClient, PortBindFailed, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
+import { workerMetrics } from "./metrics.js";
+import { grpc, type Component, type Logger, type MetricsRegistry } from "@harbor/runtime";
 import type { WorkerConfig } from "./config.js";
 import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
 import type { PortListener } from "./proxy/listener.js";
@@ -13,6 +14,7 @@ export interface WorkerDeps {
   bus: Bus;
   subjects: Subjects;
   logger: Logger;
+  metrics?: MetricsRegistry;
 }
 
 export interface Worker extends Component {
@@ -33,6 +35,9 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const view = new NodeView();
   /** Keyed `<service id>/<protocol>`. */
   const listeners = new Map<string, PortListener>();
+  /** Listeners whose failure to bind has been reported. */
+  const bindFailures = new Set<string>();
+  const failedBinds = workerMetrics(deps.metrics).bindFailures;
   let listenHost: string | undefined;
   let reconciling = Promise.resolve();
   let heartbeat: NodeJS.Timeout | undefined;
@@ -77,7 +82,22 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         listener = createListener(service, key.endsWith("/udp") ? "udp" : "tcp", host);
         listeners.set(key, listener);
       }
-      if (!listener.listening) await listener.listen();
+      if (!listener.listening) {
+        if (await listener.listen()) bindFailures.delete(key);
+        else if (!bindFailures.has(key)) {
+          // Reported once per failure; the heartbeat keeps retrying the bind.
+          bindFailures.add(key);
+          failedBinds.inc({ protocol: listener.protocol });
+          publishMessage(deps.bus, deps.subjects.portBindFailed(config.nodeId), PortBindFailed, {
+            nodeId: config.nodeId,
+            serviceId: service.id,
+            port: service.port,
+            protocol: listener.protocol === "tcp" ? Protocol.PROTOCOL_TCP : Protocol.PROTOCOL_UDP,
+            error: listener.error ?? "unknown",
+            at: timestampFromMs(Date.now()),
+          });
+        }
+      }
       listener.backendsChanged();
     }
   };
