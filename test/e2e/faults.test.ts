@@ -1,5 +1,6 @@
+import net from "node:net";
 import { afterAll, describe, expect, it } from "vitest";
-import { connectLines, createTestDatabase, freePortBlock, startEchoBackend, startNatsServer, waitFor, type EchoBackend, type NatsServer, type TestDatabase } from "@harbor/testkit";
+import { connectLines, createTestDatabase, freePort, freePortBlock, startEchoBackend, startNatsServer, waitFor, type EchoBackend, type NatsServer, type TestDatabase } from "@harbor/testkit";
 import { reach, spread, type ServiceJson } from "./cluster.js";
 import { startHarbor, type Background, type Harbor } from "./harbor.js";
 
@@ -93,5 +94,36 @@ describe("e2e faults - restarts", () => {
     expect(await open.roundTrip("still served")).toBe("still served");
     open.close();
     expect(await exit).toBe(0);
+  });
+});
+
+describe("e2e faults - a port taken by another process", () => {
+  it("the worker reports it as an event and a metric, and the allocator stops offering it", async () => {
+    const metricsPort = await freePort();
+    const harbor = await startHarbor({ env: { HARBOR_METRICS_ADDRESS: `127.0.0.1:${metricsPort}`, HARBOR_HEARTBEAT_INTERVAL_MS: "500" } });
+    stoppers.push(() => harbor.stop());
+    const squatter = net.createServer();
+    const port = harbor.range.min + 3;
+    await new Promise<void>((r) => squatter.listen(port, "127.0.0.1", () => r()));
+    stoppers.push(() => new Promise((r) => squatter.close(r)));
+    const watch = harbor.spawnCli(["watch", "ports.>", "--json"]);
+    stoppers.push(() => watch.stop());
+    await waitFor(() => watch.output().includes("watching"), "watch subscribed");
+
+    const service = await harbor.json<ServiceJson>("create-service", "squatted", "--port", String(port));
+    const line = await waitFor(() => watch.output().split("\n").find((l) => l.includes("bind_failed")), "the bind_failed event");
+    expect(JSON.parse(line).payload).toMatchObject({ nodeId: "harbor_node_1", serviceId: service.name, port, protocol: "PROTOCOL_TCP" });
+    const nodes = await waitFor(async () => {
+      const list = await harbor.json<Array<{ blocked: Array<{ ports: string; reason: string }> }>>("nodes");
+      return list[0]!.blocked.length > 0 ? list : undefined;
+    }, "the port blocked");
+    expect(nodes[0]!.blocked[0]).toMatchObject({ ports: String(port), reason: expect.stringMatching(/^bind failed: .*EADDRINUSE/) });
+    const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(metrics).toMatch(/harbor_worker_bind_failures_total\{protocol="tcp"\} 1/);
+
+    // Once the other process lets go, the worker binds on its next beat and the port is offered again.
+    await new Promise((r) => squatter.close(r));
+    await waitFor(async () => (await harbor.json<Array<{ blocked: unknown[] }>>("nodes"))[0]!.blocked.length === 0, "the port offered again");
+    expect(harbor.logs()).toMatch(new RegExp(`"port":${port}[^\\n]*"msg":"tcp-listener-opened"`));
   });
 });
