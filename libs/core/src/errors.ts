@@ -54,6 +54,17 @@ export class UnavailableError extends HarborError {
   }
 }
 
+export class UnauthenticatedError extends HarborError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super("unauthenticated", message, options);
+  }
+}
+export class PermissionDeniedError extends HarborError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super("permission-denied", message, options);
+  }
+}
+
 /** Configuration that cannot work; lists every problem with its variable. */
 export class ConfigError extends Error {
   readonly problems: string[];

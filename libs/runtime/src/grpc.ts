@@ -2,7 +2,7 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { HealthImplementation } from "grpc-health-check";
-import { HarborError, type ErrorKind } from "@harbor/core";
+import { HarborError, type Authenticator, type Caller, type ErrorKind } from "@harbor/core";
 import { PROTO_FILES, PROTO_ROOT } from "@harbor/proto";
 import type { Component } from "./lifecycle.js";
 import type { Logger } from "./logger.js";
@@ -37,14 +37,21 @@ export function toGrpcError(err: unknown, logger: Logger, method: string): Parti
   return { code: grpc.status.INTERNAL, details: "internal error; see the server's log" };
 }
 
+/** The caller of a call, from its `authorization` metadata; throws UNAUTHENTICATED. */
+export function callerOf(call: { metadata: grpc.Metadata }, auth: Authenticator): Caller {
+  const value = call.metadata.get("authorization")[0];
+  return auth.authenticate(typeof value === "string" ? value : undefined);
+}
+
 /**
- * Wraps an async unary handler so that the callback is called exactly once,
- * with the result or with a mapped error.
+ * Wraps an async unary handler: authenticates the caller first, and calls
+ * the callback exactly once, with the result or with a mapped error.
  */
 export function unary<Req, Res>(
   logger: Logger,
+  auth: Authenticator,
   method: string,
-  handler: (request: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res>,
+  handler: (request: Req, caller: Caller, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res>,
 ): grpc.handleUnaryCall<Req, Res> {
   return (call, callback) => {
     let answered = false;
@@ -54,10 +61,12 @@ export function unary<Req, Res>(
       if (err) callback(err as grpc.ServerErrorResponse);
       else callback(null, value);
     };
-    handler(call.request, call).then(
-      (value) => answer(null, value),
-      (err: unknown) => answer(toGrpcError(err, logger, method)),
-    );
+    Promise.resolve()
+      .then(() => handler(call.request, callerOf(call, auth), call))
+      .then(
+        (value) => answer(null, value),
+        (err: unknown) => answer(toGrpcError(err, logger, method)),
+      );
   };
 }
 
@@ -77,7 +86,8 @@ export interface GrpcServer extends Component {
 /** A gRPC server with health (grpc.health.v1) and reflection, as one component. */
 export function createGrpcServer(options: GrpcServerOptions): GrpcServer {
   const { logger } = options;
-  const server = new grpc.Server({ "grpc.max_receive_message_length": 4 * 1024 * 1024 });
+  // Every request of the API is small; a large one is refused before it is parsed.
+  const server = new grpc.Server({ "grpc.max_receive_message_length": 64 * 1024 });
   const statusMap: Record<string, "SERVING" | "NOT_SERVING"> = { "": "SERVING" };
   for (const s of options.services) statusMap[s.fullName] = "SERVING";
   const health = new HealthImplementation(statusMap);
@@ -125,6 +135,13 @@ export function createGrpcServer(options: GrpcServerOptions): GrpcServer {
 }
 
 /** A promise for one unary call with a deadline, on a ts-proto grpc-js client method. */
+/** Metadata carrying a bearer token, when there is one. */
+export function tokenMetadata(token: string | undefined): grpc.Metadata {
+  const metadata = new grpc.Metadata();
+  if (token) metadata.set("authorization", `Bearer ${token}`);
+  return metadata;
+}
+
 export function callUnary<Req, Res>(
   method: (req: Req, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>, cb: (err: grpc.ServiceError | null, res: Res) => void) => grpc.ClientUnaryCall,
   request: Req,

@@ -233,12 +233,12 @@ describe("allocator - ports", () => {
       nodeId: "drift", workerId: "w", at: timestampFromMs(Date.now()),
       listeners: [
         { serviceId: a.name, port: a.port, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" },
-        { serviceId: "gone", port: 32309, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" },
+        { serviceId: "gone", port: 32350, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" },
         { serviceId: b.name, port: b.port, protocol: P.PROTOCOL_UDP, listening: false, error: "EADDRINUSE", backends: 0, revision: "0" },
       ],
     };
     const [report] = await repair(allocator.store, new Map([["drift", beat]]), { pool, bus, subjects, logger }, logger);
-    expect(report).toMatchObject({ nodeId: "drift", missing: [b.port], unexpected: [32309], failing: [b.port] });
+    expect(report).toMatchObject({ nodeId: "drift", missing: [b.port], unexpected: [32350], failing: [b.port] });
     const clean = await repair(allocator.store, new Map([["drift", { ...beat, listeners: beat.listeners.slice(0, 1).concat({ ...beat.listeners[2]!, listening: true, error: "" }) }]]), { pool, bus, subjects, logger }, logger);
     expect(clean).toEqual([]);
   });

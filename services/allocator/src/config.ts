@@ -21,6 +21,8 @@ export interface AllocatorConfig {
   portCooldownSeconds: number;
   /** How often allocations are compared with what workers listen on. */
   repairIntervalMs: number;
+  /** Ports a space (a non-operator token) may hold at most. */
+  spacePortQuota: number;
 }
 
 export const DEFAULT_NODE_ID = "harbor_node_1";
@@ -55,6 +57,7 @@ export function loadAllocatorConfig(env: Record<string, string | undefined> = pr
     outboxPollMs: reader.int("HARBOR_OUTBOX_POLL_MS", 250, 10, 60_000),
     portCooldownSeconds: reader.int("HARBOR_PORT_COOLDOWN_SECONDS", 300, 0, 30 * 86_400),
     repairIntervalMs: reader.int("HARBOR_REPAIR_INTERVAL_MS", 60_000, 1_000, 86_400_000),
+    spacePortQuota: reader.int("HARBOR_SPACE_PORT_QUOTA", 50, 0, 1_000_000),
   };
   reader.finish();
   return config;

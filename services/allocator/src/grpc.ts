@@ -1,6 +1,11 @@
 import { isIP } from "node:net";
 import {
   InvalidArgumentError,
+  PermissionDeniedError,
+  describeCaller,
+  requireOperator,
+  type Authenticator,
+  type Caller,
   buildAppEnvironment,
   buildCredentials,
   protocolFromName,
@@ -14,7 +19,7 @@ import { PortAllocatorService, type PortAllocatorServer } from "@harbor/proto";
 import { unary, type GrpcService, type Logger } from "@harbor/runtime";
 import type { AllocatorEvents } from "./events.js";
 import { toNode, toPortService } from "./mapping.js";
-import type { PortStore } from "./store.js";
+import { OPERATOR_SCOPE, type PortStore, type Scope } from "./store.js";
 
 const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
 
@@ -33,9 +38,13 @@ function optional(value: string, validate: (v: string) => string): string | unde
   return value === "" ? undefined : validate(value);
 }
 
-export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, logger: Logger): GrpcService {
+export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, auth: Authenticator, limits: { spacePortQuota: number }, logger: Logger): GrpcService {
+  const scopeOf = (caller: Caller): Scope => {
+    if (caller.role === "agent") throw new PermissionDeniedError(`${describeCaller(caller)} may only register instances`);
+    return caller.role === "operator" ? OPERATOR_SCOPE : { space: caller.space, quota: limits.spacePortQuota };
+  };
   const implementation: PortAllocatorServer = {
-    createPortService: unary(logger, "CreatePortService", async (req) => {
+    createPortService: unary(logger, auth, "CreatePortService", async (req, caller) => {
       const serviceName = validateServiceName(req.name);
       const nodeId = optional(req.nodeId, validateNodeId);
       const app = optional(req.app, validateAppName);
@@ -43,6 +52,7 @@ export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, l
       const created = await store.createService(
         { serviceName, protocol: protocolFromName(serviceName), httpsProxy: wantsHttpsProxy(serviceName), nodeId, port },
         app,
+        scopeOf(caller),
         async (tx, service) => {
           await events.serviceCreated(tx, service);
           const binding = service.bindings[0];
@@ -53,45 +63,48 @@ export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, l
       return { service: toPortService(created, app) };
     }),
 
-    getPortService: unary(logger, "GetPortService", async (req) => {
+    getPortService: unary(logger, auth, "GetPortService", async (req, caller) => {
       const name = validateServiceName(req.name);
       const app = optional(req.app, validateAppName);
-      return { service: toPortService(await store.getService(name), app) };
+      return { service: toPortService(await store.getService(name, scopeOf(caller)), app) };
     }),
 
-    listPortServices: unary(logger, "ListPortServices", async (req) => {
+    listPortServices: unary(logger, auth, "ListPortServices", async (req, caller) => {
       const nodeId = optional(req.nodeId, validateNodeId);
       const app = optional(req.app, validateAppName);
-      const services = await store.listServices({ nodeId, app });
+      const services = await store.listServices({ nodeId, app }, scopeOf(caller));
       return { services: services.map((s) => toPortService(s, app)) };
     }),
 
-    deletePortService: unary(logger, "DeletePortService", async (req) => {
+    deletePortService: unary(logger, auth, "DeletePortService", async (req, caller) => {
       const name = validateServiceName(req.name);
-      const deleted = await store.deleteService(name, (tx, service) => events.serviceDeleted(tx, service));
+      const deleted = await store.deleteService(name, scopeOf(caller), (tx, service) => events.serviceDeleted(tx, service));
       logger.info({ serviceId: deleted.id, serviceName: deleted.serviceName, port: deleted.port }, "port-service-deleted");
       return {};
     }),
 
-    bindPortService: unary(logger, "BindPortService", async (req) => {
+    bindPortService: unary(logger, auth, "BindPortService", async (req, caller) => {
       const name = validateServiceName(req.name);
       const app = validateAppName(req.app);
-      const bound = await store.bindService(name, app, (tx, service, intPort) => events.serviceBound(tx, service, app, intPort));
+      const bound = await store.bindService(name, app, scopeOf(caller), (tx, service, intPort) => events.serviceBound(tx, service, app, intPort));
       logger.info({ serviceId: bound.id, app }, "port-service-bound");
       return { service: toPortService(bound, app) };
     }),
 
-    unbindPortService: unary(logger, "UnbindPortService", async (req) => {
+    unbindPortService: unary(logger, auth, "UnbindPortService", async (req, caller) => {
       const name = validateServiceName(req.name);
       const app = validateAppName(req.app);
-      await store.unbindService(name, app, (tx, service, intPort) => events.serviceUnbound(tx, service, app, intPort));
+      await store.unbindService(name, app, scopeOf(caller), (tx, service, intPort) => events.serviceUnbound(tx, service, app, intPort));
       logger.info({ serviceName: name, app }, "port-service-unbound");
       return {};
     }),
 
-    getAppEnvironment: unary(logger, "GetAppEnvironment", async (req) => {
+    getAppEnvironment: unary(logger, auth, "GetAppEnvironment", async (req, caller) => {
       const app = validateAppName(req.app);
-      const services = await store.listServices({ app });
+      const scope = scopeOf(caller);
+      const owner = await store.appSpace(app);
+      if (scope.space !== undefined && owner !== undefined && owner !== scope.space) throw new PermissionDeniedError(`app "${app}" belongs to another space`);
+      const services = await store.listServices({ app }, scope);
       const variables = buildAppEnvironment(
         app,
         services.map((s) => {
@@ -102,9 +115,13 @@ export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, l
       return { variables };
     }),
 
-    listNodes: unary(logger, "ListNodes", async () => ({ nodes: (await store.listNodes()).map(toNode) })),
+    listNodes: unary(logger, auth, "ListNodes", async (_req, caller) => {
+      requireOperator(caller, "listing nodes");
+      return { nodes: (await store.listNodes()).map(toNode) };
+    }),
 
-    upsertNode: unary(logger, "UpsertNode", async (req) => {
+    upsertNode: unary(logger, auth, "UpsertNode", async (req, caller) => {
+      requireOperator(caller, "changing nodes");
       const node = req.node;
       if (!node) throw new InvalidArgumentError("give the node to create or change");
       const nodeId = validateNodeId(node.nodeId);

@@ -20,6 +20,7 @@ export function toPortService(record: ServiceRecord, app?: string): PortService 
     httpsProxy: record.httpsProxy,
     bindings: record.bindings.map((b) => ({ app: b.app, intPort: b.intPort, boundAt: timestampFromMs(b.boundAt.getTime()) })),
     createdAt: timestampFromMs(record.createdAt.getTime()),
+    space: record.space,
   };
 }
 

@@ -86,4 +86,23 @@ export const allocatorMigrations: Migration[] = [
       );
     `,
   },
+  {
+    version: 3,
+    name: "spaces",
+    sql: `
+      -- Services belong to the space that created them ("" = operators').
+      ALTER TABLE port_services ADD COLUMN space text NOT NULL DEFAULT '';
+      CREATE INDEX port_services_space_idx ON port_services (space);
+
+      -- Which space an app belongs to: claimed by the first space that binds
+      -- it a service or registers an instance of it (the registry claims
+      -- too). The primary key decides a race.
+      CREATE TABLE app_spaces (
+        app text PRIMARY KEY,
+        space text NOT NULL,
+        claimed_at timestamptz NOT NULL DEFAULT now()
+      );
+      INSERT INTO app_spaces (app, space) SELECT DISTINCT app, '' FROM port_bindings ON CONFLICT DO NOTHING;
+    `,
+  },
 ];

@@ -9,13 +9,16 @@ import { allocatorEvents } from "./events.js";
 import { createAllocatorGrpc } from "./grpc.js";
 import { allocatorMigrations } from "./migrations.js";
 import { OutboxRelay } from "./outbox.js";
-import { PortStore } from "./store.js";
+import { OPERATOR_SCOPE, PortStore } from "./store.js";
+import { Authenticator } from "@harbor/core";
 
 export interface AllocatorDeps {
   pool: Pool;
   bus: Bus;
   subjects: Subjects;
   logger: Logger;
+  /** Who may call; without one every caller is an operator. */
+  auth?: Authenticator;
 }
 
 export interface Allocator extends Component {
@@ -38,7 +41,7 @@ export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): A
 
   return {
     name: "allocator",
-    grpc: createAllocatorGrpc(store, allocatorEvents, logger),
+    grpc: createAllocatorGrpc(store, allocatorEvents, deps.auth ?? new Authenticator(new Map()), { spacePortQuota: config.spacePortQuota }, logger),
     store,
     async start() {
       await migrate(deps.pool, "allocator", allocatorMigrations, logger);
@@ -79,7 +82,7 @@ export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): A
 export async function repair(store: PortStore, beats: Map<string, WorkerHeartbeat>, deps: AllocatorDeps, logger: Logger): Promise<DriftReport[]> {
   const reports: DriftReport[] = [];
   for (const [nodeId, beat] of beats) {
-    const allocated = new Set((await store.listServices({ nodeId })).map((s) => s.port));
+    const allocated = new Set((await store.listServices({ nodeId }, OPERATOR_SCOPE)).map((s) => s.port));
     const listening = new Set(beat.listeners.filter((l) => l.listening).map((l) => l.port));
     const report: DriftReport = {
       nodeId,

@@ -4,6 +4,7 @@ import {
   FailedPreconditionError,
   InvalidArgumentError,
   NotFoundError,
+  PermissionDeniedError,
   ResourceExhaustedError,
   nextIntPort,
   type NodeAddress,
@@ -32,8 +33,21 @@ export interface BindingRecord {
   boundAt: Date;
 }
 
+/**
+ * Whose view a store call takes: `space` undefined is an operator (sees and
+ * may do everything); a space sees and changes only its own services and apps.
+ */
+export interface Scope {
+  space?: string;
+  /** Ports a space may hold at most. */
+  quota?: number;
+}
+
+export const OPERATOR_SCOPE: Scope = {};
+
 export interface ServiceRecord {
   id: string;
+  space: string;
   serviceName: string;
   nodeId: string;
   port: number;
@@ -57,7 +71,7 @@ export interface NewService {
 }
 
 const SERVICE_SELECT = `
-  SELECT s.id, s.service_name, s.node_id, s.port, s.protocol, s.https_proxy, s.created_at,
+  SELECT s.id, s.space, s.service_name, s.node_id, s.port, s.protocol, s.https_proxy, s.created_at,
          n.hostname, n.host, n.ext_hostname, n.ext_host,
          COALESCE(json_agg(json_build_object('app', b.app, 'int_port', b.int_port, 'bound_at', b.bound_at)
                            ORDER BY b.bound_at, b.app) FILTER (WHERE b.app IS NOT NULL), '[]') AS bindings
@@ -68,6 +82,7 @@ const SERVICE_GROUP = ` GROUP BY s.id, n.node_id ORDER BY s.service_name`;
 
 interface ServiceRow {
   id: string;
+  space: string;
   service_name: string;
   node_id: string;
   port: number;
@@ -84,6 +99,7 @@ interface ServiceRow {
 function serviceFromRow(row: ServiceRow): ServiceRecord {
   return {
     id: row.id,
+    space: row.space,
     serviceName: row.service_name,
     nodeId: row.node_id,
     port: row.port,
@@ -141,8 +157,11 @@ export class PortStore {
     private readonly cooldownSeconds = 300,
   ) {}
 
-  async createService(input: NewService, app: string | undefined, onCreated: AfterChange): Promise<ServiceRecord> {
+  async createService(input: NewService, app: string | undefined, scope: Scope, onCreated: AfterChange): Promise<ServiceRecord> {
     return withTransaction(this.pool, async (tx) => {
+      const space = scope.space ?? "";
+      if (scope.space !== undefined && scope.quota !== undefined) await checkQuota(tx, scope.space, scope.quota);
+      if (app) await claimApp(tx, app, scope);
       const existing = await findServiceByName(tx, input.serviceName);
       if (existing) {
         throw new AlreadyExistsError(
@@ -157,6 +176,7 @@ export class PortStore {
       else if (!(previous && (await tryInsertAt(tx, id, input, node, previous.port)))) {
         await insertAtRandomFreePort(tx, id, input, node, this.cooldownSeconds);
       }
+      if (space !== "") await tx.query("UPDATE port_services SET space = $2 WHERE id = $1", [id, space]);
       await tx.query("DELETE FROM released_ports WHERE lower(service_name) = lower($1)", [input.serviceName]);
       if (app) await bind(tx, id, app);
       const created = (await findServiceById(tx, id)) as ServiceRecord;
@@ -165,29 +185,37 @@ export class PortStore {
     });
   }
 
-  async getService(name: string): Promise<ServiceRecord> {
+  async getService(name: string, scope: Scope): Promise<ServiceRecord> {
     const { rows } = await query<ServiceRow>(this.pool, `${SERVICE_SELECT} WHERE lower(s.service_name) = lower($1)${SERVICE_GROUP}`, [name]);
     const row = rows[0];
-    if (!row) throw notFound(name);
+    // Another space's service is as good as absent: its name is not disclosed.
+    if (!row || !visible(row.space, scope)) throw notFound(name);
     return serviceFromRow(row);
   }
 
-  async listServices(filter: { nodeId?: string; app?: string }): Promise<ServiceRecord[]> {
+  async listServices(filter: { nodeId?: string; app?: string }, scope: Scope): Promise<ServiceRecord[]> {
     const { rows } = await query<ServiceRow>(
       this.pool,
       `${SERVICE_SELECT}
         WHERE ($1::text IS NULL OR s.node_id = $1)
           AND ($2::text IS NULL OR EXISTS (SELECT 1 FROM port_bindings x WHERE x.service_id = s.id AND x.app = $2))
+          AND ($3::text IS NULL OR s.space = $3)
        ${SERVICE_GROUP}`,
-      [filter.nodeId ?? null, filter.app ?? null],
+      [filter.nodeId ?? null, filter.app ?? null, scope.space ?? null],
     );
     return rows.map(serviceFromRow);
   }
 
-  async deleteService(name: string, onDeleted: AfterChange): Promise<ServiceRecord> {
+  /** The space an app belongs to, if any has claimed it. */
+  async appSpace(app: string): Promise<string | undefined> {
+    const { rows } = await query<{ space: string }>(this.pool, "SELECT space FROM app_spaces WHERE app = $1", [app]);
+    return rows[0]?.space;
+  }
+
+  async deleteService(name: string, scope: Scope, onDeleted: AfterChange): Promise<ServiceRecord> {
     return withTransaction(this.pool, async (tx) => {
       const service = await findServiceByName(tx, name, true);
-      if (!service) throw notFound(name);
+      if (!service || !visible(service.space, scope)) throw notFound(name);
       await tx.query("DELETE FROM port_services WHERE id = $1", [service.id]);
       await tx.query(
         `INSERT INTO released_ports (node_id, port, service_name) VALUES ($1, $2, $3)
@@ -199,10 +227,11 @@ export class PortStore {
     });
   }
 
-  async bindService(name: string, app: string, onBound: (tx: PoolClient, service: ServiceRecord, intPort: number) => Promise<void>): Promise<ServiceRecord> {
+  async bindService(name: string, app: string, scope: Scope, onBound: (tx: PoolClient, service: ServiceRecord, intPort: number) => Promise<void>): Promise<ServiceRecord> {
     return withTransaction(this.pool, async (tx) => {
       const service = await findServiceByName(tx, name, true);
-      if (!service) throw notFound(name);
+      if (!service || !visible(service.space, scope)) throw notFound(name);
+      await claimApp(tx, app, scope);
       const already = service.bindings.find((b) => b.app === app);
       if (already) {
         throw new AlreadyExistsError(`port service "${service.serviceName}" is already bound to app "${app}" (int_port ${already.intPort})`);
@@ -214,10 +243,10 @@ export class PortStore {
     });
   }
 
-  async unbindService(name: string, app: string, onUnbound: (tx: PoolClient, service: ServiceRecord, intPort: number) => Promise<void>): Promise<void> {
+  async unbindService(name: string, app: string, scope: Scope, onUnbound: (tx: PoolClient, service: ServiceRecord, intPort: number) => Promise<void>): Promise<void> {
     await withTransaction(this.pool, async (tx) => {
       const service = await findServiceByName(tx, name, true);
-      if (!service) throw notFound(name);
+      if (!service || !visible(service.space, scope)) throw notFound(name);
       const { rows } = await tx.query<{ int_port: number }>(
         "DELETE FROM port_bindings WHERE service_id = $1 AND app = $2 RETURNING int_port",
         [service.id, app],
@@ -338,6 +367,31 @@ export async function writeOutbox(tx: PoolClient, event: OutboxEvent, nodeId: st
   await tx.query("INSERT INTO outbox (event, node_id, payload) VALUES ($1, $2, $3)", [event, nodeId, JSON.stringify(payload)]);
   // Wakes the relay at once instead of at its next poll (delivered on commit).
   await tx.query("NOTIFY harbor_outbox");
+}
+
+function visible(space: string, scope: Scope): boolean {
+  return scope.space === undefined || scope.space === space;
+}
+
+/**
+ * Claims an app for the scope's space if no space has it yet; a space may
+ * not use another space's app. Operators use any app (an unclaimed one
+ * becomes the operators', space "").
+ */
+export async function claimApp(tx: PoolClient, app: string, scope: Scope): Promise<void> {
+  await tx.query("INSERT INTO app_spaces (app, space) VALUES ($1, $2) ON CONFLICT (app) DO NOTHING", [app, scope.space ?? ""]);
+  if (scope.space === undefined) return;
+  const { rows } = await tx.query<{ space: string }>("SELECT space FROM app_spaces WHERE app = $1", [app]);
+  if (rows[0]?.space !== scope.space) throw new PermissionDeniedError(`app "${app}" belongs to another space`);
+}
+
+/** A space holds at most `quota` ports; the advisory lock keeps concurrent creates of one space from both passing. */
+async function checkQuota(tx: PoolClient, space: string, quota: number): Promise<void> {
+  await tx.query("SELECT pg_advisory_xact_lock(hashtext('harbor-space:' || $1))", [space]);
+  const { rows } = await tx.query<{ used: string }>("SELECT count(*) AS used FROM port_services WHERE space = $1", [space]);
+  if (Number(rows[0]?.used ?? 0) >= quota) {
+    throw new ResourceExhaustedError(`space "${space}" holds ${quota} ports, its quota; delete one, or ask an operator to raise HARBOR_SPACE_PORT_QUOTA`);
+  }
 }
 
 function notFound(name: string): NotFoundError {

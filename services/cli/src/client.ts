@@ -1,5 +1,5 @@
 import { BackendRegistryClient, PortAllocatorClient } from "@harbor/proto";
-import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, isServiceError, type RequestOf, type ResponseOf } from "@harbor/runtime";
+import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, isServiceError, tokenMetadata, type RequestOf, type ResponseOf } from "@harbor/runtime";
 
 /** A failure to report as one line on stderr; exit code 2 for usage, 1 otherwise. */
 export class CliError extends Error {
@@ -21,7 +21,7 @@ export interface Clients {
   close(): void;
 }
 
-export function createClients(address = DEFAULT_API_ADDRESS): Clients {
+export function createClients(address = DEFAULT_API_ADDRESS, token?: string): Clients {
   const credentials = grpc.credentials.createInsecure();
   const allocator = new PortAllocatorClient(address, credentials);
   const registry = new BackendRegistryClient(address, credentials);
@@ -31,7 +31,7 @@ export function createClients(address = DEFAULT_API_ADDRESS): Clients {
     registry,
     async call(client, method, request) {
       try {
-        return await invoke(client, method, request);
+        return await invoke(client, method, request, 10_000, tokenMetadata(token));
       } catch (err) {
         throw new CliError(describeServiceError(err, address), 1, isServiceError(err) ? err.code : undefined);
       }

@@ -10,6 +10,7 @@ import { watchEvents } from "./watch.js";
 
 interface GlobalOptions {
   api?: string;
+  token?: string;
   json?: boolean;
 }
 
@@ -35,7 +36,7 @@ function parseMapping(value: string): { intPort: number; port: number } {
 function withClients(program: Command, action: (clients: Clients, opts: GlobalOptions, ...args: any[]) => Promise<void>) {
   return async function (this: Command, ...args: unknown[]) {
     const opts = this.optsWithGlobals<GlobalOptions>();
-    const clients = createClients(opts.api ?? process.env.HARBOR_API);
+    const clients = createClients(opts.api ?? process.env.HARBOR_API, opts.token ?? process.env.HARBOR_TOKEN);
     try {
       await action(clients, opts, ...args);
     } finally {
@@ -48,6 +49,7 @@ export function buildProgram(): Command {
   const program = new Command("harbor")
     .description("Harbor: extra TCP and UDP ports for your apps, carried to whichever instances are alive.")
     .option("--api <host:port>", "where the Harbor API listens (env HARBOR_API, default 127.0.0.1:7300)")
+    .option("--token <token>", "bearer token, when the API needs one (env HARBOR_TOKEN)")
     .showSuggestionAfterError(true)
     .configureOutput({ outputError: (str, write) => write(`harbor: ${str.replace(/^error: /, "")}`) })
     .exitOverride();

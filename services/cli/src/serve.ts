@@ -2,13 +2,16 @@ import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createAllocator, loadAllocatorConfig } from "@harbor/allocator";
 import { connectBus, createSubjects, isValidPrefix, DEFAULT_NATS_PREFIX, type Bus } from "@harbor/bus";
-import { ConfigError, HarborError } from "@harbor/core";
+import { readFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { Authenticator, ConfigError, HarborError, OPERATOR, parseTokens } from "@harbor/core";
 import { createPool, startEmbeddedPostgres, type EmbeddedPostgres, type Pool } from "@harbor/db";
 import { createRegistry, loadRegistryConfig } from "@harbor/registry";
 import {
   ComponentGroup,
   DEFAULT_API_ADDRESS,
   EnvReader,
+  parseAddress,
   createGrpcServer,
   createLogger,
   createMetricsRegistry,
@@ -38,6 +41,9 @@ interface SharedConfig {
   natsPass?: string;
   dataDir: string;
   metricsAddress?: string;
+  auth: Authenticator;
+  /** Serve an API beyond loopback without tokens (an operator's explicit choice). */
+  allowInsecureApi: boolean;
 }
 
 function loadSharedConfig(env: Record<string, string | undefined>, apiFlag?: string): SharedConfig {
@@ -52,8 +58,23 @@ function loadSharedConfig(env: Record<string, string | undefined>, apiFlag?: str
     natsPass: reader.optional("NATS_PASSWORD"),
     dataDir: reader.string("HARBOR_DATA_DIR", resolve(REPO_ROOT, ".harbor")),
     metricsAddress: reader.optional("HARBOR_METRICS_ADDRESS") === undefined ? undefined : reader.address("HARBOR_METRICS_ADDRESS", "127.0.0.1:9300"),
+    auth: new Authenticator(new Map()),
+    allowInsecureApi: false,
   };
   if (!isValidPrefix(config.natsPrefix)) reader.problem(`HARBOR_NATS_PREFIX=${config.natsPrefix}: use letters, digits, - and _ only`);
+  const tokensFile = reader.optional("HARBOR_TOKENS_FILE");
+  let spec = reader.optional("HARBOR_TOKENS") ?? "";
+  if (tokensFile) {
+    try {
+      spec += "\n" + readFileSync(tokensFile, "utf8");
+    } catch (err) {
+      reader.problem(`HARBOR_TOKENS_FILE=${tokensFile}: ${(err as Error).message}`);
+    }
+  }
+  const { tokens, problems } = parseTokens(spec);
+  for (const problem of problems) reader.problem(`HARBOR_TOKENS: ${problem}`);
+  config.auth = new Authenticator(tokens);
+  config.allowInsecureApi = reader.bool("HARBOR_ALLOW_INSECURE_API", false);
   reader.finish();
   return config;
 }
@@ -82,6 +103,16 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     const workerConfig = target === "all" || target === "worker" ? loadWorkerConfig({ ...env, HARBOR_API: shared.api }) : undefined;
     if (target !== "all" && target !== "worker" && !shared.databaseUrl) {
       throw new ConfigError([`DATABASE_URL: required for \`harbor serve ${target}\` (only \`serve all\` embeds a Postgres)`]);
+    }
+    // Without tokens every caller is an operator: only loopback may reach such an API.
+    if (target !== "worker" && !shared.auth.enabled && !isLoopback(shared.api) && !shared.allowInsecureApi) {
+      throw new ConfigError([
+        `HARBOR_API=${shared.api}: an API beyond loopback needs tokens (HARBOR_TOKENS or HARBOR_TOKENS_FILE), or HARBOR_ALLOW_INSECURE_API=true to serve it without`,
+      ]);
+    }
+    if (target !== "worker") {
+      if (shared.auth.enabled) logger.info("api-authentication-on");
+      else logger.warn({ api: shared.api, insecure: shared.allowInsecureApi }, "api-authentication-off-every-caller-is-operator");
     }
     const subjects = createSubjects(shared.natsPrefix);
     const metrics = createMetricsRegistry();
@@ -133,7 +164,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     );
 
     const grpcServices: GrpcService[] = [];
-    const deps = () => ({ pool: pool as Pool, bus: bus as Bus, subjects, logger });
+    const deps = () => ({ pool: pool as Pool, bus: bus as Bus, subjects, logger, auth: shared.auth });
     if (allocatorConfig) {
       let stopAllocator: (() => Promise<void>) | undefined;
       components.push(
@@ -184,7 +215,13 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
           async () => {
             // In one process the worker calls the API this process just bound (its port may have been 0).
             const api = server?.boundAddress;
-            const config = api ? { ...workerConfig, allocatorAddress: api, registryAddress: api } : workerConfig;
+            let config = api ? { ...workerConfig, allocatorAddress: api, registryAddress: api } : workerConfig;
+            if (target === "all" && shared.auth.enabled && !config.token) {
+              // The in-process worker calls the API with a token of its own, made for this run.
+              const internal = randomBytes(24).toString("hex");
+              shared.auth.add(internal, OPERATOR);
+              config = { ...config, token: internal };
+            }
             const worker = createWorker(config, { bus: bus as Bus, subjects, logger, metrics });
             await worker.start();
             stopWorker = () => worker.stop();
@@ -222,6 +259,11 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
   }
 }
 
+function isLoopback(address: string): boolean {
+  const host = parseAddress(address)?.host ?? "";
+  return host === "localhost" || host === "::1" || /^127\./.test(host);
+}
+
 function printBanner(
   api: string,
   allocator: ReturnType<typeof loadAllocatorConfig> | undefined,
@@ -232,6 +274,7 @@ function printBanner(
   const node = allocator?.defaultNode;
   const lines = [
     `Harbor is running. API: ${api}${api === DEFAULT_API_ADDRESS ? "" : ` (set HARBOR_API=${api} for the CLI)`}`,
+    shared.auth.enabled ? "  tokens required (HARBOR_TOKEN for the CLI)" : "  no tokens configured: every caller is an operator, so keep the API on loopback",
     node ? `  node ${node.nodeId}: ports ${node.range.min}-${node.range.max} on ${node.host}` : "",
     `  database: ${embedded ? `embedded Postgres, data in ${embedded.dataDir}` : redactUrl(shared.databaseUrl ?? "")}`,
     `  events: ${bus?.kind === "nats" ? `NATS ${shared.natsUrl ?? "nats://127.0.0.1:4222"}, subjects ${shared.natsPrefix}.v1.>` : "in-process bus (no NATS found; set NATS_URL to use one)"}`,

@@ -1,3 +1,4 @@
+import { LOOPBACK_NETWORKS, PRIVATE_NETWORKS, parseNetwork, type Network } from "@harbor/core";
 import { EnvReader } from "@harbor/runtime";
 
 export interface RegistryConfig {
@@ -8,6 +9,8 @@ export interface RegistryConfig {
   sweepIntervalMs: number;
   /** How often every backend set is recomputed, covering any missed event. */
   reconcileIntervalMs: number;
+  /** Backends may only be registered at addresses inside these networks. */
+  backendNetworks: Network[];
 }
 
 export const DEFAULT_TTL_SECONDS = 30;
@@ -19,7 +22,14 @@ export function loadRegistryConfig(env: Record<string, string | undefined> = pro
     maxTtlSeconds: reader.int("HARBOR_INSTANCE_MAX_TTL_SECONDS", 3600, 1, 86_400),
     sweepIntervalMs: reader.int("HARBOR_EXPIRY_SWEEP_MS", 1_000, 50, 60_000),
     reconcileIntervalMs: reader.int("HARBOR_RECONCILE_INTERVAL_MS", 30_000, 1_000, 3_600_000),
+    backendNetworks: [],
   };
+  const networks = reader.string("HARBOR_BACKEND_NETWORKS", [...LOOPBACK_NETWORKS, ...PRIVATE_NETWORKS].join(","));
+  for (const cidr of networks.split(",").filter((n) => n.trim() !== "")) {
+    const network = parseNetwork(cidr);
+    if (network) config.backendNetworks.push(network);
+    else reader.problem(`HARBOR_BACKEND_NETWORKS: ${JSON.stringify(cidr.trim())} is not a CIDR network (e.g. 10.0.0.0/8)`);
+  }
   if (config.defaultTtlSeconds > config.maxTtlSeconds) {
     reader.problem(`HARBOR_INSTANCE_TTL_SECONDS=${config.defaultTtlSeconds} is above HARBOR_INSTANCE_MAX_TTL_SECONDS=${config.maxTtlSeconds}`);
   }

@@ -1,7 +1,21 @@
 import { isIP } from "node:net";
 import type { Logger } from "pino";
 import { subscribeMessages, type Bus, type Subjects } from "@harbor/bus";
-import { InvalidArgumentError, NotFoundError, validateAppName, validateInstanceId, validateNodeId, validatePort } from "@harbor/core";
+import { lookup } from "node:dns/promises";
+import {
+  InvalidArgumentError,
+  NotFoundError,
+  PermissionDeniedError,
+  describeCaller,
+  inNetworks,
+  requireOperator,
+  validateAppName,
+  validateInstanceId,
+  validateNodeId,
+  validatePort,
+  type Authenticator,
+  type Caller,
+} from "@harbor/core";
 import {
   BackendRegistryService,
   BackendSet,
@@ -9,7 +23,7 @@ import {
   type PortMapping,
   type RegisterInstanceRequest,
 } from "@harbor/proto";
-import { toGrpcError, unary, type GrpcService } from "@harbor/runtime";
+import { callerOf, toGrpcError, unary, type GrpcService } from "@harbor/runtime";
 import type { RegistryConfig } from "./config.js";
 import type { Registry } from "./registry.js";
 import type { Registration, RegistryStore } from "./store.js";
@@ -18,12 +32,28 @@ const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const MAX_MAPPINGS = 64;
 
-/** Validates a registration from any entry point (gRPC or NATS). */
-export function toRegistration(req: RegisterInstanceRequest, config: RegistryConfig): Registration {
+/**
+ * Validates a registration from any entry point (gRPC or NATS). The host
+ * must be inside the backend networks (every address a hostname resolves
+ * to), so Harbor cannot be made to forward anywhere.
+ */
+export async function toRegistration(req: RegisterInstanceRequest, config: RegistryConfig): Promise<Registration> {
   const app = validateAppName(req.app);
   const instanceId = validateInstanceId(req.instanceId);
   if (isIP(req.host) === 0 && !HOSTNAME.test(req.host)) {
     throw new InvalidArgumentError(`host ${JSON.stringify(req.host.slice(0, 80))} is not an IP address or hostname`);
+  }
+  const addresses = isIP(req.host) ? [req.host] : await lookup(req.host, { all: true }).then(
+    (found) => found.map((a) => a.address),
+    () => {
+      throw new InvalidArgumentError(`host ${JSON.stringify(req.host)} does not resolve`);
+    },
+  );
+  const outside = addresses.find((a) => !inNetworks(a, config.backendNetworks));
+  if (outside !== undefined) {
+    throw new PermissionDeniedError(
+      `host ${req.host}${outside === req.host ? "" : ` (${outside})`} is outside the backend networks (${config.backendNetworks.map((n) => n.cidr).join(", ")}); an operator sets HARBOR_BACKEND_NETWORKS`,
+    );
   }
   if (req.ports.length > MAX_MAPPINGS) throw new InvalidArgumentError(`at most ${MAX_MAPPINGS} port mappings per instance`);
   const seen = new Set<number>();
@@ -39,30 +69,50 @@ export function toRegistration(req: RegisterInstanceRequest, config: RegistryCon
   return { app, instanceId, host: req.host, ports, ttlSeconds: ttl };
 }
 
+/**
+ * Instances are registered by operators and by the instance agent of the
+ * app's space; an app no space has claimed yet is claimed for the agent's.
+ */
+export async function authorizeApp(store: RegistryStore, caller: Caller, app: string): Promise<void> {
+  if (caller.role === "operator") return;
+  if (caller.role !== "agent") throw new PermissionDeniedError(`registering instances is for instance agents; this token belongs to ${describeCaller(caller)}`);
+  if ((await store.claimApp(app, caller.space)) !== caller.space) throw new PermissionDeniedError(`app "${app}" belongs to another space`);
+}
+
 export function createRegistryGrpc(
   registry: Registry,
   store: RegistryStore,
   bus: Bus,
   subjects: Subjects,
   config: RegistryConfig,
+  auth: Authenticator,
   logger: Logger,
 ): GrpcService {
   const implementation: BackendRegistryServer = {
-    registerInstance: unary(logger, "RegisterInstance", async (req) => registry.register(toRegistration(req, config))),
+    registerInstance: unary(logger, auth, "RegisterInstance", async (req, caller) => {
+      const registration = await toRegistration(req, config);
+      await authorizeApp(store, caller, registration.app);
+      return registry.register(registration);
+    }),
 
-    deregisterInstance: unary(logger, "DeregisterInstance", async (req) => {
+    deregisterInstance: unary(logger, auth, "DeregisterInstance", async (req, caller) => {
       const app = validateAppName(req.app);
       const instanceId = validateInstanceId(req.instanceId);
+      await authorizeApp(store, caller, app);
       const gone = await registry.deregister(app, instanceId);
       if (!gone) throw new NotFoundError(`no instance "${instanceId}" of app "${app}" is registered`);
       return {};
     }),
 
-    listInstances: unary(logger, "ListInstances", async (req) => ({
-      instances: await store.listInstances(req.app === "" ? undefined : validateAppName(req.app)),
-    })),
+    listInstances: unary(logger, auth, "ListInstances", async (req, caller) => {
+      const instances = await store.listInstances(req.app === "" ? undefined : validateAppName(req.app));
+      if (caller.role === "operator") return { instances };
+      const mine = await store.appsOfSpace(caller.space);
+      return { instances: instances.filter((i) => mine.has(i.app)) };
+    }),
 
-    listBackends: unary(logger, "ListBackends", async (req) => {
+    listBackends: unary(logger, auth, "ListBackends", async (req, caller) => {
+      requireOperator(caller, "listing backends");
       const nodeId = req.nodeId === "" ? undefined : validateNodeId(req.nodeId);
       if (req.serviceId !== "" && !UUID.test(req.serviceId)) throw new InvalidArgumentError("service_id is the service's UUID (its `name` credential)");
       return { sets: await store.listSets({ nodeId, serviceId: req.serviceId === "" ? undefined : req.serviceId }) };
@@ -73,6 +123,7 @@ export function createRegistryGrpc(
     watchBackends: (call) => {
       let nodeId: string;
       try {
+        requireOperator(callerOf(call, auth), "watching backends");
         nodeId = validateNodeId(call.request.nodeId);
       } catch (err) {
         call.emit("error", toGrpcError(err, logger, "WatchBackends"));

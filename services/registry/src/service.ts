@@ -1,5 +1,5 @@
 import { ANY, subscribeMessages, encodeMessage, type Bus, type BusSubscription, type Subjects } from "@harbor/bus";
-import { errorMessage, systemClock, validateAppName, validateInstanceId, type Clock } from "@harbor/core";
+import { Authenticator, errorMessage, systemClock, validateAppName, validateInstanceId, type Clock } from "@harbor/core";
 import { migrate, type Pool } from "@harbor/db";
 import {
   BindingEvent,
@@ -21,6 +21,8 @@ export interface RegistryDeps {
   subjects: Subjects;
   logger: Logger;
   clock?: Clock;
+  /** Who may call; without one every caller is an operator. */
+  auth?: Authenticator;
 }
 
 export interface RegistryService extends Component {
@@ -61,7 +63,7 @@ export function createRegistry(config: RegistryConfig, deps: RegistryDeps): Regi
 
   return {
     name: "registry",
-    grpc: createRegistryGrpc(registry, store, deps.bus, deps.subjects, config, logger),
+    grpc: createRegistryGrpc(registry, store, deps.bus, deps.subjects, config, deps.auth ?? new Authenticator(new Map()), logger),
     registry,
     async start() {
       await waitForAllocatorSchema(store, logger);
@@ -81,7 +83,8 @@ export function createRegistry(config: RegistryConfig, deps: RegistryDeps): Regi
             void (async () => {
               try {
                 const req = RegisterInstanceRequest.fromJSON(JSON.parse(msg.data));
-                const result = await registry.register(toRegistration(req, config));
+                // NATS credentials are the authentication here; the backend networks still apply.
+                const result = await registry.register(await toRegistration(req, config));
                 msg.respond(encodeMessage(RegisterInstanceResponse, result));
               } catch (err) {
                 logger.warn({ subject: msg.subject, err }, "bus-register-rejected");

@@ -67,6 +67,25 @@ export class RegistryStore {
     });
   }
 
+  /**
+   * The space an app belongs to, claiming it for `space` if no space has it
+   * (the allocator claims too; the primary key decides).
+   */
+  async claimApp(app: string, space: string): Promise<string> {
+    const { rows } = await query<{ space: string }>(
+      this.pool,
+      `WITH claimed AS (INSERT INTO app_spaces (app, space) VALUES ($1, $2) ON CONFLICT (app) DO NOTHING RETURNING space)
+       SELECT space FROM claimed UNION ALL SELECT space FROM app_spaces WHERE app = $1 LIMIT 1`,
+      [app, space],
+    );
+    return rows[0]?.space ?? space;
+  }
+
+  async appsOfSpace(space: string): Promise<Set<string>> {
+    const { rows } = await query<{ app: string }>(this.pool, "SELECT app FROM app_spaces WHERE space = $1", [space]);
+    return new Set(rows.map((r) => r.app));
+  }
+
   async deregister(app: string, instanceId: string): Promise<Instance | undefined> {
     const { rows } = await query<InstanceRow>(this.pool, "DELETE FROM registry_instances WHERE app = $1 AND instance_id = $2 RETURNING *", [app, instanceId]);
     return rows[0] ? instanceFromRow(rows[0]) : undefined;
@@ -173,7 +192,7 @@ export class RegistryStore {
 
   /** The allocator's tables exist (it migrates them); the registry reads them. */
   async allocatorSchemaReady(): Promise<boolean> {
-    const { rows } = await query<{ ready: boolean }>(this.pool, "SELECT to_regclass('port_bindings') IS NOT NULL AS ready");
+    const { rows } = await query<{ ready: boolean }>(this.pool, "SELECT to_regclass('app_spaces') IS NOT NULL AS ready");
     return rows[0]?.ready === true;
   }
 }

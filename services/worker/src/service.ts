@@ -48,7 +48,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
     const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), logger };
     return protocol === "tcp"
-      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs })
+      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort })
       : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions, failedBackendMs: 5_000 });
   };
 
@@ -115,6 +115,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     allocator,
     registry,
     resyncIntervalMs: config.resyncIntervalMs,
+    token: config.token,
     logger,
     onChange: () => void scheduleReconcile(),
   });

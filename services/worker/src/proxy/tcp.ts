@@ -12,6 +12,8 @@ export interface TcpListenerOptions {
   /** The service's current backends, read at each new connection. */
   backends: () => readonly Backend[];
   connectTimeoutMs: number;
+  /** Open connections at most; a client beyond it is closed at once. */
+  maxConnections: number;
   logger: Logger;
 }
 
@@ -34,6 +36,8 @@ export class TcpListener implements PortListener {
   private readonly pending = new Set<net.Socket>();
   listening = false;
   error: string | undefined;
+  /** Clients closed because the port was at its connection limit. */
+  refused = 0;
 
   constructor(private readonly options: TcpListenerOptions) {
     this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
@@ -98,6 +102,11 @@ export class TcpListener implements PortListener {
 
   private accept(client: net.Socket): void {
     client.on("error", () => undefined); // the pair's close handling tears both down
+    if (this.connections >= this.options.maxConnections) {
+      this.refused++;
+      client.destroy();
+      return;
+    }
     const backends = this.options.backends();
     const start = this.rotation.start(backends.length);
     if (start < 0) {

@@ -8,7 +8,7 @@ import {
   type BackendRegistryClient,
   type PortAllocatorClient,
 } from "@harbor/proto";
-import { callUnary } from "@harbor/runtime";
+import { invoke, tokenMetadata } from "@harbor/runtime";
 import { serviceView, type NodeView } from "../domain/node-view.js";
 
 export interface FollowerOptions {
@@ -19,6 +19,8 @@ export interface FollowerOptions {
   allocator: PortAllocatorClient;
   registry: BackendRegistryClient;
   resyncIntervalMs: number;
+  /** Bearer token for the control plane's API. */
+  token?: string;
   logger: Logger;
   /** Called after every change of the view, so listeners follow. */
   onChange: () => void;
@@ -129,10 +131,11 @@ export class Follower {
     const { view, nodeId, allocator, registry, logger } = this.o;
     this.held = [];
     try {
+      const metadata = tokenMetadata(this.o.token);
       const [nodes, services, sets] = await Promise.all([
-        callUnary(allocator.listNodes.bind(allocator), {}),
-        callUnary(allocator.listPortServices.bind(allocator), { nodeId, app: "" }),
-        callUnary(registry.listBackends.bind(registry), { nodeId, serviceId: "" }),
+        invoke(allocator, "listNodes", {}, 10_000, metadata),
+        invoke(allocator, "listPortServices", { nodeId, app: "" }, 10_000, metadata),
+        invoke(registry, "listBackends", { nodeId, serviceId: "" }, 10_000, metadata),
       ]);
       const node = nodes.nodes.find((n) => n.nodeId === nodeId);
       if (!node) throw new Error(`node ${nodeId} is not configured in the allocator (\`harbor set-node ${nodeId} …\`)`);
