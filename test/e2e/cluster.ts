@@ -34,4 +34,5 @@ export interface ServiceJson {
   protocol: string;
   https_proxy: boolean;
   apps: string[];
+  health_check?: { interval_ms: number; timeout_ms: number; unhealthy_threshold: number; healthy_threshold: number; udp_probe: string };
 }

@@ -5,3 +5,5 @@ export * from "./credentials.js";
 export * from "./pickers.js";
 export * from "./auth.js";
 export * from "./networks.js";
+export * from "./ejections.js";
+export * from "./health.js";

@@ -3,6 +3,7 @@ import {
   InvalidArgumentError,
   PermissionDeniedError,
   describeCaller,
+  normalizeHealthCheck,
   requireOperator,
   type Authenticator,
   type Caller,
@@ -50,7 +51,14 @@ export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, a
       const app = optional(req.app, validateAppName);
       const port = req.port === 0 ? undefined : validatePort(req.port);
       const created = await store.createService(
-        { serviceName, protocol: protocolFromName(serviceName), httpsProxy: wantsHttpsProxy(serviceName), nodeId, port },
+        {
+          serviceName,
+          protocol: protocolFromName(serviceName),
+          httpsProxy: wantsHttpsProxy(serviceName),
+          nodeId,
+          port,
+          healthCheck: normalizeHealthCheck(req.healthCheck),
+        },
         app,
         scopeOf(caller),
         async (tx, service) => {

@@ -21,6 +21,7 @@ export function toPortService(record: ServiceRecord, app?: string): PortService 
     bindings: record.bindings.map((b) => ({ app: b.app, intPort: b.intPort, boundAt: timestampFromMs(b.boundAt.getTime()) })),
     createdAt: timestampFromMs(record.createdAt.getTime()),
     space: record.space,
+    healthCheck: record.healthCheck ?? undefined,
   };
 }
 

@@ -105,4 +105,12 @@ export const allocatorMigrations: Migration[] = [
       INSERT INTO app_spaces (app, space) SELECT DISTINCT app, '' FROM port_bindings ON CONFLICT DO NOTHING;
     `,
   },
+  {
+    version: 4,
+    name: "health-checks",
+    sql: `
+      -- Active health checks of the backends (harbor.v1.HealthCheck as JSON); NULL = passive only.
+      ALTER TABLE port_services ADD COLUMN health_check jsonb;
+    `,
+  },
 ];

@@ -7,6 +7,7 @@ import {
   PermissionDeniedError,
   ResourceExhaustedError,
   nextIntPort,
+  type HealthCheckSpec,
   type NodeAddress,
   type ProtocolName,
 } from "@harbor/core";
@@ -53,6 +54,7 @@ export interface ServiceRecord {
   port: number;
   protocol: ProtocolName;
   httpsProxy: boolean;
+  healthCheck: HealthCheckSpec | null;
   createdAt: Date;
   node: NodeAddress;
   /** In the order they were bound. */
@@ -66,12 +68,13 @@ export interface NewService {
   serviceName: string;
   protocol: ProtocolName;
   httpsProxy: boolean;
+  healthCheck?: HealthCheckSpec;
   nodeId?: string;
   port?: number;
 }
 
 const SERVICE_SELECT = `
-  SELECT s.id, s.space, s.service_name, s.node_id, s.port, s.protocol, s.https_proxy, s.created_at,
+  SELECT s.id, s.space, s.service_name, s.node_id, s.port, s.protocol, s.https_proxy, s.health_check, s.created_at,
          n.hostname, n.host, n.ext_hostname, n.ext_host,
          COALESCE(json_agg(json_build_object('app', b.app, 'int_port', b.int_port, 'bound_at', b.bound_at)
                            ORDER BY b.bound_at, b.app) FILTER (WHERE b.app IS NOT NULL), '[]') AS bindings
@@ -88,6 +91,7 @@ interface ServiceRow {
   port: number;
   protocol: ProtocolName;
   https_proxy: boolean;
+  health_check: HealthCheckSpec | null;
   created_at: Date;
   hostname: string;
   host: string;
@@ -105,6 +109,7 @@ function serviceFromRow(row: ServiceRow): ServiceRecord {
     port: row.port,
     protocol: row.protocol,
     httpsProxy: row.https_proxy,
+    healthCheck: row.health_check,
     createdAt: row.created_at,
     node: { nodeId: row.node_id, hostname: row.hostname, host: row.host, extHostname: row.ext_hostname, extHost: row.ext_host },
     bindings: row.bindings.map((b) => ({ app: b.app, intPort: b.int_port, boundAt: new Date(b.bound_at) })),
@@ -176,7 +181,9 @@ export class PortStore {
       else if (!(previous && (await tryInsertAt(tx, id, input, node, previous.port)))) {
         await insertAtRandomFreePort(tx, id, input, node, this.cooldownSeconds);
       }
-      if (space !== "") await tx.query("UPDATE port_services SET space = $2 WHERE id = $1", [id, space]);
+      if (space !== "" || input.healthCheck) {
+        await tx.query("UPDATE port_services SET space = $2, health_check = $3 WHERE id = $1", [id, space, input.healthCheck ? JSON.stringify(input.healthCheck) : null]);
+      }
       await tx.query("DELETE FROM released_ports WHERE lower(service_name) = lower($1)", [input.serviceName]);
       if (app) await bind(tx, id, app);
       const created = (await findServiceById(tx, id)) as ServiceRecord;

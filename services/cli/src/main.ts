@@ -64,9 +64,14 @@ export function buildProgram(): Command {
     .option("--app <app>", "bind it to this app")
     .option("--node <node_id>", "allocate on this harbor node")
     .option("--port <n>", "ask for this port")
+    .option("--check-interval <ms>", "actively check each backend this often (TCP connect; UDP with --udp-probe)")
+    .option("--check-timeout <ms>", "how long a check may take (default: half the interval)")
+    .option("--check-unhealthy <n>", "failed checks in a row that take a backend out (default 2)")
+    .option("--check-healthy <n>", "passed checks in a row that bring it back (default 2)")
+    .option("--udp-probe <text>", "UDP: a datagram to send as the check; any answer passes")
     .addOption(json())
     .action(
-      withClients(program, async (c, opts, first: string, more: string[], local: { app?: string; node?: string; port?: string; json?: boolean }) => {
+      withClients(program, async (c, opts, first: string, more: string[], local: { app?: string; node?: string; port?: string; json?: boolean } & Record<string, string | undefined>) => {
         let name = first;
         let app = local.app;
         if (first === "harbor" && more.length > 0) {
@@ -77,7 +82,23 @@ export function buildProgram(): Command {
           throw new CliError(`unexpected argument ${JSON.stringify(more[0])}; use --app APP to bind`, 2);
         }
         const port = local.port === undefined ? 0 : parsePort(local.port);
-        const { service } = await c.call(c.allocator, "createPortService", { name, app: app ?? "", nodeId: local.node ?? "", port });
+        const count = (key: string) => {
+          const value = local[key];
+          if (value === undefined) return 0;
+          if (!/^\d+$/.test(value)) throw new CliError(`--${key.replace(/[A-Z]/g, (ch) => `-${ch.toLowerCase()}`)} ${JSON.stringify(value)}: use a whole number`, 2);
+          return Number(value);
+        };
+        const healthCheck =
+          local.checkInterval === undefined
+            ? undefined
+            : {
+                intervalMs: count("checkInterval"),
+                timeoutMs: count("checkTimeout"),
+                unhealthyThreshold: count("checkUnhealthy"),
+                healthyThreshold: count("checkHealthy"),
+                udpProbe: local.udpProbe ?? "",
+              };
+        const { service } = await c.call(c.allocator, "createPortService", { name, app: app ?? "", nodeId: local.node ?? "", port, healthCheck });
         const out = serviceOutput(service!);
         print(local.json ?? opts.json, out, () => `Created ${out.protocol.toUpperCase()} port service ${name}: port ${out.port} on ${out.node_id}${app ? `, bound to ${app} (int_port ${out.int_port})` : ""}\n` + keyValues(out));
       }),

@@ -7,6 +7,7 @@ export interface ServiceOutput extends Credentials {
   protocol: string;
   https_proxy: boolean;
   apps: string[];
+  health_check?: { interval_ms: number; timeout_ms: number; unhealthy_threshold: number; healthy_threshold: number; udp_probe: string };
 }
 
 /** The seed's credentials object of a service, as `$STACKATO_SERVICES` holds it. */
@@ -25,6 +26,17 @@ export function serviceOutput(s: PortService): ServiceOutput {
     protocol: protocolName(s.protocol),
     https_proxy: s.httpsProxy,
     apps: s.bindings.map((b) => b.app),
+    ...(s.healthCheck
+      ? {
+          health_check: {
+            interval_ms: s.healthCheck.intervalMs,
+            timeout_ms: s.healthCheck.timeoutMs,
+            unhealthy_threshold: s.healthCheck.unhealthyThreshold,
+            healthy_threshold: s.healthCheck.healthyThreshold,
+            udp_probe: s.healthCheck.udpProbe,
+          },
+        }
+      : {}),
   };
 }
 

@@ -14,6 +14,8 @@ export interface WorkerConfig {
   drainTimeoutMs: number;
   udpSessionIdleMs: number;
   udpMaxSessions: number;
+  /** How long a backend that refused (or was unreachable) stays out of rotation. */
+  passiveEjectMs: number;
   /** Open TCP connections per port at most; more are refused. */
   maxConnectionsPerPort: number;
   /** Bearer token for the control plane's API (an operator token when tokens are on). */
@@ -34,6 +36,7 @@ export function loadWorkerConfig(env: Record<string, string | undefined> = proce
     drainTimeoutMs: reader.int("HARBOR_DRAIN_TIMEOUT_MS", 10_000, 0, 600_000),
     udpSessionIdleMs: reader.int("HARBOR_UDP_SESSION_IDLE_MS", 60_000, 100, 3_600_000),
     udpMaxSessions: reader.int("HARBOR_UDP_MAX_SESSIONS", 10_000, 1, 1_000_000),
+    passiveEjectMs: reader.int("HARBOR_PASSIVE_EJECT_MS", 10_000, 0, 3_600_000),
     maxConnectionsPerPort: reader.int("HARBOR_MAX_CONNECTIONS_PER_PORT", 10_000, 1, 1_000_000),
     token: reader.optional("HARBOR_TOKEN"),
   };

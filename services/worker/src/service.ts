@@ -8,6 +8,8 @@ import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
 import type { PortListener } from "./proxy/listener.js";
 import { TcpListener } from "./proxy/tcp.js";
 import { UdpListener } from "./proxy/udp.js";
+import { HealthChecker } from "./proxy/health.js";
+import { normalizeHealthCheck } from "@harbor/core";
 import { Follower } from "./sync/follower.js";
 
 export interface WorkerDeps {
@@ -46,10 +48,24 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const registry = new BackendRegistryClient(config.registryAddress, grpc.credentials.createInsecure());
 
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
-    const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), logger };
+    const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, logger };
     return protocol === "tcp"
       ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort })
-      : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions, failedBackendMs: 5_000 });
+      : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions });
+  };
+  /** Active checks per listener, for services that ask for them. */
+  const checkers = new Map<string, HealthChecker>();
+  const syncChecker = (key: string, service: ServiceView | undefined, listener: PortListener | undefined) => {
+    const spec = service ? normalizeHealthCheck(service.healthCheck) : undefined;
+    const existing = checkers.get(key);
+    if (existing && (!spec || !listener)) {
+      existing.stop();
+      checkers.delete(key);
+    } else if (!existing && spec && listener && service) {
+      const checker = new HealthChecker(listener, spec, () => view.backends(service.id), logger.child({ serviceId: service.id }));
+      checkers.set(key, checker);
+      checker.start();
+    }
   };
 
   /**
@@ -64,6 +80,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     if (host !== listenHost) {
       if (listenHost !== undefined) logger.info({ from: listenHost, to: host }, "listen-host-changed");
       await Promise.all([...listeners.values()].map((l) => l.close()));
+      for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
       listeners.clear();
       listenHost = host;
     }
@@ -73,6 +90,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       const service = wanted.get(key);
       if (!service || service.port !== listener.port) {
         listeners.delete(key);
+        syncChecker(key, undefined, undefined);
         await listener.close();
       }
     }
@@ -99,6 +117,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         }
       }
       listener.backendsChanged();
+      syncChecker(key, service, listener);
     }
   };
   // Reconciles run one after another, so listeners are never opened twice.
@@ -165,6 +184,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       clearInterval(heartbeat);
       follower.stop();
       await reconciling;
+      for (const checker of checkers.values()) checker.stop();
       const all = [...listeners.values()];
       await Promise.all(all.map((l) => l.close()));
       await Promise.all(all.map((l) => l.drain(config.drainTimeoutMs)));

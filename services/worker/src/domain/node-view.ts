@@ -1,4 +1,4 @@
-import { Protocol, type Backend, type BackendSet, type PortService } from "@harbor/proto";
+import { Protocol, type Backend, type BackendSet, type HealthCheck, type PortService } from "@harbor/proto";
 
 /** What the data plane needs of a port service. */
 export interface ServiceView {
@@ -6,6 +6,7 @@ export interface ServiceView {
   name: string;
   port: number;
   protocol: Protocol;
+  healthCheck?: HealthCheck;
 }
 
 export interface BackendView {
@@ -14,7 +15,7 @@ export interface BackendView {
 }
 
 export function serviceView(service: PortService): ServiceView {
-  return { id: service.name, name: service.serviceName, port: service.port, protocol: service.protocol };
+  return { id: service.name, name: service.serviceName, port: service.port, protocol: service.protocol, healthCheck: service.healthCheck };
 }
 
 /** The protocols a service needs listeners for: `both` is TCP and UDP on one port number. */

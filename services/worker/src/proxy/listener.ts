@@ -1,4 +1,6 @@
 /** What the worker needs of one protocol's listener on one port. */
+import type { Ejections } from "@harbor/core";
+
 export interface PortListener {
   readonly port: number;
   readonly protocol: "tcp" | "udp";
@@ -10,6 +12,8 @@ export interface PortListener {
   close(): Promise<void>;
   /** Lets open traffic finish up to the deadline, then cuts the rest. */
   drain(deadlineMs: number): Promise<void>;
-  /** The backend set changed. */
+  /** The backend set changed, or a backend's health did. */
   backendsChanged(): void;
+  /** Backends out of rotation: passively after failures, or by active checks. */
+  readonly ejections: Ejections;
 }

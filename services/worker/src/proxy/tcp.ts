@@ -1,6 +1,6 @@
 import net from "node:net";
 import type { Logger } from "pino";
-import { RoundRobin } from "@harbor/core";
+import { Ejections, RoundRobin, systemClock } from "@harbor/core";
 import { spliceSockets } from "@harbor/runtime";
 import type { Backend } from "@harbor/proto";
 import type { PortListener } from "./listener.js";
@@ -14,6 +14,8 @@ export interface TcpListenerOptions {
   connectTimeoutMs: number;
   /** Open connections at most; a client beyond it is closed at once. */
   maxConnections: number;
+  /** How long a backend that refused or timed out stays out of rotation. */
+  passiveEjectMs: number;
   logger: Logger;
 }
 
@@ -38,8 +40,10 @@ export class TcpListener implements PortListener {
   error: string | undefined;
   /** Clients closed because the port was at its connection limit. */
   refused = 0;
+  readonly ejections: Ejections;
 
   constructor(private readonly options: TcpListenerOptions) {
+    this.ejections = new Ejections(systemClock, options.passiveEjectMs);
     this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
     this.server.on("error", (err) => {
       this.error = err.message;
@@ -115,12 +119,26 @@ export class TcpListener implements PortListener {
     }
     this.pending.add(client);
     client.once("close", () => this.pending.delete(client));
-    this.connect(client, backends, start, 0);
+    this.connect(client, this.candidates(backends, start), 0);
   }
 
-  private connect(client: net.Socket, backends: readonly Backend[], start: number, attempt: number): void {
+  /**
+   * The rotation from `start`, backends out of rotation left out; all of
+   * them when every one is out (better a try than a certain refusal).
+   */
+  private candidates(backends: readonly Backend[], start: number): readonly Backend[] {
+    const n = backends.length;
+    if (this.ejections.size === 0 && start === 0) return backends;
+    const ordered: Backend[] = [];
+    for (let i = 0; i < n; i++) ordered.push(backends[(start + i) % n] as Backend);
+    if (this.ejections.size === 0) return ordered;
+    const healthy = ordered.filter((b) => !this.ejections.isEjected(`${b.host}:${b.port}`));
+    return healthy.length > 0 ? healthy : ordered;
+  }
+
+  private connect(client: net.Socket, backends: readonly Backend[], attempt: number): void {
     if (client.destroyed) return;
-    const backend = backends[(start + attempt) % backends.length] as Backend;
+    const backend = backends[attempt] as Backend;
     const upstream = net.connect({ host: backend.host, port: backend.port, allowHalfOpen: true });
     const timer = setTimeout(() => upstream.destroy(new Error(`connect timed out after ${this.options.connectTimeoutMs} ms`)), this.options.connectTimeoutMs);
     const abandon = () => upstream.destroy();
@@ -128,8 +146,11 @@ export class TcpListener implements PortListener {
     upstream.once("error", (err) => {
       clearTimeout(timer);
       client.removeListener("close", abandon);
-      this.options.logger.debug({ serviceId: this.options.serviceId, backend: `${backend.host}:${backend.port}`, err: err.message }, "backend-connect-failed");
-      if (attempt + 1 < backends.length) this.connect(client, backends, start, attempt + 1);
+      const key = `${backend.host}:${backend.port}`;
+      // Refused or timed out: out of rotation for a while, then tried again.
+      if (!this.ejections.isEjected(key)) this.options.logger.info({ serviceId: this.options.serviceId, backend: key, err: err.message }, "backend-ejected");
+      this.ejections.eject(key);
+      if (attempt + 1 < backends.length) this.connect(client, backends, attempt + 1);
       else client.destroy();
     });
     upstream.once("connect", () => {

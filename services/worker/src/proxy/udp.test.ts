@@ -27,7 +27,7 @@ async function setup(names: string[], options: { sessionIdleMs?: number; maxSess
     backends: () => set,
     sessionIdleMs: options.sessionIdleMs ?? 60_000,
     maxSessions: options.maxSessions ?? 100,
-    failedBackendMs: 5_000,
+    passiveEjectMs: 5_000,
     logger,
   });
   expect(await listener.listen()).toBe(true);

@@ -1,6 +1,7 @@
 import dgram from "node:dgram";
 import { isIPv6 } from "node:net";
 import type { Logger } from "pino";
+import { Ejections, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
 import type { PortListener } from "./listener.js";
 
@@ -14,8 +15,8 @@ export interface UdpListenerOptions {
   sessionIdleMs: number;
   /** At most this many sessions; the least recently started goes first. */
   maxSessions: number;
-  /** A backend that answered "port unreachable" is passed over for this long. */
-  failedBackendMs: number;
+  /** A backend that answered "port unreachable" is out of rotation for this long. */
+  passiveEjectMs: number;
   logger: Logger;
 }
 
@@ -47,14 +48,16 @@ export class UdpListener implements PortListener {
   readonly protocol = "udp" as const;
   private socket: dgram.Socket | undefined;
   private readonly sessions = new Map<string, Session>();
-  private readonly failed = new Map<string, number>();
+  readonly ejections: Ejections;
   private sweeper: NodeJS.Timeout | undefined;
   listening = false;
   error: string | undefined;
   /** Datagrams dropped because no backend was there. */
   dropped = 0;
 
-  constructor(private readonly options: UdpListenerOptions) {}
+  constructor(private readonly options: UdpListenerOptions) {
+    this.ejections = new Ejections(systemClock, options.passiveEjectMs);
+  }
 
   get port(): number {
     return this.options.port;
@@ -120,14 +123,10 @@ export class UdpListener implements PortListener {
     }
   }
 
-  /** The first backend in FIFO order that has not just failed; the first of all when every one has. */
+  /** The first backend in FIFO order that is in rotation; the first of all when none is. */
   private primary(): Backend | undefined {
     const backends = this.options.backends();
-    const now = Date.now();
-    for (const b of backends) {
-      const until = this.failed.get(backendKey(b));
-      if (until === undefined || until <= now) return b;
-    }
+    for (const b of backends) if (!this.ejections.isEjected(backendKey(b))) return b;
     return backends[0];
   }
 
@@ -152,7 +151,7 @@ export class UdpListener implements PortListener {
     upstream.on("error", (err: NodeJS.ErrnoException) => {
       if (err.code === "ECONNREFUSED") {
         // ICMP port unreachable: the backend is gone; pass it over and move this session.
-        this.failed.set(session.backendKey, Date.now() + this.options.failedBackendMs);
+        this.ejections.eject(session.backendKey);
         this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
         this.closeSession(key);
         return;
@@ -178,14 +177,17 @@ export class UdpListener implements PortListener {
   private sweep(): void {
     const idleBefore = Date.now() - this.options.sessionIdleMs;
     for (const [key, session] of this.sessions) if (session.lastSeen < idleBefore) this.closeSession(key);
-    const now = Date.now();
-    for (const [key, until] of this.failed) if (until <= now) this.failed.delete(key);
   }
 
-  /** Sessions whose backend left the set are closed; their clients' next datagram opens one on the primary. */
+  /**
+   * Sessions whose backend left the set, or was taken out by a health
+   * check, are closed; their clients' next datagram opens one on the primary.
+   */
   backendsChanged(): void {
     const present = new Set(this.options.backends().map(backendKey));
-    for (const [key, session] of this.sessions) if (!present.has(session.backendKey)) this.closeSession(key);
+    for (const [key, session] of this.sessions) {
+      if (!present.has(session.backendKey) || this.ejections.isEjected(session.backendKey)) this.closeSession(key);
+    }
   }
 
   async close(): Promise<void> {

@@ -1,0 +1,38 @@
+import type { Clock } from "./clock.js";
+
+/**
+ * Backends out of rotation, by `host:port`: for a while after a refused or
+ * reset connection (passive), or until active checks see them healthy again.
+ * Pure; the clock is injected.
+ */
+export class Ejections {
+  private readonly until = new Map<string, number>();
+
+  constructor(
+    private readonly clock: Clock,
+    /** How long a passive ejection lasts before the backend is tried again. */
+    private readonly passiveMs: number,
+  ) {}
+
+  /** Out of rotation for the passive period (or until `restore`, with `indefinitely`). */
+  eject(key: string, indefinitely = false): void {
+    this.until.set(key, indefinitely ? Number.POSITIVE_INFINITY : this.clock.now() + this.passiveMs);
+  }
+
+  restore(key: string): void {
+    this.until.delete(key);
+  }
+
+  isEjected(key: string): boolean {
+    if (this.until.size === 0) return false;
+    const until = this.until.get(key);
+    if (until === undefined) return false;
+    if (until > this.clock.now()) return true;
+    this.until.delete(key);
+    return false;
+  }
+
+  get size(): number {
+    return this.until.size;
+  }
+}
