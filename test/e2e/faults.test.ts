@@ -127,3 +127,18 @@ describe("e2e faults - a port taken by another process", () => {
     expect(harbor.logs()).toMatch(new RegExp(`"port":${port}[^\\n]*"msg":"tcp-listener-opened"`));
   });
 });
+
+describe("e2e security - NATS credentials", () => {
+  it("runs against a NATS that requires a token", async () => {
+    const nats = await startNatsServer({ token: "nats-secret-0123456789" });
+    stoppers.push(() => nats.stop());
+    const harbor = await startHarbor({ env: { NATS_URL: nats.url, NATS_TOKEN: "nats-secret-0123456789" } });
+    stoppers.push(() => harbor.stop());
+    const service = await harbor.json<ServiceJson>("create-service", "guarded", "--app", "guarded");
+    const backend = await echo("guarded-0");
+    await register(harbor, "guarded", "g-0", backend.port);
+    // Events went through the authenticated NATS: the worker opened the port and follows the set.
+    await waitFor(() => only(service.port, "guarded-0"), "traffic through a token-protected NATS");
+    expect(harbor.logs()).not.toContain("nats-secret-0123456789");
+  });
+});

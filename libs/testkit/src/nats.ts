@@ -20,7 +20,7 @@ function binary(): string {
 }
 
 /** A private nats-server on a free port, for tests that stop NATS without disturbing the machine's. */
-export async function startNatsServer(): Promise<NatsServer> {
+export async function startNatsServer(options: { token?: string } = {}): Promise<NatsServer> {
   const port = await freePort();
   const bin = binary();
   let child: ChildProcess | undefined;
@@ -28,7 +28,7 @@ export async function startNatsServer(): Promise<NatsServer> {
     url: `nats://127.0.0.1:${port}`,
     port,
     async start() {
-      child = spawn(bin, ["-a", "127.0.0.1", "-p", String(port)], { stdio: "ignore" });
+      child = spawn(bin, ["-a", "127.0.0.1", "-p", String(port), ...(options.token ? ["--auth", options.token] : [])], { stdio: "ignore" });
       const until = Date.now() + 10_000;
       while (!(await accepts(port))) {
         if (Date.now() > until) throw new Error(`nats-server did not listen on ${port}`);

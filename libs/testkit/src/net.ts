@@ -40,6 +40,8 @@ export interface EchoBackend {
   port: number;
   /** Connections accepted so far. */
   accepted: number;
+  /** Connections open now. */
+  readonly open: number;
   close(): Promise<void>;
 }
 
@@ -49,7 +51,15 @@ export interface EchoBackend {
  */
 export async function startEchoBackend(name: string, port = 0): Promise<EchoBackend> {
   const sockets = new Set<net.Socket>();
-  const backend: EchoBackend = { name, port: 0, accepted: 0, close: async () => undefined };
+  const backend: EchoBackend = {
+    name,
+    port: 0,
+    accepted: 0,
+    get open() {
+      return sockets.size;
+    },
+    close: async () => undefined,
+  };
   const server = net.createServer({ allowHalfOpen: true }, (socket) => {
     backend.accepted++;
     sockets.add(socket);

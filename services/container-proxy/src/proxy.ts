@@ -19,21 +19,28 @@ export interface ContainerProxy extends Component {
 export function createContainerProxy(config: ContainerProxyConfig, deps: { logger: Logger }): ContainerProxy {
   const logger = deps.logger.child({ component: "container-proxy", serviceName: config.serviceName });
   const certificate = findCertificate(config.appRoot, config.serviceName);
+  /** Every connection, from accept (before its handshake) to close, so stop can end them all. */
   const open = new Set<net.Socket>();
   const server = tls.createServer(
     { cert: certificate.cert, key: certificate.key, handshakeTimeout: config.handshakeTimeoutMs, allowHalfOpen: true },
     (client) => {
       const app = net.connect({ host: config.appHost, port: config.appPort, allowHalfOpen: true });
-      open.add(client);
       app.once("error", (err) => {
         logger.warn({ err: err.message, app: `${config.appHost}:${config.appPort}` }, "app-connect-failed");
         client.destroy();
       });
-      app.once("connect", () => spliceSockets(client, app, () => open.delete(client)));
-      client.once("close", () => open.delete(client));
+      app.once("connect", () => spliceSockets(client, app));
     },
   );
-  server.on("tlsClientError", (err) => logger.debug({ err: err.message }, "tls-handshake-failed"));
+  server.on("connection", (socket: net.Socket) => {
+    open.add(socket);
+    socket.once("close", () => open.delete(socket));
+  });
+  // With a listener here Node leaves the socket to us: a failed or timed-out handshake ends it.
+  server.on("tlsClientError", (err, socket) => {
+    logger.debug({ err: err.message }, "tls-handshake-failed");
+    socket.destroy();
+  });
   let port = config.listenPort;
   let listening = false;
 
@@ -61,6 +68,7 @@ export function createContainerProxy(config: ContainerProxyConfig, deps: { logge
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         for (const socket of open) socket.end();
+        // Connections that do not finish within the grace are cut.
         setTimeout(() => {
           for (const socket of open) socket.destroy();
         }, 5_000).unref();

@@ -9,7 +9,9 @@ import {
   type PortAllocatorClient,
 } from "@harbor/proto";
 import { invoke, tokenMetadata } from "@harbor/runtime";
+import { isIP } from "node:net";
 import { serviceView, type NodeView } from "../domain/node-view.js";
+import { backendSetProblem, serviceProblem } from "../domain/validate.js";
 
 export interface FollowerOptions {
   nodeId: string;
@@ -29,6 +31,19 @@ export interface FollowerOptions {
 type Event = { kind: "created" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet } | { kind: "node"; event: NodeEvent };
 
 const RETRY_MS = 1_000;
+
+function problemOf(e: Event): string | undefined {
+  switch (e.kind) {
+    case "created":
+    case "bound":
+    case "deleted":
+      return serviceProblem(e.event.service);
+    case "set":
+      return backendSetProblem(e.set);
+    case "node":
+      return e.event.node && isIP(e.event.node.host) === 0 ? "node host is not an IP address" : undefined;
+  }
+}
 
 function isGap(held: bigint, revision: string): boolean {
   try {
@@ -80,6 +95,12 @@ export class Follower {
   }
 
   private receive(event: Event): void {
+    const problem = problemOf(event);
+    if (problem) {
+      // Malformed: dropped and logged, the view unchanged.
+      this.o.logger.warn({ kind: event.kind, problem }, "bus-event-invalid");
+      return;
+    }
     if (this.held) this.held.push(event);
     else if (this.apply(event)) this.o.onChange();
   }
