@@ -1,5 +1,6 @@
 import { isIP } from "node:net";
 import {
+  HarborError,
   InvalidArgumentError,
   PermissionDeniedError,
   describeCaller,
@@ -39,7 +40,14 @@ function optional(value: string, validate: (v: string) => string): string | unde
   return value === "" ? undefined : validate(value);
 }
 
-export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, auth: Authenticator, limits: { spacePortQuota: number }, logger: Logger): GrpcService {
+export function createAllocatorGrpc(
+  store: PortStore,
+  events: AllocatorEvents,
+  auth: Authenticator,
+  limits: { spacePortQuota: number },
+  allocations: { inc(labels: { result: string }): void },
+  logger: Logger,
+): GrpcService {
   const scopeOf = (caller: Caller): Scope => {
     if (caller.role === "agent") throw new PermissionDeniedError(`${describeCaller(caller)} may only register instances`);
     return caller.role === "operator" ? OPERATOR_SCOPE : { space: caller.space, quota: limits.spacePortQuota };
@@ -50,7 +58,8 @@ export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, a
       const nodeId = optional(req.nodeId, validateNodeId);
       const app = optional(req.app, validateAppName);
       const port = req.port === 0 ? undefined : validatePort(req.port);
-      const created = await store.createService(
+      const created = await store
+        .createService(
         {
           serviceName,
           protocol: protocolFromName(serviceName),
@@ -66,7 +75,12 @@ export function createAllocatorGrpc(store: PortStore, events: AllocatorEvents, a
           const binding = service.bindings[0];
           if (binding) await events.serviceBound(tx, service, binding.app, binding.intPort);
         },
-      );
+      )
+        .catch((err: unknown) => {
+          allocations.inc({ result: err instanceof HarborError ? err.kind : "internal" });
+          throw err;
+        });
+      allocations.inc({ result: "created" });
       logger.info({ serviceId: created.id, serviceName, nodeId: created.nodeId, port: created.port, app }, "port-service-created");
       return { service: toPortService(created, app) };
     }),

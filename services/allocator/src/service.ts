@@ -2,7 +2,7 @@ import { readFileSync } from "node:fs";
 import { ANY, publishMessage, subscribeMessages, type Bus, type Subjects } from "@harbor/bus";
 import { migrate, type Pool } from "@harbor/db";
 import { DriftReport, PortBindFailed, WorkerHeartbeat, msFromTimestamp, timestampFromMs } from "@harbor/proto";
-import type { Component, GrpcService, Logger, PortRange } from "@harbor/runtime";
+import { Counter, Gauge, type Component, type GrpcService, type Logger, type MetricsRegistry, type PortRange } from "@harbor/runtime";
 import type { BusSubscription } from "@harbor/bus";
 import type { AllocatorConfig } from "./config.js";
 import { allocatorEvents } from "./events.js";
@@ -19,6 +19,7 @@ export interface AllocatorDeps {
   logger: Logger;
   /** Who may call; without one every caller is an operator. */
   auth?: Authenticator;
+  metrics?: MetricsRegistry;
 }
 
 export interface Allocator extends Component {
@@ -34,6 +35,15 @@ export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): A
   const logger = deps.logger.child({ component: "allocator" });
   const store = new PortStore(deps.pool, config.portCooldownSeconds);
   const relay = new OutboxRelay(deps.pool, deps.bus, deps.subjects, logger.child({ component: "outbox-relay" }), config.outboxPollMs);
+  new Gauge({
+    name: "harbor_allocator_outbox_pending",
+    help: "Events written but not yet relayed to NATS (read from Postgres at scrape)",
+    registers: deps.metrics ? [deps.metrics] : [],
+    async collect() {
+      const { rows } = await deps.pool.query<{ n: string }>("SELECT count(*) AS n FROM outbox");
+      this.set(Number(rows[0]?.n ?? 0));
+    },
+  });
   const subscriptions: BusSubscription[] = [];
   /** The last heartbeat of each node's worker, for the repair pass. */
   const lastBeats = new Map<string, WorkerHeartbeat>();
@@ -41,7 +51,19 @@ export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): A
 
   return {
     name: "allocator",
-    grpc: createAllocatorGrpc(store, allocatorEvents, deps.auth ?? new Authenticator(new Map()), { spacePortQuota: config.spacePortQuota }, logger),
+    grpc: createAllocatorGrpc(
+      store,
+      allocatorEvents,
+      deps.auth ?? new Authenticator(new Map()),
+      { spacePortQuota: config.spacePortQuota },
+      new Counter({
+        name: "harbor_allocator_creates_total",
+        help: "CreatePortService calls, by result (created, resource-exhausted, invalid-argument, …)",
+        labelNames: ["result"] as const,
+        registers: deps.metrics ? [deps.metrics] : [],
+      }),
+      logger,
+    ),
     store,
     async start() {
       await migrate(deps.pool, "allocator", allocatorMigrations, logger);

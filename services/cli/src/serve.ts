@@ -16,6 +16,7 @@ import {
   createLogger,
   createMetricsRegistry,
   createMetricsServer,
+  Counter,
   redactUrl,
   runUntilSignalled,
   type Component,
@@ -156,6 +157,17 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
             pass: shared.natsPass,
           });
           logger.info({ bus: bus.kind, prefix: shared.natsPrefix }, "bus-ready");
+          let reconnects = 0;
+          bus.onReconnect(() => reconnects++);
+          new Counter({
+            name: "harbor_nats_reconnects_total",
+            help: "Times this process reconnected to NATS",
+            registers: [metrics],
+            collect() {
+              this.reset();
+              this.inc(reconnects);
+            },
+          });
         },
         async () => {
           await bus?.close();
@@ -164,7 +176,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     );
 
     const grpcServices: GrpcService[] = [];
-    const deps = () => ({ pool: pool as Pool, bus: bus as Bus, subjects, logger, auth: shared.auth });
+    const deps = () => ({ pool: pool as Pool, bus: bus as Bus, subjects, logger, auth: shared.auth, metrics });
     if (allocatorConfig) {
       let stopAllocator: (() => Promise<void>) | undefined;
       components.push(

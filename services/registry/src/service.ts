@@ -8,7 +8,8 @@ import {
   RegisterInstanceRequest,
   RegisterInstanceResponse,
 } from "@harbor/proto";
-import type { Component, GrpcService, Logger } from "@harbor/runtime";
+import type { Component, GrpcService, Logger, MetricsRegistry } from "@harbor/runtime";
+import { registryMetrics } from "./metrics.js";
 import type { RegistryConfig } from "./config.js";
 import { createRegistryGrpc, toRegistration } from "./grpc.js";
 import { registryMigrations } from "./migrations.js";
@@ -23,6 +24,7 @@ export interface RegistryDeps {
   clock?: Clock;
   /** Who may call; without one every caller is an operator. */
   auth?: Authenticator;
+  metrics?: MetricsRegistry;
 }
 
 export interface RegistryService extends Component {
@@ -40,7 +42,7 @@ const SCHEMA_WAIT_MS = 60_000;
 export function createRegistry(config: RegistryConfig, deps: RegistryDeps): RegistryService {
   const logger = deps.logger.child({ component: "registry" });
   const store = new RegistryStore(deps.pool);
-  const registry = new Registry(store, deps.bus, deps.subjects, deps.clock ?? systemClock, logger);
+  const registry = new Registry(store, deps.bus, deps.subjects, deps.clock ?? systemClock, logger, registryMetrics(store, deps.metrics));
   const subscriptions: BusSubscription[] = [];
   const timers: NodeJS.Timeout[] = [];
   let sweeping: Promise<void> | undefined;

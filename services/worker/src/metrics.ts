@@ -1,13 +1,115 @@
-import { Counter, type MetricsRegistry } from "@harbor/runtime";
+import { Counter, Gauge, Histogram, type MetricsRegistry } from "@harbor/runtime";
+
+/**
+ * Plain numbers the data plane bumps on its hot paths (no label lookups per
+ * packet); Prometheus reads them at scrape time.
+ */
+export class DataPlaneCounters {
+  tcpProxied = 0;
+  tcpNoBackend = 0;
+  tcpOverLimit = 0;
+  tcpAllBackendsFailed = 0;
+  tcpBytesToBackend = 0;
+  tcpBytesToClient = 0;
+  tcpBackendFailures = 0;
+  udpToBackend = 0;
+  udpToClient = 0;
+  udpDropped = 0;
+  udpBackendUnreachable = 0;
+}
+
+export interface ListenerGauges {
+  openConnections(): number;
+  udpSessions(): number;
+  listeningPorts(): number;
+}
+
 
 /** The worker's metrics, on the process's registry (a private one when none is given, as in tests). */
-export function workerMetrics(registry?: MetricsRegistry) {
+export function workerMetrics(counters: DataPlaneCounters, gauges: ListenerGauges, registry?: MetricsRegistry) {
   const registers = registry ? [registry] : [];
+  new Counter({
+    name: "harbor_worker_tcp_connections_total",
+    help: "TCP connections accepted, by outcome",
+    labelNames: ["outcome"] as const,
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ outcome: "proxied" }, counters.tcpProxied);
+      this.inc({ outcome: "no_backend" }, counters.tcpNoBackend);
+      this.inc({ outcome: "over_limit" }, counters.tcpOverLimit);
+      this.inc({ outcome: "all_backends_failed" }, counters.tcpAllBackendsFailed);
+    },
+  });
+  new Counter({
+    name: "harbor_worker_tcp_bytes_total",
+    help: "Bytes carried over TCP (counted when a connection closes)",
+    labelNames: ["direction"] as const,
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ direction: "to_backend" }, counters.tcpBytesToBackend);
+      this.inc({ direction: "to_client" }, counters.tcpBytesToClient);
+    },
+  });
+  new Counter({
+    name: "harbor_worker_udp_datagrams_total",
+    help: "UDP datagrams, by direction; dropped = no backend",
+    labelNames: ["direction"] as const,
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ direction: "to_backend" }, counters.udpToBackend);
+      this.inc({ direction: "to_client" }, counters.udpToClient);
+      this.inc({ direction: "dropped" }, counters.udpDropped);
+    },
+  });
+  new Counter({
+    name: "harbor_worker_backend_errors_total",
+    help: "Backends that refused a TCP connection or were unreachable over UDP",
+    labelNames: ["protocol"] as const,
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ protocol: "tcp" }, counters.tcpBackendFailures);
+      this.inc({ protocol: "udp" }, counters.udpBackendUnreachable);
+    },
+  });
+  new Gauge({
+    name: "harbor_worker_tcp_connections_open",
+    help: "TCP connections open now",
+    registers,
+    collect() {
+      this.set(gauges.openConnections());
+    },
+  });
+  new Gauge({
+    name: "harbor_worker_udp_sessions",
+    help: "UDP sessions open now",
+    registers,
+    collect() {
+      this.set(gauges.udpSessions());
+    },
+  });
+  new Gauge({
+    name: "harbor_worker_listening_ports",
+    help: "Ports (per protocol) the worker listens on",
+    registers,
+    collect() {
+      this.set(gauges.listeningPorts());
+    },
+  });
   return {
     bindFailures: new Counter({
       name: "harbor_worker_bind_failures_total",
       help: "Times a worker could not listen on a service's port",
       labelNames: ["protocol"] as const,
+      registers,
+    }),
+    propagation: new Histogram({
+      name: "harbor_worker_propagation_seconds",
+      help: "From a change reaching the registry (an instance registered or gone) to the worker applying the new backend set",
+      buckets: [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
       registers,
     }),
   };

@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
 import { BackendRegistryClient, PortAllocatorClient, PortBindFailed, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
-import { workerMetrics } from "./metrics.js";
+import { DataPlaneCounters, workerMetrics } from "./metrics.js";
 import { grpc, type Component, type Logger, type MetricsRegistry } from "@harbor/runtime";
 import type { WorkerConfig } from "./config.js";
 import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
@@ -39,7 +39,17 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const listeners = new Map<string, PortListener>();
   /** Listeners whose failure to bind has been reported. */
   const bindFailures = new Set<string>();
-  const failedBinds = workerMetrics(deps.metrics).bindFailures;
+  const counters = new DataPlaneCounters();
+  const metrics = workerMetrics(
+    counters,
+    {
+      openConnections: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof TcpListener ? l.connections : 0), 0),
+      udpSessions: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof UdpListener ? l.sessionCount : 0), 0),
+      listeningPorts: () => [...listeners.values()].filter((l) => l.listening).length,
+    },
+    deps.metrics,
+  );
+  const failedBinds = metrics.bindFailures;
   let listenHost: string | undefined;
   let reconciling = Promise.resolve();
   let heartbeat: NodeJS.Timeout | undefined;
@@ -48,7 +58,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const registry = new BackendRegistryClient(config.registryAddress, grpc.credentials.createInsecure());
 
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
-    const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, logger };
+    const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, counters, logger };
     return protocol === "tcp"
       ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort })
       : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions });
@@ -135,6 +145,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     registry,
     resyncIntervalMs: config.resyncIntervalMs,
     token: config.token,
+    propagation: metrics.propagation,
     logger,
     onChange: () => void scheduleReconcile(),
   });

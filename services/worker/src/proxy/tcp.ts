@@ -3,6 +3,7 @@ import type { Logger } from "pino";
 import { Ejections, RoundRobin, systemClock } from "@harbor/core";
 import { spliceSockets } from "@harbor/runtime";
 import type { Backend } from "@harbor/proto";
+import type { DataPlaneCounters } from "../metrics.js";
 import type { PortListener } from "./listener.js";
 
 export interface TcpListenerOptions {
@@ -16,6 +17,7 @@ export interface TcpListenerOptions {
   maxConnections: number;
   /** How long a backend that refused or timed out stays out of rotation. */
   passiveEjectMs: number;
+  counters: DataPlaneCounters;
   logger: Logger;
 }
 
@@ -38,8 +40,6 @@ export class TcpListener implements PortListener {
   private readonly pending = new Set<net.Socket>();
   listening = false;
   error: string | undefined;
-  /** Clients closed because the port was at its connection limit. */
-  refused = 0;
   readonly ejections: Ejections;
 
   constructor(private readonly options: TcpListenerOptions) {
@@ -107,13 +107,14 @@ export class TcpListener implements PortListener {
   private accept(client: net.Socket): void {
     client.on("error", () => undefined); // the pair's close handling tears both down
     if (this.connections >= this.options.maxConnections) {
-      this.refused++;
+      this.options.counters.tcpOverLimit++;
       client.destroy();
       return;
     }
     const backends = this.options.backends();
     const start = this.rotation.start(backends.length);
     if (start < 0) {
+      this.options.counters.tcpNoBackend++;
       client.destroy();
       return;
     }
@@ -150,8 +151,12 @@ export class TcpListener implements PortListener {
       // Refused or timed out: out of rotation for a while, then tried again.
       if (!this.ejections.isEjected(key)) this.options.logger.info({ serviceId: this.options.serviceId, backend: key, err: err.message }, "backend-ejected");
       this.ejections.eject(key);
+      this.options.counters.tcpBackendFailures++;
       if (attempt + 1 < backends.length) this.connect(client, backends, attempt + 1);
-      else client.destroy();
+      else {
+        this.options.counters.tcpAllBackendsFailed++;
+        client.destroy();
+      }
     });
     upstream.once("connect", () => {
       clearTimeout(timer);
@@ -167,7 +172,13 @@ export class TcpListener implements PortListener {
     this.open.add(pair);
     client.setNoDelay(true);
     upstream.setNoDelay(true);
-    spliceSockets(client, upstream, () => this.open.delete(pair));
+    this.options.counters.tcpProxied++;
+    spliceSockets(client, upstream, () => {
+      this.open.delete(pair);
+      // Counted once, at close: nothing is added up per chunk.
+      this.options.counters.tcpBytesToBackend += upstream.bytesWritten;
+      this.options.counters.tcpBytesToClient += client.bytesWritten;
+    });
     client.resume();
   }
 }

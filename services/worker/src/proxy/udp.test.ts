@@ -2,6 +2,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { freePort, startUdpEchoBackend, udpClient, waitFor, type UdpClient, type UdpEchoBackend } from "@harbor/testkit";
+import { DataPlaneCounters } from "../metrics.js";
 import { UdpListener } from "./udp.js";
 
 const logger = createLogger("test", "silent");
@@ -20,6 +21,7 @@ async function setup(names: string[], options: { sessionIdleMs?: number; maxSess
   }
   let set: Backend[] = backends.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
   const port = await freePort();
+  const counters = new DataPlaneCounters();
   const listener = new UdpListener({
     serviceId: "s",
     host: "127.0.0.1",
@@ -28,6 +30,7 @@ async function setup(names: string[], options: { sessionIdleMs?: number; maxSess
     sessionIdleMs: options.sessionIdleMs ?? 60_000,
     maxSessions: options.maxSessions ?? 100,
     passiveEjectMs: 5_000,
+    counters,
     logger,
   });
   expect(await listener.listen()).toBe(true);
@@ -41,6 +44,7 @@ async function setup(names: string[], options: { sessionIdleMs?: number; maxSess
   };
   return {
     listener,
+    counters,
     backends,
     client,
     setBackends: (next: Backend[]) => {
@@ -80,9 +84,10 @@ describe("udp listener - sessions", () => {
   });
 
   it("drops datagrams when there is no backend, and counts them", async () => {
-    const { listener, client, setBackends } = await setup(["a"]);
+    const { counters, client, setBackends } = await setup(["a"]);
     setBackends([]);
     await expect((await client()).ask("lost", 200)).rejects.toThrow(/no UDP reply/);
-    expect(listener.dropped).toBe(1);
+    expect(counters.udpDropped).toBe(1);
+    expect(counters.udpToBackend).toBe(0);
   });
 });

@@ -3,6 +3,7 @@ import { isIPv6 } from "node:net";
 import type { Logger } from "pino";
 import { Ejections, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
+import type { DataPlaneCounters } from "../metrics.js";
 import type { PortListener } from "./listener.js";
 
 export interface UdpListenerOptions {
@@ -17,6 +18,7 @@ export interface UdpListenerOptions {
   maxSessions: number;
   /** A backend that answered "port unreachable" is out of rotation for this long. */
   passiveEjectMs: number;
+  counters: DataPlaneCounters;
   logger: Logger;
 }
 
@@ -52,8 +54,6 @@ export class UdpListener implements PortListener {
   private sweeper: NodeJS.Timeout | undefined;
   listening = false;
   error: string | undefined;
-  /** Datagrams dropped because no backend was there. */
-  dropped = 0;
 
   constructor(private readonly options: UdpListenerOptions) {
     this.ejections = new Ejections(systemClock, options.passiveEjectMs);
@@ -101,7 +101,7 @@ export class UdpListener implements PortListener {
     if (!session) {
       const backend = this.primary();
       if (!backend) {
-        this.dropped++;
+        this.options.counters.udpDropped++;
         return;
       }
       session = this.openSession(address, port, backend);
@@ -116,6 +116,7 @@ export class UdpListener implements PortListener {
   }
 
   private forward(session: Session, msg: Buffer): void {
+    this.options.counters.udpToBackend++;
     try {
       session.upstream.send(msg);
     } catch (err) {
@@ -146,12 +147,14 @@ export class UdpListener implements PortListener {
     });
     upstream.on("message", (reply) => {
       session.lastSeen = Date.now();
+      this.options.counters.udpToClient++;
       this.socket?.send(reply, clientPort, clientAddress);
     });
     upstream.on("error", (err: NodeJS.ErrnoException) => {
       if (err.code === "ECONNREFUSED") {
         // ICMP port unreachable: the backend is gone; pass it over and move this session.
         this.ejections.eject(session.backendKey);
+        this.options.counters.udpBackendUnreachable++;
         this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
         this.closeSession(key);
         return;

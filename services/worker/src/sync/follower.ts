@@ -5,6 +5,7 @@ import {
   BindingEvent,
   NodeEvent,
   PortServiceEvent,
+  msFromTimestamp,
   type BackendRegistryClient,
   type PortAllocatorClient,
 } from "@harbor/proto";
@@ -23,6 +24,8 @@ export interface FollowerOptions {
   resyncIntervalMs: number;
   /** Bearer token for the control plane's API. */
   token?: string;
+  /** Observes, for each set applied from the bus, the time since its change reached the registry. */
+  propagation?: { observe(seconds: number): void };
   logger: Logger;
   /** Called after every change of the view, so listeners follow. */
   onChange: () => void;
@@ -128,7 +131,10 @@ export class Follower {
         // applied anyway, and a snapshot fills in the rest.
         const held = view.revision(e.set.serviceId);
         if (held > 0n && isGap(held, e.set.revision)) void this.resync("revision-gap");
-        return view.applySet(e.set);
+        const applied = view.applySet(e.set);
+        const changedAt = msFromTimestamp(e.set.changedAt);
+        if (applied && changedAt !== undefined) this.o.propagation?.observe(Math.max(0, Date.now() - changedAt) / 1000);
+        return applied;
       }
       case "node": {
         const host = e.event.node?.host;
