@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import type { Bus, Subjects } from "@harbor/bus";
-import { withTransaction, type Pool, type PoolClient } from "@harbor/db";
+import { withTransaction, type Pool } from "@harbor/db";
 import type { Component } from "@harbor/runtime";
 import type { OutboxEvent } from "./store.js";
 
@@ -17,13 +17,13 @@ const FLUSH_TIMEOUT_MS = 2_000;
 /**
  * Relays outbox rows to NATS at least once: rows are deleted only after the
  * bus has flushed them, in the transaction that locked them (SKIP LOCKED lets
- * replicas share the work). A commit wakes it through NOTIFY; a timer covers
- * a lost notification. Each event carries its row id as `sequence`.
+ * replicas share the work). This allocator's commits wake it (`kick`); a
+ * timer picks up rows any other replica wrote. Each event carries its row id
+ * as `sequence`.
  */
 export class OutboxRelay implements Component {
   readonly name = "outbox-relay";
   private timer: NodeJS.Timeout | undefined;
-  private listener: PoolClient | undefined;
   private running: Promise<void> | undefined;
   private again = false;
   private stopped = false;
@@ -37,18 +37,6 @@ export class OutboxRelay implements Component {
   ) {}
 
   async start(): Promise<void> {
-    try {
-      this.listener = await this.pool.connect();
-      this.listener.on("notification", () => this.kick());
-      this.listener.on("error", (err) => {
-        this.logger.warn({ err }, "outbox-listen-lost");
-        this.listener?.release(true);
-        this.listener = undefined;
-      });
-      await this.listener.query("LISTEN harbor_outbox");
-    } catch (err) {
-      this.logger.warn({ err }, "outbox-listen-failed-polling-only");
-    }
     this.timer = setInterval(() => this.kick(), this.pollMs);
     this.kick();
   }
@@ -117,8 +105,6 @@ export class OutboxRelay implements Component {
     await this.running;
     this.stopped = true;
     await this.drain();
-    this.listener?.release();
-    this.listener = undefined;
   }
 }
 

@@ -33,8 +33,8 @@ export interface Allocator extends Component {
  */
 export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): Allocator {
   const logger = deps.logger.child({ component: "allocator" });
-  const store = new PortStore(deps.pool, config.portCooldownSeconds);
   const relay = new OutboxRelay(deps.pool, deps.bus, deps.subjects, logger.child({ component: "outbox-relay" }), config.outboxPollMs);
+  const store = new PortStore(deps.pool, config.portCooldownSeconds, () => relay.kick());
   new Gauge({
     name: "harbor_allocator_outbox_pending",
     help: "Events written but not yet relayed to NATS (read from Postgres at scrape)",

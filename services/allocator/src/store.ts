@@ -156,35 +156,70 @@ function nodeFromRow(row: NodeRow): NodeRecord {
  * commits together with its outbox rows.
  */
 export class PortStore {
+  /**
+   * Free ports per node, counted at most once a second: counting every node
+   * on every create costs O(allocations). The choice is a heuristic; the
+   * unique constraint decides.
+   */
+  private nodeLoad: { at: number; nodes: Array<ChosenNode & { free: number }> } | undefined;
+
   constructor(
     private readonly pool: Pool,
     /** How long a released port is kept from other services. */
     private readonly cooldownSeconds = 300,
+    /** Runs after each committed change (they all write outbox rows): wakes the relay. */
+    private readonly afterCommit: () => void = () => undefined,
   ) {}
 
+  /** A change and its outbox rows, in one transaction. */
+  private async change<T>(fn: (tx: PoolClient) => Promise<T>): Promise<T> {
+    const result = await withTransaction(this.pool, fn);
+    this.afterCommit();
+    return result;
+  }
+
   async createService(input: NewService, app: string | undefined, scope: Scope, onCreated: AfterChange): Promise<ServiceRecord> {
-    return withTransaction(this.pool, async (tx) => {
+    try {
+      return await this.insertService(input, app, scope, onCreated);
+    } catch (err) {
+      // The unique index on the name decides; the message names what holds it.
+      if (!(err instanceof AlreadyExistsError) || !/^a port service named/.test(err.message)) throw err;
+      const { rows } = await query<{ service_name: string; port: number; node_id: string }>(
+        this.pool,
+        "SELECT service_name, port, node_id FROM port_services WHERE lower(service_name) = lower($1)",
+        [input.serviceName],
+      );
+      const holder = rows[0];
+      throw holder ? new AlreadyExistsError(`a port service named "${holder.service_name}" already exists (port ${holder.port} on node ${holder.node_id})`) : err;
+    }
+  }
+
+  private async insertService(input: NewService, app: string | undefined, scope: Scope, onCreated: AfterChange): Promise<ServiceRecord> {
+    return this.change(async (tx) => {
       const space = scope.space ?? "";
       if (scope.space !== undefined && scope.quota !== undefined) await checkQuota(tx, scope.space, scope.quota);
       if (app) await claimApp(tx, app, scope);
-      const existing = await findServiceByName(tx, input.serviceName);
-      if (existing) {
-        throw new AlreadyExistsError(
-          `a port service named "${existing.serviceName}" already exists (port ${existing.port} on node ${existing.nodeId})`,
-        );
-      }
       const id = randomUUID();
       // A service re-created soon after its deletion gets its old port back when it is free.
-      const previous = input.nodeId === undefined && input.port === undefined ? await previousPort(tx, input.serviceName) : undefined;
-      const node = previous ? previous.node : await chooseNode(tx, input);
+      const previous = await takePreviousPort(tx, input);
+      const guessed = !previous && input.nodeId === undefined && input.port === undefined;
+      const node = previous ? previous.node : guessed ? await this.leastLoadedNode(tx, input) : await chooseNode(tx, input);
       if (input.port !== undefined) await insertAtPort(tx, id, input, node, input.port, this.cooldownSeconds);
       else if (!(previous && (await tryInsertAt(tx, id, input, node, previous.port)))) {
-        await insertAtRandomFreePort(tx, id, input, node, this.cooldownSeconds);
+        try {
+          await insertAtRandomFreePort(tx, id, input, node, this.cooldownSeconds);
+        } catch (err) {
+          // The cached counts were stale and that node is full: choose again, exactly.
+          if (!(guessed && err instanceof ResourceExhaustedError)) throw err;
+          this.nodeLoad = undefined;
+          const exact = await chooseNode(tx, input);
+          if (exact.node_id === node.node_id) throw err;
+          await insertAtRandomFreePort(tx, id, input, exact, this.cooldownSeconds);
+        }
       }
       if (space !== "" || input.healthCheck) {
         await tx.query("UPDATE port_services SET space = $2, health_check = $3 WHERE id = $1", [id, space, input.healthCheck ? JSON.stringify(input.healthCheck) : null]);
       }
-      await tx.query("DELETE FROM released_ports WHERE lower(service_name) = lower($1)", [input.serviceName]);
       if (app) await bind(tx, id, app);
       const created = (await findServiceById(tx, id)) as ServiceRecord;
       await onCreated(tx, created);
@@ -220,7 +255,7 @@ export class PortStore {
   }
 
   async deleteService(name: string, scope: Scope, onDeleted: AfterChange): Promise<ServiceRecord> {
-    return withTransaction(this.pool, async (tx) => {
+    return this.change(async (tx) => {
       const service = await findServiceByName(tx, name, true);
       if (!service || !visible(service.space, scope)) throw notFound(name);
       await tx.query("DELETE FROM port_services WHERE id = $1", [service.id]);
@@ -235,7 +270,7 @@ export class PortStore {
   }
 
   async bindService(name: string, app: string, scope: Scope, onBound: (tx: PoolClient, service: ServiceRecord, intPort: number) => Promise<void>): Promise<ServiceRecord> {
-    return withTransaction(this.pool, async (tx) => {
+    return this.change(async (tx) => {
       const service = await findServiceByName(tx, name, true);
       if (!service || !visible(service.space, scope)) throw notFound(name);
       await claimApp(tx, app, scope);
@@ -251,7 +286,7 @@ export class PortStore {
   }
 
   async unbindService(name: string, app: string, scope: Scope, onUnbound: (tx: PoolClient, service: ServiceRecord, intPort: number) => Promise<void>): Promise<void> {
-    await withTransaction(this.pool, async (tx) => {
+    await this.change(async (tx) => {
       const service = await findServiceByName(tx, name, true);
       if (!service || !visible(service.space, scope)) throw notFound(name);
       const { rows } = await tx.query<{ int_port: number }>(
@@ -278,7 +313,7 @@ export class PortStore {
     node: { nodeId: string } & Partial<Omit<NodeRecord, "nodeId" | "allocated" | "workerSeenAt" | "blocked">> & { reserved?: BlockedRange[] },
     onUpdated: (tx: PoolClient, node: NodeRecord) => Promise<void>,
   ): Promise<NodeRecord> {
-    return withTransaction(this.pool, async (tx) => {
+    return this.change(async (tx) => {
       const { rows: current } = await tx.query<NodeRow>(`${NODE_SELECT} WHERE n.node_id = $1 FOR UPDATE OF n`, [node.nodeId]);
       const before = current[0] ? nodeFromRow(current[0]) : undefined;
       const merged = {
@@ -332,6 +367,18 @@ export class PortStore {
     });
   }
 
+  private async leastLoadedNode(tx: PoolClient, input: NewService): Promise<ChosenNode> {
+    if (!this.nodeLoad || Date.now() - this.nodeLoad.at > 1_000) {
+      const { rows } = await tx.query<ChosenNode & { free: string }>(`${NODE_FREE_SELECT}`);
+      this.nodeLoad = { at: Date.now(), nodes: rows.map((r) => ({ ...r, free: Number(r.free) })) };
+    }
+    let best: (ChosenNode & { free: number }) | undefined;
+    for (const n of this.nodeLoad.nodes) if (!best || n.free > best.free) best = n;
+    if (!best || best.free <= 0) return chooseNode(tx, input);
+    best.free--;
+    return best;
+  }
+
   /** Creates the node if missing; returns whether it was created. */
   async ensureNode(node: Omit<NodeRecord, "allocated" | "workerSeenAt" | "blocked">): Promise<boolean> {
     const { rowCount } = await query(
@@ -370,10 +417,13 @@ export class PortStore {
 /** Writes the outbox rows of a change, inside its transaction. */
 export type AfterChange = (tx: PoolClient, service: ServiceRecord) => Promise<void>;
 
+/**
+ * No NOTIFY here: Postgres serialises the commits of every notifying
+ * transaction, which capped creates at a few hundred a second. The allocator
+ * wakes its own relay after a commit; other replicas' relays poll.
+ */
 export async function writeOutbox(tx: PoolClient, event: OutboxEvent, nodeId: string, payload: unknown): Promise<void> {
   await tx.query("INSERT INTO outbox (event, node_id, payload) VALUES ($1, $2, $3)", [event, nodeId, JSON.stringify(payload)]);
-  // Wakes the relay at once instead of at its next poll (delivered on commit).
-  await tx.query("NOTIFY harbor_outbox");
 }
 
 function visible(space: string, scope: Scope): boolean {
@@ -416,6 +466,13 @@ async function findServiceById(tx: PoolClient, id: string): Promise<ServiceRecor
   return rows[0] ? serviceFromRow(rows[0]) : undefined;
 }
 
+/** Every node with how many ports of its range are not allocated. */
+const NODE_FREE_SELECT = `
+  SELECT n.node_id, n.port_min, n.port_max,
+         (n.port_max - n.port_min + 1) -
+         (SELECT count(*) FROM port_services s WHERE s.node_id = n.node_id AND s.port BETWEEN n.port_min AND n.port_max) AS free
+    FROM nodes n`;
+
 interface ChosenNode {
   node_id: string;
   port_min: number;
@@ -444,12 +501,7 @@ async function chooseNode(tx: PoolClient, input: NewService): Promise<ChosenNode
     return rows[0];
   }
   // The node with the most free ports takes a new service.
-  const { rows } = await tx.query<ChosenNode & { free: string }>(
-    `SELECT n.node_id, n.port_min, n.port_max,
-            (n.port_max - n.port_min + 1) -
-            (SELECT count(*) FROM port_services s WHERE s.node_id = n.node_id AND s.port BETWEEN n.port_min AND n.port_max) AS free
-       FROM nodes n ORDER BY free DESC, n.node_id LIMIT 1`,
-  );
+  const { rows } = await tx.query<ChosenNode & { free: string }>(`${NODE_FREE_SELECT} ORDER BY free DESC, n.node_id LIMIT 1`);
   const best = rows[0];
   if (!best) throw new FailedPreconditionError("no harbor node is configured; an operator adds one with `harbor set-node`");
   if (Number(best.free) <= 0) throw new ResourceExhaustedError(`no free port on any harbor node (${await describeRanges(tx)})`);
@@ -464,19 +516,25 @@ async function describeRanges(tx: PoolClient): Promise<string> {
   return rows.map((r) => `${r.node_id} ${r.port_min}-${r.port_max}: ${r.used} of ${r.port_max - r.port_min + 1} allocated`).join("; ") || "no nodes";
 }
 
-/** The port a service of this name held most recently, if it is free and offered now. */
-async function previousPort(tx: PoolClient, serviceName: string): Promise<{ node: ChosenNode; port: number } | undefined> {
+/**
+ * Drops this name's claims on released ports and returns the most recent one
+ * when it can be offered again (in its node's range, not blocked) and no
+ * node or port was asked for; in the transaction, so a failed create keeps
+ * the claim.
+ */
+async function takePreviousPort(tx: PoolClient, input: NewService): Promise<{ node: ChosenNode; port: number } | undefined> {
   const { rows } = await tx.query<ChosenNode & { port: number }>(
-    `SELECT n.node_id, n.port_min, n.port_max, r.port
-       FROM released_ports r JOIN nodes n ON n.node_id = r.node_id
-      WHERE lower(r.service_name) = lower($1) AND r.port BETWEEN n.port_min AND n.port_max
-        AND NOT EXISTS (SELECT 1 FROM port_services s WHERE s.node_id = r.node_id AND s.port = r.port)
+    `WITH released AS (DELETE FROM released_ports WHERE lower(service_name) = lower($1) RETURNING node_id, port, released_at)
+     SELECT n.node_id, n.port_min, n.port_max, r.port
+       FROM released r JOIN nodes n ON n.node_id = r.node_id
+      WHERE r.port BETWEEN n.port_min AND n.port_max
         AND NOT EXISTS (SELECT 1 FROM blocked_ports b WHERE b.node_id = r.node_id AND r.port BETWEEN b.port_min AND b.port_max)
       ORDER BY r.released_at DESC LIMIT 1`,
-    [serviceName],
+    [input.serviceName],
   );
   const row = rows[0];
-  return row ? { node: { node_id: row.node_id, port_min: row.port_min, port_max: row.port_max }, port: row.port } : undefined;
+  if (!row || input.nodeId !== undefined || input.port !== undefined) return undefined;
+  return { node: { node_id: row.node_id, port_min: row.port_min, port_max: row.port_max }, port: row.port };
 }
 
 /** Claims a port if nobody holds it; false if someone does. */
@@ -533,33 +591,44 @@ async function insertAtPort(tx: PoolClient, id: string, input: NewService, node:
  * nothing and another free port is tried. Each retry means someone else got
  * a port, so the loop ends; RESOURCE_EXHAUSTED only when none is free.
  */
+/**
+ * Picks a random free port of the node's range and claims it. A concurrent
+ * transaction may claim the same port first: ON CONFLICT then inserts
+ * nothing and another free port is tried. Each retry means someone else got
+ * a port, so the loop ends; RESOURCE_EXHAUSTED only when none is free.
+ */
 async function insertAtRandomFreePort(tx: PoolClient, id: string, input: NewService, node: ChosenNode, cooldownSeconds: number): Promise<void> {
   for (;;) {
-    // Free: not allocated, not blocked, not cooling down after a release.
-    const { rows: candidates } = await tx.query<{ port: number }>(
-      `SELECT p AS port FROM generate_series($2::int, $3::int) AS p
-        WHERE NOT EXISTS (SELECT 1 FROM port_services s WHERE s.node_id = $1 AND s.port = p)
-          AND NOT EXISTS (SELECT 1 FROM blocked_ports b WHERE b.node_id = $1 AND p BETWEEN b.port_min AND b.port_max)
-          AND NOT EXISTS (SELECT 1 FROM released_ports r WHERE r.node_id = $1 AND r.port = p
-                                                          AND r.released_at > now() - make_interval(secs => $4))
-        ORDER BY random() LIMIT 1`,
-      [node.node_id, node.port_min, node.port_max, cooldownSeconds],
-    );
-    const candidate = candidates[0];
-    if (!candidate) throw await exhausted(tx, node);
-    let inserted: number;
-    try {
-      const result = await tx.query(
-        `INSERT INTO port_services (id, service_name, node_id, port, protocol, https_proxy) VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (node_id, port) DO NOTHING`,
-        [id, input.serviceName, node.node_id, candidate.port, input.protocol, input.httpsProxy],
-      );
-      inserted = result.rowCount ?? 0;
-    } catch (err) {
-      throw nameTaken(err, input.serviceName);
-    }
-    if (inserted === 1) return;
+    const candidate = await randomFreePort(tx, node, cooldownSeconds);
+    if (candidate === undefined) throw await exhausted(tx, node);
+    if (await tryInsertAt(tx, id, input, node, candidate)) return;
   }
+}
+
+/** Free: not allocated, not blocked, not cooling down after a release. */
+const FREE = `
+  NOT EXISTS (SELECT 1 FROM port_services s WHERE s.node_id = $1 AND s.port = p)
+  AND NOT EXISTS (SELECT 1 FROM blocked_ports b WHERE b.node_id = $1 AND p BETWEEN b.port_min AND b.port_max)
+  AND NOT EXISTS (SELECT 1 FROM released_ports r WHERE r.node_id = $1 AND r.port = p AND r.released_at > now() - make_interval(secs => $2))`;
+
+/** Ports sampled at random before falling back to scanning the whole range. */
+const SAMPLES = 16;
+
+/**
+ * A random free port: first from a few random picks (a handful of index
+ * probes, whatever the range's size), and only when none of them is free —
+ * the range is nearly full — from a scan of the whole range.
+ */
+async function randomFreePort(tx: PoolClient, node: ChosenNode, cooldownSeconds: number): Promise<number | undefined> {
+  const size = node.port_max - node.port_min + 1;
+  const picks = Array.from({ length: Math.min(SAMPLES, size) }, () => node.port_min + Math.floor(Math.random() * size));
+  const { rows: sampled } = await tx.query<{ port: number }>(`SELECT p AS port FROM unnest($3::int[]) AS p WHERE ${FREE} LIMIT 1`, [node.node_id, cooldownSeconds, picks]);
+  if (sampled[0]) return sampled[0].port;
+  const { rows: scanned } = await tx.query<{ port: number }>(
+    `SELECT p AS port FROM generate_series($3::int, $4::int) AS p WHERE ${FREE} ORDER BY random() LIMIT 1`,
+    [node.node_id, cooldownSeconds, node.port_min, node.port_max],
+  );
+  return scanned[0]?.port;
 }
 
 async function exhausted(tx: PoolClient, node: ChosenNode): Promise<ResourceExhaustedError> {

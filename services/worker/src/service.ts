@@ -78,36 +78,22 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     }
   };
 
-  /**
-   * Opens a listener per protocol of every service of the node and closes the
-   * rest; tells every listener its set may have changed; on a host change,
-   * reopens all.
-   */
-  const reconcile = async () => {
-    if (stopped) return;
-    const host = config.listenHost ?? view.host;
-    if (!host) return;
-    if (host !== listenHost) {
-      if (listenHost !== undefined) logger.info({ from: listenHost, to: host }, "listen-host-changed");
-      await Promise.all([...listeners.values()].map((l) => l.close()));
-      for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
-      listeners.clear();
-      listenHost = host;
-    }
-    const wanted = new Map<string, ServiceView>();
-    for (const service of view.listServices()) for (const protocol of protocolsOf(service)) wanted.set(`${service.id}/${protocol}`, service);
-    for (const [key, listener] of listeners) {
-      const service = wanted.get(key);
-      if (!service || service.port !== listener.port) {
+  /** Opens, keeps or closes the listeners of one service (`service` undefined: it is gone). */
+  const reconcileService = async (id: string, service: ServiceView | undefined, host: string) => {
+    const wanted = new Set(service ? protocolsOf(service) : []);
+    for (const protocol of ["tcp", "udp"] as const) {
+      const key = `${id}/${protocol}`;
+      let listener = listeners.get(key);
+      if (listener && (!service || !wanted.has(protocol) || service.port !== listener.port)) {
         listeners.delete(key);
+        bindFailures.delete(key);
         syncChecker(key, undefined, undefined);
         await listener.close();
+        listener = undefined;
       }
-    }
-    for (const [key, service] of wanted) {
-      let listener = listeners.get(key);
+      if (!service || !wanted.has(protocol)) continue;
       if (!listener) {
-        listener = createListener(service, key.endsWith("/udp") ? "udp" : "tcp", host);
+        listener = createListener(service, protocol, host);
         listeners.set(key, listener);
       }
       if (!listener.listening) {
@@ -130,8 +116,39 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       syncChecker(key, service, listener);
     }
   };
+
+  /** Services whose listeners need a look; `all` after a snapshot, a host change, or on the heartbeat's retry pass. */
+  const dirty = new Set<string>();
+  let dirtyAll = true;
+
+  /**
+   * Brings the listeners in line with the view: a listener per protocol of
+   * every service of the node. An event touches one service, so only that
+   * one is looked at; on a host change every listener is reopened.
+   */
+  const reconcile = async () => {
+    if (stopped) return;
+    const host = config.listenHost ?? view.host;
+    if (!host) return;
+    let all = dirtyAll;
+    const ids = [...dirty];
+    dirtyAll = false;
+    dirty.clear();
+    if (host !== listenHost) {
+      if (listenHost !== undefined) logger.info({ from: listenHost, to: host }, "listen-host-changed");
+      await Promise.all([...listeners.values()].map((l) => l.close()));
+      for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
+      listeners.clear();
+      listenHost = host;
+      all = true;
+    }
+    const todo = all ? new Set([...view.listServices().map((s) => s.id), ...[...listeners.keys()].map((k) => k.slice(0, k.indexOf("/")))]) : new Set(ids);
+    for (const id of todo) await reconcileService(id, view.service(id), host);
+  };
   // Reconciles run one after another, so listeners are never opened twice.
-  const scheduleReconcile = () => {
+  const scheduleReconcile = (serviceId?: string) => {
+    if (serviceId === undefined) dirtyAll = true;
+    else dirty.add(serviceId);
     reconciling = reconciling.then(reconcile).catch((err: unknown) => logger.error({ err }, "listener-reconcile-failed"));
     return reconciling;
   };
@@ -147,7 +164,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     token: config.token,
     propagation: metrics.propagation,
     logger,
-    onChange: () => void scheduleReconcile(),
+    onChange: (serviceId) => void scheduleReconcile(serviceId),
   });
 
   const publishHeartbeat = () => {

@@ -27,13 +27,25 @@ export interface FollowerOptions {
   /** Observes, for each set applied from the bus, the time since its change reached the registry. */
   propagation?: { observe(seconds: number): void };
   logger: Logger;
-  /** Called after every change of the view, so listeners follow. */
-  onChange: () => void;
+  /** Called after every change of the view, with the service it touched (none: look at all), so listeners follow. */
+  onChange: (serviceId?: string) => void;
 }
 
 type Event = { kind: "created" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet } | { kind: "node"; event: NodeEvent };
 
 const RETRY_MS = 1_000;
+
+/** The service an event is about; undefined for node changes, which concern every listener. */
+function touched(e: Event): string | undefined {
+  switch (e.kind) {
+    case "set":
+      return e.set.serviceId;
+    case "node":
+      return undefined;
+    default:
+      return e.event.service?.name;
+  }
+}
 
 function problemOf(e: Event): string | undefined {
   switch (e.kind) {
@@ -105,7 +117,7 @@ export class Follower {
       return;
     }
     if (this.held) this.held.push(event);
-    else if (this.apply(event)) this.o.onChange();
+    else if (this.apply(event)) this.o.onChange(touched(event));
   }
 
   private apply(e: Event): boolean {

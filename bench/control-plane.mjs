@@ -1,0 +1,217 @@
+// Control-plane benchmark: allocation throughput as allocations grow, and
+// propagation latency (instance registered → in rotation; gone → out) as
+// services grow. Drives `harbor serve all` through its own gRPC API.
+//
+//   node bench/control-plane.mjs [--smoke|--full]
+//
+// Needs the build (npm run build), Postgres on 127.0.0.1:5432 and NATS on
+// 127.0.0.1:4222, as the tests do. Prints Markdown tables; writes them to
+// bench/results/control-plane.md.
+import { spawn, execFileSync } from "node:child_process";
+import { mkdirSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { performance } from "node:perf_hooks";
+import * as grpc from "@grpc/grpc-js";
+import pg from "pg";
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
+const { PortAllocatorClient, BackendRegistryClient } = await import(join(ROOT, "libs/proto/dist/index.js"));
+
+const full = process.argv.includes("--full");
+const SCALES = full ? [0, 10_000, 25_000, 50_000] : [0, 5_000];
+const BATCH = full ? 2_000 : 1_000;
+const CONCURRENCY = 32;
+const SERVICE_COUNTS = full ? [10, 1_000, 10_000] : [10, 1_000];
+const LATENCY_SAMPLES = full ? 100 : 30;
+const NODE_RANGE = 2_500; // ports per synthetic node: 20 nodes hold 50,000
+
+const freePort = () =>
+  new Promise((resolve) => {
+    const s = net.createServer().listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+
+function call(client, method, request, timeoutMs = 30_000) {
+  return new Promise((resolve, reject) =>
+    client[method](request, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res))),
+  );
+}
+
+async function withDatabase(fn) {
+  const name = `harbor_bench_${Date.now().toString(36)}`;
+  const admin = new pg.Client({ connectionString: "postgres://postgres@127.0.0.1:5432/postgres" });
+  await admin.connect();
+  await admin.query(`CREATE DATABASE ${name}`);
+  try {
+    return await fn(`postgres://postgres@127.0.0.1:5432/${name}`);
+  } finally {
+    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+    await admin.end();
+  }
+}
+
+/** `harbor serve all` on a database of its own; resolves when it is running. */
+async function startHarbor(databaseUrl, env = {}) {
+  const api = `127.0.0.1:${await freePort()}`;
+  const child = spawn(process.execPath, [join(ROOT, "services/cli/bin/harbor.js"), "serve", "all"], {
+    env: { ...process.env, DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: `bench${Date.now().toString(36)}`, LOG_LEVEL: "warn", ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  child.stdout.on("data", (d) => (out += d));
+  child.stderr.on("data", (d) => (out += d));
+  await new Promise((resolve, reject) => {
+    const timer = setInterval(() => out.includes("Harbor is running") && (clearInterval(timer), resolve()), 20);
+    child.once("exit", (code) => reject(new Error(`harbor exited ${code}: ${out.slice(-2000)}`)));
+  });
+  const credentials = grpc.credentials.createInsecure();
+  return {
+    api,
+    allocator: new PortAllocatorClient(api, credentials),
+    registry: new BackendRegistryClient(api, credentials),
+    stop: () => new Promise((resolve) => (child.once("exit", resolve), child.kill("SIGTERM"))),
+  };
+}
+
+const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+
+/** Creates `count` services CONCURRENCY at a time; returns creates per second. */
+async function createMany(allocator, prefix, count) {
+  let next = 0;
+  const started = performance.now();
+  await Promise.all(
+    Array.from({ length: CONCURRENCY }, async () => {
+      for (let i = next++; i < count; i = next++) await call(allocator, "createPortService", { name: `${prefix}-${i}`, nodeId: "", port: 0, app: "" });
+    }),
+  );
+  return count / ((performance.now() - started) / 1000);
+}
+
+async function allocationThroughput() {
+  return withDatabase(async (url) => {
+    const harbor = await startHarbor(url, { HARBOR_PORT_RANGE: `20000-${20000 + NODE_RANGE - 1}` });
+    const rows = [];
+    try {
+      // Synthetic nodes (no worker needed to allocate) so 50,000 ports fit.
+      const nodes = Math.ceil((SCALES.at(-1) + BATCH * SCALES.length) / NODE_RANGE) + 1;
+      for (let i = 2; i <= nodes; i++) {
+        const min = 20000 + (i % 4) * NODE_RANGE;
+        await call(harbor.allocator, "upsertNode", { node: { nodeId: `bench-${i}`, hostname: "", host: `10.1.${Math.floor(i / 250)}.${i % 250}`, extHostname: "", extHost: "", portMin: min, portMax: min + NODE_RANGE - 1, allocated: 0, blocked: [] } });
+      }
+      let existing = 0;
+      for (const scale of SCALES) {
+        if (scale > existing) {
+          await createMany(harbor.allocator, `fill-${scale}`, scale - existing);
+          existing = scale;
+        }
+        const rate = await createMany(harbor.allocator, `batch-${scale}`, BATCH);
+        existing += BATCH;
+        rows.push({ existing: scale, rate });
+        process.stderr.write(`allocations: ${scale} existing → ${rate.toFixed(0)} creates/s\n`);
+      }
+      const client = new pg.Client({ connectionString: url });
+      await client.connect();
+      const { rows: check } = await client.query("SELECT count(*)::int AS n, count(DISTINCT (node_id, port))::int AS d FROM port_services");
+      await client.end();
+      return { rows, total: check[0].n, distinct: check[0].d };
+    } finally {
+      await harbor.stop();
+    }
+  });
+}
+
+/** A TCP server that greets with its name, as the backend whose arrival is timed. */
+function greeter(name) {
+  return new Promise((resolve) => {
+    const server = net.createServer((s) => s.end(`${name}\n`)).listen(0, "127.0.0.1", () => resolve({ server, port: server.address().port }));
+  });
+}
+
+function greeting(port) {
+  return new Promise((resolve) => {
+    const s = net.connect(port, "127.0.0.1");
+    let data = "";
+    s.on("data", (d) => (data += d));
+    s.on("close", () => resolve(data.trim()));
+    s.on("error", () => resolve(""));
+  });
+}
+
+/** Time from the RPC's start until `predicate(greeting)` holds for a new connection through the port. */
+async function timeUntil(action, port, predicate) {
+  const started = performance.now();
+  await action();
+  while (!predicate(await greeting(port))) {
+    if (performance.now() - started > 5_000) return Number.NaN;
+  }
+  return performance.now() - started;
+}
+
+async function propagation() {
+  const rows = [];
+  for (const services of SERVICE_COUNTS) {
+    await withDatabase(async (url) => {
+      const harbor = await startHarbor(url, { HARBOR_PORT_RANGE: "20000-31999" });
+      try {
+        await createMany(harbor.allocator, `svc-${services}`, services - 1);
+        const { service } = await call(harbor.allocator, "createPortService", { name: "timed", nodeId: "", port: 0, app: "timed" });
+        const steady = await greeter("steady");
+        const moving = await greeter("moving");
+        await call(harbor.registry, "registerInstance", { app: "timed", instanceId: "steady", host: "127.0.0.1", ports: [{ intPort: 4100, port: steady.port }], ttlSeconds: 600 });
+        while ((await greeting(service.port)) !== "steady");
+        const up = [];
+        const down = [];
+        for (let i = 0; i < LATENCY_SAMPLES; i++) {
+          up.push(await timeUntil(() => call(harbor.registry, "registerInstance", { app: "timed", instanceId: "moving", host: "127.0.0.1", ports: [{ intPort: 4100, port: moving.port }], ttlSeconds: 600 }), service.port, (g) => g === "moving"));
+          // Out of rotation: two connections in a row both reach "steady".
+          down.push(await timeUntil(() => call(harbor.registry, "deregisterInstance", { app: "timed", instanceId: "moving" }), service.port, (g) => g === "steady"));
+          await greeting(service.port);
+        }
+        steady.server.close();
+        moving.server.close();
+        const stats = (xs) => {
+          const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
+          return { p50: percentile(s, 50), p99: percentile(s, 99), lost: xs.length - s.length };
+        };
+        rows.push({ services, up: stats(up), down: stats(down) });
+        process.stderr.write(`propagation: ${services} services → up p99 ${stats(up).p99.toFixed(1)} ms, down p99 ${stats(down).p99.toFixed(1)} ms\n`);
+      } finally {
+        await harbor.stop();
+      }
+    });
+  }
+  return rows;
+}
+
+const allocation = await allocationThroughput();
+const latency = await propagation();
+const lines = [
+  `# Control plane — ${new Date().toISOString()}`,
+  "",
+  `\`node bench/control-plane.mjs ${full ? "--full" : "--smoke"}\` on ${execFileSync("nproc").toString().trim()} cores, node ${process.version}, one \`harbor serve all\` process with the machine's Postgres.`,
+  "",
+  `## Allocation throughput (${CONCURRENCY} concurrent gRPC clients, ${BATCH} creates per step)`,
+  "",
+  "| existing allocations | creates/s |",
+  "|---:|---:|",
+  ...allocation.rows.map((r) => `| ${r.existing.toLocaleString("en")} | ${r.rate.toFixed(0)} |`),
+  "",
+  `Duplicates: ${allocation.total - allocation.distinct} among ${allocation.total.toLocaleString("en")} allocations (count of (node, port) pairs vs. distinct).`,
+  "",
+  "## Propagation latency (RegisterInstance / DeregisterInstance call → a new TCP connection through the port reaches / no longer reaches the instance)",
+  "",
+  "| services | in rotation p50 ms | p99 ms | out of rotation p50 ms | p99 ms |",
+  "|---:|---:|---:|---:|---:|",
+  ...latency.map((r) => `| ${r.services.toLocaleString("en")} | ${r.up.p50.toFixed(1)} | ${r.up.p99.toFixed(1)} | ${r.down.p50.toFixed(1)} | ${r.down.p99.toFixed(1)} |`),
+  "",
+  "Latency includes the gRPC call itself and the probing connection; the worker also exports `harbor_worker_propagation_seconds` (registry → worker only).",
+  "",
+];
+mkdirSync(join(ROOT, "bench/results"), { recursive: true });
+writeFileSync(join(ROOT, "bench/results/control-plane.md"), lines.join("\n"));
+process.stdout.write(lines.join("\n"));
+process.exit(0);
