@@ -1,3 +1,4 @@
+import type { Credentials } from "@harbor/core";
 import { connectLines } from "@harbor/testkit";
 
 /** Opens a TCP connection through a port and returns the greeting: which backend answered. */
@@ -21,15 +22,7 @@ export async function spread(port: number, connections: number): Promise<Record<
 }
 
 /** The credentials object `create-service --json` and `service --json` print. */
-export interface ServiceJson {
-  hostname: string;
-  host: string;
-  port: number;
-  name: string;
-  node_id: string;
-  int_port: number;
-  ext_hostname?: string;
-  ext_host?: string;
+export interface ServiceJson extends Credentials {
   service_name: string;
   protocol: string;
   https_proxy: boolean;

@@ -86,3 +86,16 @@ export function envSuffix(name: string): string {
 export function expandAppName(template: string, app: string): string {
   return template.replace(/\$\{name\}/g, app);
 }
+
+const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/** A DNS hostname (labels of letters, digits and hyphens). */
+export function isHostname(value: string): boolean {
+  return HOSTNAME.test(value);
+}
+
+/** A service id: what the seed calls the instance's `name`. */
+export function isUuid(value: string): boolean {
+  return UUID.test(value);
+}

@@ -2,6 +2,7 @@ import { isIP } from "node:net";
 import {
   HarborError,
   InvalidArgumentError,
+  isHostname,
   PermissionDeniedError,
   describeCaller,
   normalizeHealthCheck,
@@ -23,10 +24,8 @@ import type { AllocatorEvents } from "./events.js";
 import { toNode, toPortService } from "./mapping.js";
 import { OPERATOR_SCOPE, type PortStore, type Scope } from "./store.js";
 
-const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
-
 function optionalHostname(value: string, what: string): string {
-  if (value !== "" && !HOSTNAME.test(value)) throw new InvalidArgumentError(`${what} ${JSON.stringify(value.slice(0, 80))} is not a valid hostname`);
+  if (value !== "" && !isHostname(value)) throw new InvalidArgumentError(`${what} ${JSON.stringify(value.slice(0, 80))} is not a valid hostname`);
   return value;
 }
 

@@ -8,6 +8,8 @@ import {
   PermissionDeniedError,
   describeCaller,
   inNetworks,
+  isHostname,
+  isUuid,
   requireOperator,
   validateAppName,
   validateInstanceId,
@@ -28,8 +30,6 @@ import type { RegistryConfig } from "./config.js";
 import type { Registry } from "./registry.js";
 import type { Registration, RegistryStore } from "./store.js";
 
-const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const MAX_MAPPINGS = 64;
 
 /**
@@ -40,7 +40,7 @@ const MAX_MAPPINGS = 64;
 export async function toRegistration(req: RegisterInstanceRequest, config: RegistryConfig): Promise<Registration> {
   const app = validateAppName(req.app);
   const instanceId = validateInstanceId(req.instanceId);
-  if (isIP(req.host) === 0 && !HOSTNAME.test(req.host)) {
+  if (isIP(req.host) === 0 && !isHostname(req.host)) {
     throw new InvalidArgumentError(`host ${JSON.stringify(req.host.slice(0, 80))} is not an IP address or hostname`);
   }
   const addresses = isIP(req.host) ? [req.host] : await lookup(req.host, { all: true }).then(
@@ -114,7 +114,7 @@ export function createRegistryGrpc(
     listBackends: unary(logger, auth, "ListBackends", async (req, caller) => {
       requireOperator(caller, "listing backends");
       const nodeId = req.nodeId === "" ? undefined : validateNodeId(req.nodeId);
-      if (req.serviceId !== "" && !UUID.test(req.serviceId)) throw new InvalidArgumentError("service_id is the service's UUID (its `name` credential)");
+      if (req.serviceId !== "" && !isUuid(req.serviceId)) throw new InvalidArgumentError("service_id is the service's UUID (its `name` credential)");
       return { sets: await store.listSets({ nodeId, serviceId: req.serviceId === "" ? undefined : req.serviceId }) };
     }),
 

@@ -1,8 +1,7 @@
 import { isIP } from "node:net";
+import { isHostname, isUuid } from "@harbor/core";
 import { Protocol, type BackendSet, type PortService } from "@harbor/proto";
 
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
 const PROTOCOLS = new Set([Protocol.PROTOCOL_TCP, Protocol.PROTOCOL_UDP, Protocol.PROTOCOL_BOTH]);
 
 const validPort = (port: number) => Number.isInteger(port) && port >= 1 && port <= 65535;
@@ -12,11 +11,11 @@ const validPort = (port: number) => Number.isInteger(port) && port >= 1 && port 
  * malformed message must change nothing, however it was decoded.
  */
 export function backendSetProblem(set: BackendSet): string | undefined {
-  if (!UUID.test(set.serviceId)) return "service_id is not a UUID";
+  if (!isUuid(set.serviceId)) return "service_id is not a UUID";
   if (!/^\d{1,20}$/.test(set.revision) || set.revision === "0") return "revision is not a positive number";
   if (set.backends.length > 10_000) return "too many backends";
   for (const b of set.backends) {
-    if (isIP(b.host) === 0 && !HOSTNAME.test(b.host)) return `backend host ${JSON.stringify(b.host.slice(0, 80))} is not an address`;
+    if (isIP(b.host) === 0 && !isHostname(b.host)) return `backend host ${JSON.stringify(b.host.slice(0, 80))} is not an address`;
     if (!validPort(b.port)) return `backend port ${b.port} is not valid`;
   }
   return undefined;
@@ -25,7 +24,7 @@ export function backendSetProblem(set: BackendSet): string | undefined {
 /** Why a port service from the bus cannot be served, if it cannot. */
 export function serviceProblem(service: PortService | undefined): string | undefined {
   if (!service) return "no service";
-  if (!UUID.test(service.name)) return "name (the service id) is not a UUID";
+  if (!isUuid(service.name)) return "name (the service id) is not a UUID";
   if (!validPort(service.port)) return `port ${service.port} is not valid`;
   if (!PROTOCOLS.has(service.protocol)) return "protocol is not TCP, UDP or both";
   return undefined;
