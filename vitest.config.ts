@@ -1,4 +1,16 @@
+import { execFileSync } from "node:child_process";
 import { defineConfig } from "vitest/config";
+
+/** The kernel fast path needs nftables and CAP_NET_ADMIN; without them its e2e ring is left out, saying so. */
+function nftablesUsable(): boolean {
+  try {
+    execFileSync("nft", ["list", "tables"], { stdio: "ignore" });
+    return true;
+  } catch {
+    process.stderr.write("e2e-kernel: nftables is not usable here (needs nft and CAP_NET_ADMIN); kernel-mode tests not run\n");
+    return false;
+  }
+}
 
 // Three rings: unit specs beside pure code (fakes allowed), service tests
 // against the machine's real Postgres and NATS, end-to-end tests that run the
@@ -29,6 +41,20 @@ export default defineConfig({
           hookTimeout: 90_000,
         },
       },
+      // The same data-plane e2e tests with the worker programming nftables.
+      ...(nftablesUsable()
+        ? [
+            {
+              test: {
+                name: "e2e-kernel",
+                include: ["test/e2e/tcp.test.ts", "test/e2e/udp.test.ts"],
+                env: { HARBOR_E2E_WORKER_MODE: "kernel" },
+                testTimeout: 60_000,
+                hookTimeout: 90_000,
+              },
+            },
+          ]
+        : []),
     ],
   },
 });

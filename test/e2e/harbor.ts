@@ -4,6 +4,9 @@ import { fileURLToPath } from "node:url";
 import { createTestDatabase, freePort, freePortBlock, uniqueName, type TestDatabase } from "@harbor/testkit";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+/** Set by the e2e-kernel project: the worker programs nftables instead of copying bytes. */
+export const KERNEL_MODE = process.env.HARBOR_E2E_WORKER_MODE === "kernel";
+
 /** The committed `harbor` executable, as a user runs it. */
 export const HARBOR_BIN = resolve(ROOT, "services/cli/bin/harbor.js");
 
@@ -59,6 +62,7 @@ export async function startHarbor(options: HarborOptions = {}): Promise<Harbor> 
     HARBOR_NATS_PREFIX: options.like?.env.HARBOR_NATS_PREFIX ?? uniqueName("e2e"),
     HARBOR_API: options.like?.env.HARBOR_API ?? `127.0.0.1:${await freePort()}`,
     HARBOR_PORT_RANGE: `${range.min}-${range.max}`,
+    HARBOR_WORKER_MODE: KERNEL_MODE ? "kernel" : "userspace",
     LOG_LEVEL: "debug",
     ...options.env,
   };

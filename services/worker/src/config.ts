@@ -20,6 +20,8 @@ export interface WorkerConfig {
   maxConnectionsPerPort: number;
   /** Bearer token for the control plane's API (an operator token when tokens are on). */
   token?: string;
+  /** userspace: the worker copies the bytes; kernel: it programs nftables (needs CAP_NET_ADMIN). */
+  mode: "userspace" | "kernel";
 }
 
 export function loadWorkerConfig(env: Record<string, string | undefined> = process.env): WorkerConfig {
@@ -39,7 +41,11 @@ export function loadWorkerConfig(env: Record<string, string | undefined> = proce
     passiveEjectMs: reader.int("HARBOR_PASSIVE_EJECT_MS", 10_000, 0, 3_600_000),
     maxConnectionsPerPort: reader.int("HARBOR_MAX_CONNECTIONS_PER_PORT", 10_000, 1, 1_000_000),
     token: reader.optional("HARBOR_TOKEN"),
+    mode: "userspace",
   };
+  const mode = reader.string("HARBOR_WORKER_MODE", "userspace");
+  if (mode === "userspace" || mode === "kernel") config.mode = mode;
+  else reader.problem(`HARBOR_WORKER_MODE=${mode}: use userspace or kernel`);
   try {
     validateNodeId(config.nodeId);
   } catch (err) {

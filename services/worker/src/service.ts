@@ -9,6 +9,9 @@ import type { PortListener } from "./proxy/listener.js";
 import { TcpListener } from "./proxy/tcp.js";
 import { UdpListener } from "./proxy/udp.js";
 import { HealthChecker } from "./proxy/health.js";
+import { KernelListener } from "./kernel/listener.js";
+import { tableName } from "./kernel/render.js";
+import { KernelTable, kernelModeAvailable } from "./kernel/table.js";
 import { normalizeHealthCheck } from "@harbor/core";
 import { Follower } from "./sync/follower.js";
 
@@ -57,7 +60,12 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const allocator = new PortAllocatorClient(config.allocatorAddress, grpc.credentials.createInsecure());
   const registry = new BackendRegistryClient(config.registryAddress, grpc.credentials.createInsecure());
 
+  const kernel =
+    config.mode === "kernel" ? new KernelTable(tableName(deps.subjects.prefix, config.nodeId), () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
+    if (kernel) {
+      return new KernelListener({ serviceId: service.id, port: service.port, protocol, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, table: kernel });
+    }
     const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, counters, logger };
     return protocol === "tcp"
       ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort })
@@ -196,6 +204,10 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       await scheduleReconcile();
     },
     async start() {
+      if (kernel) {
+        const problem = await kernelModeAvailable();
+        if (problem) throw new Error(`HARBOR_WORKER_MODE=kernel needs nftables and CAP_NET_ADMIN: ${problem}`);
+      }
       await follower.start();
       await scheduleReconcile();
       publishHeartbeat();
@@ -204,7 +216,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         publishHeartbeat();
         void scheduleReconcile();
       }, config.heartbeatIntervalMs);
-      logger.info({ workerId, listening: listeners.size }, "worker-started");
+      logger.info({ workerId, listening: listeners.size, mode: config.mode }, "worker-started");
     },
     async stop() {
       if (stopped) return;
@@ -216,6 +228,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       const all = [...listeners.values()];
       await Promise.all(all.map((l) => l.close()));
       await Promise.all(all.map((l) => l.drain(config.drainTimeoutMs)));
+      await kernel?.destroy();
       allocator.close();
       registry.close();
       logger.info("worker-stopped");
