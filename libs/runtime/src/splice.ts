@@ -10,7 +10,8 @@ export function spliceSockets(a: Duplex, b: Duplex, onClosed?: () => void): void
   let open = 2;
   const closed = (other: Duplex) => (hadError?: boolean) => {
     if (hadError) other.destroy();
-    else other.end();
+    // Ending a side that already finished would build (and throw away) an error per connection.
+    else if (!other.destroyed && !other.writableEnded) other.end();
     if (--open === 0) onClosed?.();
   };
   a.once("close", closed(b));
