@@ -1,7 +1,4 @@
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
-import { ReflectionService } from "@grpc/reflection";
-import { HealthImplementation } from "grpc-health-check";
 import { HarborError, type Authenticator, type Caller, type ErrorKind } from "@harbor/core";
 import { PROTO_FILES, PROTO_ROOT } from "@harbor/proto";
 import type { Component } from "./lifecycle.js";
@@ -90,11 +87,7 @@ export function createGrpcServer(options: GrpcServerOptions): GrpcServer {
   const server = new grpc.Server({ "grpc.max_receive_message_length": 64 * 1024 });
   const statusMap: Record<string, "SERVING" | "NOT_SERVING"> = { "": "SERVING" };
   for (const s of options.services) statusMap[s.fullName] = "SERVING";
-  const health = new HealthImplementation(statusMap);
-  health.addToServer(server);
-  const packageDefinition = protoLoader.loadSync(PROTO_FILES, { includeDirs: [PROTO_ROOT] });
-  new ReflectionService(packageDefinition).addToServer(server);
-  for (const s of options.services) server.addService(s.definition, s.implementation);
+  let health: { setStatus(service: string, status: "SERVING" | "NOT_SERVING"): void } | undefined;
 
   let boundAddress = options.address;
   let started = false;
@@ -106,6 +99,17 @@ export function createGrpcServer(options: GrpcServerOptions): GrpcServer {
       return boundAddress;
     },
     async start() {
+      // Loaded here, not at import: processes that only call gRPC (workers) never need them.
+      const [{ HealthImplementation }, protoLoader, { ReflectionService }] = await Promise.all([
+        import("grpc-health-check"),
+        import("@grpc/proto-loader"),
+        import("@grpc/reflection"),
+      ]);
+      const implementation = new HealthImplementation(statusMap);
+      implementation.addToServer(server);
+      health = implementation;
+      new ReflectionService(protoLoader.loadSync(PROTO_FILES, { includeDirs: [PROTO_ROOT] })).addToServer(server);
+      for (const s of options.services) server.addService(s.definition, s.implementation);
       const port = await new Promise<number>((resolve, reject) =>
         server.bindAsync(options.address, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
       );
@@ -116,7 +120,7 @@ export function createGrpcServer(options: GrpcServerOptions): GrpcServer {
     stop() {
       stopping ??= (async () => {
         if (!started) return;
-        for (const name of Object.keys(statusMap)) health.setStatus(name, "NOT_SERVING");
+        for (const name of Object.keys(statusMap)) health?.setStatus(name, "NOT_SERVING");
         await new Promise<void>((resolve) => {
           const timer = setTimeout(() => {
             server.forceShutdown();

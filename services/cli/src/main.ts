@@ -2,11 +2,7 @@ import { Command, CommanderError, Option } from "commander";
 import { parseRange } from "@harbor/runtime";
 import { createClients, CliError, type Clients } from "./client.js";
 import { instanceOutput, keyValues, nodeOutput, serviceOutput, table } from "./output.js";
-import { applyManifest } from "./apply.js";
-import { readManifest } from "./manifest.js";
-import { runInstances } from "./run.js";
-import { SERVE_TARGETS, serve, type ServeTarget } from "./serve.js";
-import { watchEvents } from "./watch.js";
+import { SERVE_TARGETS, type ServeTarget } from "./targets.js";
 
 interface GlobalOptions {
   api?: string;
@@ -315,6 +311,7 @@ export function buildProgram(): Command {
     .addOption(json())
     .action(
       withClients(program, async (c, opts, local: { file: string; app?: string; json?: boolean }) => {
+        const [{ applyManifest }, { readManifest }] = await Promise.all([import("./apply.js"), import("./manifest.js")]);
         const { app, applied } = await applyManifest(c, readManifest(local.file), local.app);
         print(local.json ?? opts.json, applied, () =>
           applied.length === 0
@@ -341,6 +338,7 @@ export function buildProgram(): Command {
         const ttl = Number(local.ttl);
         if (!Number.isInteger(instances) || instances < 1 || instances > 64) throw new CliError(`--instances ${JSON.stringify(local.instances)}: use 1 to 64`, 2);
         if (!Number.isInteger(ttl) || ttl < 3) throw new CliError(`--ttl ${JSON.stringify(local.ttl)}: use whole seconds, at least 3`, 2);
+        const { runInstances } = await import("./run.js");
         process.exitCode = await runInstances(c, { app: local.app, instances, manifestFile: local.file, command, ttlSeconds: ttl });
       }),
     );
@@ -351,6 +349,7 @@ export function buildProgram(): Command {
     .argument("[subject]")
     .addOption(json())
     .action(async function (this: Command, subject: string | undefined, local: { json?: boolean }) {
+      const { watchEvents } = await import("./watch.js");
       await watchEvents(subject, local.json ?? this.optsWithGlobals<GlobalOptions>().json ?? false, process.env);
     });
 
@@ -359,8 +358,10 @@ export function buildProgram(): Command {
     .description("run Harbor: all (one process, as `npm start`), one of allocator, registry, worker, or an app instance's HTTPS container-proxy")
     .argument("[target]", SERVE_TARGETS.join(" | "), "all")
     .action(async function (this: Command, target: string) {
-      if (!(SERVE_TARGETS as string[]).includes(target)) throw new CliError(`serve target ${JSON.stringify(target)} is not one of ${SERVE_TARGETS.join(", ")}`, 2);
+      if (!(SERVE_TARGETS as readonly string[]).includes(target)) throw new CliError(`serve target ${JSON.stringify(target)} is not one of ${SERVE_TARGETS.join(", ")}`, 2);
       const opts = this.optsWithGlobals<GlobalOptions>();
+      // Loaded only to serve: the other verbs stay light.
+      const { serve } = await import("./serve.js");
       process.exitCode = await serve(target as ServeTarget, process.env, opts.api);
     });
 

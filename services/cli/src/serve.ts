@@ -1,12 +1,11 @@
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createAllocator, loadAllocatorConfig } from "@harbor/allocator";
 import { connectBus, createSubjects, isValidPrefix, DEFAULT_NATS_PREFIX, type Bus } from "@harbor/bus";
 import { readFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { Authenticator, ConfigError, HarborError, OPERATOR, parseTokens } from "@harbor/core";
-import { createPool, startEmbeddedPostgres, type EmbeddedPostgres, type Pool } from "@harbor/db";
-import { createRegistry, loadRegistryConfig } from "@harbor/registry";
+import type { EmbeddedPostgres, Pool } from "@harbor/db";
+import type { AllocatorConfig } from "@harbor/allocator";
 import {
   ComponentGroup,
   DEFAULT_API_ADDRESS,
@@ -24,11 +23,9 @@ import {
   type GrpcService,
   type Logger,
 } from "@harbor/runtime";
-import { createWorker, loadWorkerConfig } from "@harbor/worker";
-import { createContainerProxy, loadContainerProxyConfig } from "@harbor/container-proxy";
 
-export type ServeTarget = "all" | "allocator" | "registry" | "worker" | "container-proxy";
-export const SERVE_TARGETS: ServeTarget[] = ["all", "allocator", "registry", "worker", "container-proxy"];
+
+import type { ServeTarget } from "./targets.js";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 
@@ -95,13 +92,21 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
   try {
     if (target === "container-proxy") {
       // The HTTPS sidecar of one app instance: no database, no bus.
+      const { createContainerProxy, loadContainerProxyConfig } = await import("@harbor/container-proxy");
       await runUntilSignalled(createContainerProxy(loadContainerProxyConfig(env), { logger }), logger);
       return 0;
     }
+    // Each process loads only what it runs: a worker needs no Postgres client, no gRPC server.
+    const hasAllocator = target === "all" || target === "allocator";
+    const hasRegistry = target === "all" || target === "registry";
+    const { createAllocator, loadAllocatorConfig } = hasAllocator ? await import("@harbor/allocator") : { createAllocator: undefined, loadAllocatorConfig: undefined };
+    const { createRegistry, loadRegistryConfig } = hasRegistry ? await import("@harbor/registry") : { createRegistry: undefined, loadRegistryConfig: undefined };
+    const { createWorker, loadWorkerConfig } = target === "all" || target === "worker" ? await import("@harbor/worker") : { createWorker: undefined, loadWorkerConfig: undefined };
+    const db = target === "worker" ? undefined : await import("@harbor/db");
     const shared = loadSharedConfig(env, apiFlag);
-    const allocatorConfig = target === "all" || target === "allocator" ? loadAllocatorConfig(env) : undefined;
-    const registryConfig = target === "all" || target === "registry" ? loadRegistryConfig(env) : undefined;
-    const workerConfig = target === "all" || target === "worker" ? loadWorkerConfig({ ...env, HARBOR_API: shared.api }) : undefined;
+    const allocatorConfig = loadAllocatorConfig?.(env);
+    const registryConfig = loadRegistryConfig?.(env);
+    const workerConfig = loadWorkerConfig?.({ ...env, HARBOR_API: shared.api });
     if (target !== "all" && target !== "worker" && !shared.databaseUrl) {
       throw new ConfigError([`DATABASE_URL: required for \`harbor serve ${target}\` (only \`serve all\` embeds a Postgres)`]);
     }
@@ -124,7 +129,8 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     let embedded: EmbeddedPostgres | undefined;
     let server: GrpcServer | undefined;
 
-    if (target !== "worker") {
+    if (db) {
+      const { createPool, startEmbeddedPostgres } = db;
       components.push(
         component(
           "database",
@@ -177,7 +183,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
 
     const grpcServices: GrpcService[] = [];
     const deps = () => ({ pool: pool as Pool, bus: bus as Bus, subjects, logger, auth: shared.auth, metrics });
-    if (allocatorConfig) {
+    if (allocatorConfig && createAllocator) {
       let stopAllocator: (() => Promise<void>) | undefined;
       components.push(
         component(
@@ -192,7 +198,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
         ),
       );
     }
-    if (registryConfig) {
+    if (registryConfig && createRegistry) {
       let stopRegistry: (() => Promise<void>) | undefined;
       components.push(
         component(
@@ -219,7 +225,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
         ),
       );
     }
-    if (workerConfig) {
+    if (workerConfig && createWorker) {
       let stopWorker: (() => Promise<void>) | undefined;
       components.push(
         component(
@@ -278,7 +284,7 @@ function isLoopback(address: string): boolean {
 
 function printBanner(
   api: string,
-  allocator: ReturnType<typeof loadAllocatorConfig> | undefined,
+  allocator: AllocatorConfig | undefined,
   embedded: EmbeddedPostgres | undefined,
   bus: Bus | undefined,
   shared: SharedConfig,
