@@ -23,6 +23,10 @@ export function createPool(options: PoolOptions): Pool {
     application_name: "harbor",
   });
   pool.on("error", (err) => options.logger.warn({ err }, "db-idle-client-error"));
+  // The pool listens on idle clients only: a client checked out when Postgres
+  // goes away would otherwise throw its error at the process. The query in
+  // flight fails on its own and is answered UNAVAILABLE.
+  pool.on("connect", (client) => client.on("error", (err) => options.logger.warn({ err }, "db-client-error")));
   return pool;
 }
 
