@@ -63,8 +63,13 @@ export class NatsBus implements Bus {
     }
   }
 
+  /** Never throws at the caller (often a timer): a message NATS refuses is logged and dropped. */
   publish(subject: string, data: string): void {
-    this.nc.publish(subject, encoder.encode(data));
+    try {
+      this.nc.publish(subject, encoder.encode(data));
+    } catch (err) {
+      this.logger.error({ subject, bytes: data.length, err }, "bus-publish-failed");
+    }
   }
 
   subscribe(subject: string, handler: (msg: BusMessage) => void, options: { queue?: string } = {}): BusSubscription {

@@ -219,8 +219,7 @@ describe("allocator - ports", () => {
     expect(other.port).not.toBe(holder.port);
     // A worker reports the port listening: it is offered again.
     publishMessage(bus, subjects.workerHeartbeat("taken"), WorkerHeartbeat, {
-      nodeId: "taken", workerId: "w", at: timestampFromMs(Date.now()),
-      listeners: [{ serviceId: other.name, port: holder.port, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" }],
+      nodeId: "taken", workerId: "w", at: timestampFromMs(Date.now()), listeners: [], listeningTcp: [holder.port], listeningUdp: [],
     });
     await waitFor(async () => (await invoke(client, "listNodes", {})).nodes.find((n) => n.nodeId === "taken")!.blocked.length === 0, "the port offered again");
   });
@@ -231,15 +230,13 @@ describe("allocator - ports", () => {
     const b = (await create("drift-b", "drift")).service!;
     const beat: WorkerHeartbeat = {
       nodeId: "drift", workerId: "w", at: timestampFromMs(Date.now()),
-      listeners: [
-        { serviceId: a.name, port: a.port, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" },
-        { serviceId: "gone", port: 32350, protocol: P.PROTOCOL_TCP, listening: true, error: "", backends: 0, revision: "0" },
-        { serviceId: b.name, port: b.port, protocol: P.PROTOCOL_UDP, listening: false, error: "EADDRINUSE", backends: 0, revision: "0" },
-      ],
+      listeningTcp: [a.port, 32350],
+      listeningUdp: [],
+      listeners: [{ serviceId: b.name, port: b.port, protocol: P.PROTOCOL_UDP, listening: false, error: "EADDRINUSE", backends: 0, revision: "0" }],
     };
     const [report] = await repair(allocator.store, new Map([["drift", beat]]), { pool, bus, subjects, logger }, logger);
     expect(report).toMatchObject({ nodeId: "drift", missing: [b.port], unexpected: [32350], failing: [b.port] });
-    const clean = await repair(allocator.store, new Map([["drift", { ...beat, listeners: beat.listeners.slice(0, 1).concat({ ...beat.listeners[2]!, listening: true, error: "" }) }]]), { pool, bus, subjects, logger }, logger);
+    const clean = await repair(allocator.store, new Map([["drift", { ...beat, listeningTcp: [a.port], listeningUdp: [b.port], listeners: [] }]]), { pool, bus, subjects, logger }, logger);
     expect(clean).toEqual([]);
   });
 });

@@ -76,7 +76,7 @@ export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): A
           if (!beat.nodeId || at === undefined) return;
           lastBeats.set(beat.nodeId, beat);
           await store.markWorkerSeen(beat.nodeId, new Date(Math.min(at, Date.now())));
-          await store.unblockListening(beat.nodeId, beat.listeners.filter((l) => l.listening).map((l) => l.port));
+          await store.unblockListening(beat.nodeId, [...beat.listeningTcp, ...beat.listeningUdp]);
         }),
         // A port a worker cannot bind is not offered to new services.
         subscribeMessages(deps.bus, deps.subjects.portBindFailed(ANY), PortBindFailed, logger, async (event) => {
@@ -105,7 +105,7 @@ export async function repair(store: PortStore, beats: Map<string, WorkerHeartbea
   const reports: DriftReport[] = [];
   for (const [nodeId, beat] of beats) {
     const allocated = new Set((await store.listServices({ nodeId }, OPERATOR_SCOPE)).map((s) => s.port));
-    const listening = new Set(beat.listeners.filter((l) => l.listening).map((l) => l.port));
+    const listening = new Set([...beat.listeningTcp, ...beat.listeningUdp]);
     const report: DriftReport = {
       nodeId,
       missing: [...allocated].filter((p) => !listening.has(p)).sort((a, b) => a - b),

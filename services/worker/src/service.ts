@@ -180,18 +180,22 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       nodeId: config.nodeId,
       workerId,
       at: timestampFromMs(Date.now()),
-      listeners: [...listeners].map(([key, l]) => {
-        const id = key.slice(0, key.indexOf("/"));
-        return {
-          serviceId: id,
-          port: l.port,
-          protocol: l.protocol === "tcp" ? Protocol.PROTOCOL_TCP : Protocol.PROTOCOL_UDP,
-          listening: l.listening,
-          error: l.error ?? "",
-          backends: view.backends(id).length,
-          revision: String(view.revision(id)),
-        };
-      }),
+      listeningTcp: [...listeners.values()].filter((l) => l.listening && l.protocol === "tcp").map((l) => l.port),
+      listeningUdp: [...listeners.values()].filter((l) => l.listening && l.protocol === "udp").map((l) => l.port),
+      listeners: [...listeners]
+        .filter(([, l]) => !l.listening)
+        .map(([key, l]) => {
+          const id = key.slice(0, key.indexOf("/"));
+          return {
+            serviceId: id,
+            port: l.port,
+            protocol: l.protocol === "tcp" ? Protocol.PROTOCOL_TCP : Protocol.PROTOCOL_UDP,
+            listening: false,
+            error: l.error ?? "",
+            backends: view.backends(id).length,
+            revision: String(view.revision(id)),
+          };
+        }),
     });
   };
 

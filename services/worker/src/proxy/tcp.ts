@@ -46,6 +46,8 @@ export class TcpListener implements PortListener {
     this.ejections = new Ejections(systemClock, options.passiveEjectMs);
     this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
     this.server.on("error", (err) => {
+      // A failed bind is handled (and logged once) by listen().
+      if (!this.listening) return;
       this.error = err.message;
       this.options.logger.warn({ err, port: options.port }, "tcp-listener-error");
     });
