@@ -83,6 +83,23 @@ describe("e2e tcp - a port that works end to end", () => {
     }, "connections closed at once with no backend");
   });
 
+  it("a service deleted while a connection is open does not hold up the next service's port", async () => {
+    const old = await harbor.json<ServiceJson>("create-service", "short-lived", "--app", "holder");
+    const backend = await startEchoBackend("holder-0");
+    backends.push(backend);
+    expect((await harbor.cli("register-instance", "holder", "h-0", "--host", "127.0.0.1", "--port", String(backend.port))).code).toBe(0);
+    const held = await waitFor(async () => {
+      const c = await connectLines(old.port).catch(() => undefined);
+      return c && (await c.nextLine().then(() => c, () => undefined));
+    }, "a connection through the port");
+    expect((await harbor.cli("delete-service", "short-lived")).code).toBe(0);
+    const next = await harbor.json<ServiceJson>("create-service", "next-one", "--app", "follower");
+    expect((await harbor.cli("register-instance", "follower", "f-0", "--host", "127.0.0.1", "--port", String(backend.port))).code).toBe(0);
+    await waitFor(async () => (await reach(next.port).catch(() => "")) !== "", "the new service's port open while the old connection is still up");
+    expect(await held.roundTrip("still")).toBe("still");
+    held.close();
+  });
+
   it("with no backend, a client's connection is closed at once", async () => {
     const created = await harbor.json<ServiceJson>("create-service", "empty-port", "--app", "nobody");
     await waitFor(async () => {
@@ -106,7 +123,7 @@ describe("e2e tcp - a port that works end to end", () => {
     expect(usage.code).toBe(2);
 
     const services = await harbor.json<ServiceJson[]>("services");
-    expect(services.map((s) => s.service_name)).toEqual(KERNEL_MODE ? ["debug-port", "empty-port"] : ["debug-port", "empty-port", "flaky-port"]);
+    expect(services.map((s) => s.service_name)).toEqual(KERNEL_MODE ? ["debug-port", "empty-port", "next-one"] : ["debug-port", "empty-port", "flaky-port", "next-one"]);
     const env = await harbor.json<Record<string, string>>("env", "demo");
     expect(env.STACKATO_HARBOR).toBe("4100");
     expect(JSON.parse(env.STACKATO_SERVICES!)["debug-port"].int_port).toBe(4100);

@@ -41,6 +41,7 @@ describe("networks - backend addresses", () => {
     expect(inNetworks("2001:db8::1", networks)).toBe(false);
     expect(inNetworks("::ffff:10.1.2.3", networks)).toBe(true);
     expect(inNetworks("not an ip", networks)).toBe(false);
+    expect(inNetworks("::1.8.8.8", networks)).toBe(false);
   });
 
   it("rejects what is not a network", () => {

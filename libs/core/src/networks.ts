@@ -24,6 +24,8 @@ function toBigInt(address: string): { family: 4 | 6; value: bigint } | undefined
   if (family === 6) {
     const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
     if (mapped) return toBigInt(mapped[1] as string);
+    // Any other dotted form (::1.2.3.4, …) is refused rather than misread.
+    if (address.includes(".")) return undefined;
     const [head, tail] = address.split("::") as [string, string | undefined];
     const h = head ? head.split(":") : [];
     const t = tail ? tail.split(":") : [];

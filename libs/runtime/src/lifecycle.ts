@@ -61,27 +61,30 @@ export class ComponentGroup implements Component {
 }
 
 /**
- * Runs a component until SIGTERM or SIGINT, then stops it and resolves. A
- * second signal exits at once.
+ * Runs a component until SIGTERM or SIGINT, then stops it and resolves. The
+ * handlers are in place before it starts: a signal during a slow start (the
+ * embedded Postgres's first initdb) stops it as soon as it is up, instead of
+ * killing the process and orphaning what it started. A second signal exits
+ * at once.
  */
 export async function runUntilSignalled(component: Component, logger: Logger): Promise<void> {
+  let signalled = false;
+  let wake = () => undefined as void;
+  const stopping = new Promise<void>((resolve) => (wake = resolve));
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (signalled) {
+      logger.warn({ signal }, "second-signal-exiting");
+      process.exit(1);
+    }
+    signalled = true;
+    logger.info({ signal }, "shutdown-started");
+    wake();
+  };
+  process.on("SIGTERM", onSignal);
+  process.on("SIGINT", onSignal);
   await component.start();
-  logger.info("ready");
-  await new Promise<void>((resolve) => {
-    let signalled = false;
-    const onSignal = (signal: NodeJS.Signals) => {
-      if (signalled) {
-        logger.warn({ signal }, "second-signal-exiting");
-        process.exit(1);
-      }
-      signalled = true;
-      logger.info({ signal }, "shutdown-started");
-      void component.stop().then(() => {
-        logger.info("shutdown-complete");
-        resolve();
-      });
-    };
-    process.on("SIGTERM", onSignal);
-    process.on("SIGINT", onSignal);
-  });
+  if (!signalled) logger.info("ready");
+  await stopping;
+  await component.stop();
+  logger.info("shutdown-complete");
 }

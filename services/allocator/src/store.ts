@@ -184,12 +184,13 @@ export class PortStore {
     } catch (err) {
       // The unique index on the name decides; the message names what holds it.
       if (!(err instanceof AlreadyExistsError) || !/^a port service named/.test(err.message)) throw err;
-      const { rows } = await query<{ service_name: string; port: number; node_id: string }>(
+      const { rows } = await query<{ service_name: string; port: number; node_id: string; space: string }>(
         this.pool,
-        "SELECT service_name, port, node_id FROM port_services WHERE lower(service_name) = lower($1)",
+        "SELECT service_name, port, node_id, space FROM port_services WHERE lower(service_name) = lower($1)",
         [input.serviceName],
       );
-      const holder = rows[0];
+      // Another space's service is named, never located.
+      const holder = rows[0] && visible(rows[0].space, scope) ? rows[0] : undefined;
       throw holder ? new AlreadyExistsError(`a port service named "${holder.service_name}" already exists (port ${holder.port} on node ${holder.node_id})`) : err;
     }
   }

@@ -112,6 +112,19 @@ describe("registry - instances and backend sets", () => {
     expect(BigInt(setOf(id)!.revision)).toBeGreaterThan(r4);
   });
 
+  it("an instance heartbeating after its TTL ran out, before the sweep, is back in its sets", async () => {
+    const { service } = await invoke(ports, "createPortService", { name: "revive", app: "lazarus", nodeId: "", port: 0 });
+    await register("lazarus", "z-0", 7000, { ttlSeconds: 5 });
+    await waitFor(() => setOf(service!.name)?.backends.length === 1, "one backend");
+    clock.advance(6_000);
+    // A change to the app recomputes its set while z-0 is expired but not swept: it drops out.
+    await register("lazarus", "z-1", 7001, { ttlSeconds: 600 });
+    await waitFor(() => setOf(service!.name)?.backends.map((b) => b.instanceId).join() === "z-1", "z-0 left out");
+    // Its heartbeat, same host and ports, brings it back.
+    await register("lazarus", "z-0", 7000, { ttlSeconds: 5 });
+    await waitFor(() => setOf(service!.name)?.backends.length === 2, "z-0 back");
+  });
+
   it("an instance may register before any service is bound; int_ports without a mapping are reached at host:int_port", async () => {
     await register("late", "l-0", 0, { ports: [{ intPort: 4101, port: 7101 }] });
     const { service: first } = await invoke(ports, "createPortService", { name: "late-one", app: "late", nodeId: "", port: 0 });

@@ -66,7 +66,8 @@ export async function toRegistration(req: RegisterInstanceRequest, config: Regis
   });
   const ttl = req.ttlSeconds === 0 ? config.defaultTtlSeconds : req.ttlSeconds;
   if (ttl > config.maxTtlSeconds) throw new InvalidArgumentError(`ttl ${ttl} s is above the maximum of ${config.maxTtlSeconds} s`);
-  return { app, instanceId, host: req.host, ports, ttlSeconds: ttl };
+  // The address that was checked, not the name: a name could resolve elsewhere later (DNS rebinding).
+  return { app, instanceId, host: addresses[0] as string, ports, ttlSeconds: ttl };
 }
 
 /**

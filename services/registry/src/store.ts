@@ -62,7 +62,9 @@ export class RegistryStore {
       );
       const row = rows[0] as InstanceRow;
       const previous = before[0];
-      const changed = !previous || previous.host !== row.host || JSON.stringify(previous.ports) !== JSON.stringify(row.ports);
+      // Expired but not swept yet: it was left out of its sets, so coming back is a change.
+      const revived = previous !== undefined && previous.expires_at.getTime() <= nowMs;
+      const changed = !previous || revived || previous.host !== row.host || JSON.stringify(previous.ports) !== JSON.stringify(row.ports);
       return { instance: instanceFromRow(row), created: !previous, changed };
     });
   }

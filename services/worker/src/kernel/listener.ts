@@ -1,3 +1,4 @@
+import { isIPv4 } from "node:net";
 import { Ejections, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
 import type { PortListener } from "../proxy/listener.js";
@@ -42,7 +43,8 @@ export class KernelListener implements PortListener {
 
   /** Backends in rotation: those not ejected, or all when every one is. */
   current(): KernelPort {
-    const all = this.options.backends();
+    // The table is `ip` (IPv4): an IPv6 backend would make the whole table invalid.
+    const all = this.options.backends().filter((b) => isIPv4(b.host));
     const healthy = this.ejections.size === 0 ? all : all.filter((b) => !this.ejections.isEjected(`${b.host}:${b.port}`));
     return { port: this.options.port, protocol: this.options.protocol, backends: healthy.length > 0 ? healthy : all };
   }

@@ -80,7 +80,8 @@ export class KernelTable {
       const before = this.primaries.get(key);
       this.primaries.set(key, primary);
       if (!before || before === primary) continue;
-      const [oldHost, oldPort] = before.split(":") as [string, string];
+      const cut = before.lastIndexOf(":");
+      const [oldHost, oldPort] = [before.slice(0, cut), before.slice(cut + 1)];
       const deleted = await run("conntrack", ["-D", "-p", "udp", "--orig-dst", host, "--dport", key, "--reply-src", oldHost, "--reply-port-src", oldPort]);
       this.logger.info({ port: p.port, from: before, to: primary, conntrack: deleted.stderr.split("\n").pop() }, "udp-primary-moved");
     }

@@ -88,7 +88,9 @@ export class TcpListener implements PortListener {
   async close(): Promise<void> {
     if (!this.listening) return;
     this.listening = false;
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    // Stops accepting and frees the port now; server.close()'s callback would wait
+    // for every open connection, stalling whoever awaits this (drain() handles those).
+    this.server.close();
     this.options.logger.info({ serviceId: this.options.serviceId, port: this.options.port, open: this.connections }, "tcp-listener-closed");
   }
 
@@ -144,7 +146,10 @@ export class TcpListener implements PortListener {
     const backend = backends[attempt] as Backend;
     const upstream = net.connect({ host: backend.host, port: backend.port, allowHalfOpen: true });
     const timer = setTimeout(() => upstream.destroy(new Error(`connect timed out after ${this.options.connectTimeoutMs} ms`)), this.options.connectTimeoutMs);
-    const abandon = () => upstream.destroy();
+    const abandon = () => {
+      clearTimeout(timer);
+      upstream.destroy();
+    };
     client.once("close", abandon);
     upstream.once("error", (err) => {
       clearTimeout(timer);

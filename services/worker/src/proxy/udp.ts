@@ -140,7 +140,13 @@ export class UdpListener implements PortListener {
     const session: Session = { clientAddress, clientPort, backendKey: backendKey(backend), upstream, lastSeen: Date.now(), pending: [] };
     const key = `${clientAddress}|${clientPort}`;
     // A connected socket: the kernel only passes replies from the backend.
-    upstream.connect(backend.port, backend.host, () => {
+    upstream.connect(backend.port, backend.host, (err?: Error) => {
+      // A failed connect (e.g. a name that does not resolve) comes here, not as "error".
+      if (err) {
+        this.ejections.eject(session.backendKey);
+        this.closeSession(key);
+        return;
+      }
       const held = session.pending ?? [];
       session.pending = undefined;
       for (const msg of held) this.forward(session, msg);
