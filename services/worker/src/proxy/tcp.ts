@@ -124,26 +124,35 @@ export class TcpListener implements PortListener {
     }
     this.pending.add(client);
     client.once("close", () => this.pending.delete(client));
-    this.connect(client, this.candidates(backends, start), 0);
+    this.connect(client, backends, start, 0, this.allEjected(backends));
+  }
+
+  private allEjected(backends: readonly Backend[]): boolean {
+    if (this.ejections.size === 0) return false;
+    for (const b of backends) if (!this.ejections.isEjected(`${b.host}:${b.port}`)) return false;
+    return true;
   }
 
   /**
-   * The rotation from `start`, backends out of rotation left out; all of
-   * them when every one is out (better a try than a certain refusal).
+   * Tries the rotation from `start`, `attempt` places on, passing over
+   * backends out of rotation — unless every one is (`anyBackend`: better a
+   * try than a certain refusal). Nothing is allocated per connection.
    */
-  private candidates(backends: readonly Backend[], start: number): readonly Backend[] {
-    const n = backends.length;
-    if (this.ejections.size === 0 && start === 0) return backends;
-    const ordered: Backend[] = [];
-    for (let i = 0; i < n; i++) ordered.push(backends[(start + i) % n] as Backend);
-    if (this.ejections.size === 0) return ordered;
-    const healthy = ordered.filter((b) => !this.ejections.isEjected(`${b.host}:${b.port}`));
-    return healthy.length > 0 ? healthy : ordered;
-  }
-
-  private connect(client: net.Socket, backends: readonly Backend[], attempt: number): void {
+  private connect(client: net.Socket, backends: readonly Backend[], start: number, attempt: number, anyBackend: boolean): void {
     if (client.destroyed) return;
-    const backend = backends[attempt] as Backend;
+    const n = backends.length;
+    let i = attempt;
+    while (i < n && !anyBackend && this.ejections.size > 0) {
+      const candidate = backends[(start + i) % n] as Backend;
+      if (!this.ejections.isEjected(`${candidate.host}:${candidate.port}`)) break;
+      i++;
+    }
+    if (i >= n) {
+      this.options.counters.tcpAllBackendsFailed++;
+      client.destroy();
+      return;
+    }
+    const backend = backends[(start + i) % n] as Backend;
     const upstream = net.connect({ host: backend.host, port: backend.port, allowHalfOpen: true });
     const timer = setTimeout(() => upstream.destroy(new Error(`connect timed out after ${this.options.connectTimeoutMs} ms`)), this.options.connectTimeoutMs);
     const abandon = () => {
@@ -159,11 +168,7 @@ export class TcpListener implements PortListener {
       if (!this.ejections.isEjected(key)) this.options.logger.info({ serviceId: this.options.serviceId, backend: key, err: err.message }, "backend-ejected");
       this.ejections.eject(key);
       this.options.counters.tcpBackendFailures++;
-      if (attempt + 1 < backends.length) this.connect(client, backends, attempt + 1);
-      else {
-        this.options.counters.tcpAllBackendsFailed++;
-        client.destroy();
-      }
+      this.connect(client, backends, start, i + 1, anyBackend);
     });
     upstream.once("connect", () => {
       clearTimeout(timer);
