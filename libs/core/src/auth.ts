@@ -74,8 +74,3 @@ export function requireOperator(caller: Caller, what: string): void {
 export function describeCaller(caller: Caller): string {
   return caller.role === "operator" ? "an operator" : caller.role === "space" ? `space "${caller.space}"` : `the instance agent of space "${caller.space}"`;
 }
-
-/** The space a caller acts in; operators act in the unnamed space "". */
-export function spaceOf(caller: Caller): string {
-  return caller.role === "operator" ? "" : caller.space;
-}

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { RoundRobin, fifoPrimary } from "./pickers.js";
+import { RoundRobin } from "./pickers.js";
 
 describe("pickers - round-robin", () => {
   it("spreads connections evenly over the backends", () => {
@@ -21,10 +21,5 @@ describe("pickers - round-robin", () => {
 
   it("says -1 when there is no backend", () => {
     expect(new RoundRobin().start(0)).toBe(-1);
-  });
-
-  it("UDP FIFO: the first available is the primary", () => {
-    expect(fifoPrimary(["a", "b"])).toBe("a");
-    expect(fifoPrimary([])).toBeUndefined();
   });
 });

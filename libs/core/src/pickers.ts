@@ -1,6 +1,7 @@
 /**
- * Backend pickers of the data plane. Pure: the worker hands them the current
- * ordered backend list and they say which to use.
+ * The backend picker of the data plane. Pure: the worker hands it the current
+ * number of backends and it says where a connection starts. (UDP's FIFO
+ * primary is the first backend in rotation: see the worker's UdpListener.)
  */
 
 /**
@@ -20,9 +21,4 @@ export class RoundRobin {
     this.next = index + 1;
     return index;
   }
-}
-
-/** UDP FIFO: the first backend available is the primary; the rest queue in order. */
-export function fifoPrimary<T>(backends: readonly T[]): T | undefined {
-  return backends[0];
 }

@@ -18,6 +18,20 @@ export class DataPlaneCounters {
   udpBackendUnreachable = 0;
 }
 
+/** A counter whose values, by one label, are totals the data plane keeps itself; read at scrape. */
+function totals(registers: MetricsRegistry[], name: string, help: string, label: string, read: () => Record<string, number>): void {
+  new Counter({
+    name,
+    help,
+    labelNames: [label],
+    registers,
+    collect() {
+      this.reset();
+      for (const [value, total] of Object.entries(read())) this.inc({ [label]: value }, total);
+    },
+  });
+}
+
 export interface ListenerGauges {
   openConnections(): number;
   udpSessions(): number;
@@ -28,53 +42,25 @@ export interface ListenerGauges {
 /** The worker's metrics, on the process's registry (a private one when none is given, as in tests). */
 export function workerMetrics(counters: DataPlaneCounters, gauges: ListenerGauges, registry?: MetricsRegistry) {
   const registers = registry ? [registry] : [];
-  new Counter({
-    name: "harbor_worker_tcp_connections_total",
-    help: "TCP connections accepted, by outcome",
-    labelNames: ["outcome"] as const,
-    registers,
-    collect() {
-      this.reset();
-      this.inc({ outcome: "proxied" }, counters.tcpProxied);
-      this.inc({ outcome: "no_backend" }, counters.tcpNoBackend);
-      this.inc({ outcome: "over_limit" }, counters.tcpOverLimit);
-      this.inc({ outcome: "all_backends_failed" }, counters.tcpAllBackendsFailed);
-    },
-  });
-  new Counter({
-    name: "harbor_worker_tcp_bytes_total",
-    help: "Bytes carried over TCP (counted when a connection closes)",
-    labelNames: ["direction"] as const,
-    registers,
-    collect() {
-      this.reset();
-      this.inc({ direction: "to_backend" }, counters.tcpBytesToBackend);
-      this.inc({ direction: "to_client" }, counters.tcpBytesToClient);
-    },
-  });
-  new Counter({
-    name: "harbor_worker_udp_datagrams_total",
-    help: "UDP datagrams, by direction; dropped = no backend",
-    labelNames: ["direction"] as const,
-    registers,
-    collect() {
-      this.reset();
-      this.inc({ direction: "to_backend" }, counters.udpToBackend);
-      this.inc({ direction: "to_client" }, counters.udpToClient);
-      this.inc({ direction: "dropped" }, counters.udpDropped);
-    },
-  });
-  new Counter({
-    name: "harbor_worker_backend_errors_total",
-    help: "Backends that refused a TCP connection or were unreachable over UDP",
-    labelNames: ["protocol"] as const,
-    registers,
-    collect() {
-      this.reset();
-      this.inc({ protocol: "tcp" }, counters.tcpBackendFailures);
-      this.inc({ protocol: "udp" }, counters.udpBackendUnreachable);
-    },
-  });
+  totals(registers, "harbor_worker_tcp_connections_total", "TCP connections accepted, by outcome", "outcome", () => ({
+    proxied: counters.tcpProxied,
+    no_backend: counters.tcpNoBackend,
+    over_limit: counters.tcpOverLimit,
+    all_backends_failed: counters.tcpAllBackendsFailed,
+  }));
+  totals(registers, "harbor_worker_tcp_bytes_total", "Bytes carried over TCP (counted when a connection closes)", "direction", () => ({
+    to_backend: counters.tcpBytesToBackend,
+    to_client: counters.tcpBytesToClient,
+  }));
+  totals(registers, "harbor_worker_udp_datagrams_total", "UDP datagrams, by direction; dropped = no backend", "direction", () => ({
+    to_backend: counters.udpToBackend,
+    to_client: counters.udpToClient,
+    dropped: counters.udpDropped,
+  }));
+  totals(registers, "harbor_worker_backend_errors_total", "Backends that refused a TCP connection or were unreachable over UDP", "protocol", () => ({
+    tcp: counters.tcpBackendFailures,
+    udp: counters.udpBackendUnreachable,
+  }));
   new Gauge({
     name: "harbor_worker_tcp_connections_open",
     help: "TCP connections open now",

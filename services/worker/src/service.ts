@@ -26,8 +26,6 @@ export interface Worker extends Component {
   readonly view: NodeView;
   /** Ports with an open listener. */
   listeningPorts(): number[];
-  /** Resolves once a snapshot has been applied and listeners reconciled. */
-  whenSynced(): Promise<void>;
 }
 
 /**
@@ -203,10 +201,6 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     name: "worker",
     view,
     listeningPorts: () => [...new Set([...listeners.values()].filter((l) => l.listening).map((l) => l.port))],
-    whenSynced: async () => {
-      while (!follower.synced) await new Promise((r) => setTimeout(r, 20));
-      await scheduleReconcile();
-    },
     async start() {
       if (kernel) {
         const problem = await kernelModeAvailable();
