@@ -47,9 +47,11 @@ const TARGETS = ["direct", "haproxy", "nginx", "harbor", ...(KERNEL_USABLE ? ["h
 const HARBORS = TARGETS.filter((tg) => tg.startsWith("harbor"));
 
 const args = process.argv.slice(2);
-const unknown = args.filter((a) => a !== "--smoke" && a !== "--full");
-if (unknown.length > 0 || (args.includes("--smoke") && args.includes("--full"))) {
-  process.stderr.write("usage: node bench/run.mjs [--smoke|--full]\n");
+// --only=<text>: run just the workloads whose name contains <text> (e.g. --only=UDP), to iterate on one.
+const ONLY = args.find((a) => a.startsWith("--only="))?.slice("--only=".length);
+const unknown = args.filter((a) => a !== "--smoke" && a !== "--full" && !a.startsWith("--only="));
+if (unknown.length > 0 || (args.includes("--smoke") && args.includes("--full")) || ONLY === "") {
+  process.stderr.write("usage: node bench/run.mjs [--smoke|--full] [--only=<workload name text>]\n");
   process.exit(2);
 }
 const MODE = args.includes("--full") ? "full" : "smoke";
@@ -405,7 +407,13 @@ const parseJson = (text) => {
 
 // ---------------------------------------------------------------- backends
 // bulk: iperf3 server (TCP). udp: a second iperf3 server (its TCP control
-// connection and the UDP datagrams share one port). http: nginx `return 200 "ok"`.
+// connection and the UDP datagrams share one port). http: nginx `return 200 "ok"`,
+// on a port of its own for each target. The backend closes first and keeps each
+// connection in TIME_WAIT for 60 s; through a DNAT (harbor-kernel) the client
+// cannot see those entries when it picks a source port, and a SYN that meets
+// one left by another target's run is rejected (PAWS, TcpExtPAWSTimewait) and
+// retried a second later. Separate ports keep one target's run from slowing
+// the next one's.
 
 const NGINX_STREAM_MODULE = ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/nginx/modules/ngx_stream_module.so"].find((p) => existsSync(p));
 
@@ -414,7 +422,9 @@ function nginxArgs(confPath, prefix) {
 }
 
 async function startBackends() {
-  const [bulk, udp, httpPort] = [await freePort(), await freePort(), await freePort()];
+  const [bulk, udp] = [await freePort(), await freePort()];
+  const httpPorts = {};
+  for (const name of TARGETS) httpPorts[name] = await freePort();
   const iperfBulk = await startProcess("backend-iperf3-bulk", "iperf3", ["-s", "-p", String(bulk), "-B", LOCAL]);
   const iperfUdp = await startProcess("backend-iperf3-udp", "iperf3", ["-s", "-p", String(udp), "-B", LOCAL]);
   const prefix = join(TMP_DIR, "nginx-backend");
@@ -431,7 +441,7 @@ http {
   default_type text/plain;
   keepalive_requests 1000000;
   server {
-    listen ${LOCAL}:${httpPort} backlog=4096;
+${Object.values(httpPorts).map((port) => `    listen ${LOCAL}:${port} backlog=4096;`).join("\n")}
     location / { return 200 "ok"; }
   }
 }
@@ -439,7 +449,7 @@ http {
   );
   writeFileSync(join(RAW_DIR, "backend-nginx.conf"), readFileSync(conf));
   const nginxHttp = await startProcess("backend-nginx-http", "nginx", nginxArgs(conf, prefix));
-  return { ports: { bulk, udp, http: httpPort }, procs: [iperfBulk, iperfUdp, nginxHttp] };
+  return { ports: { bulk, udp }, httpPorts, procs: [iperfBulk, iperfUdp, nginxHttp] };
 }
 
 // ---------------------------------------------------------------- targets
@@ -803,12 +813,12 @@ async function main() {
   log(`mode ${MODE}; raw outputs in ${relative(REPO, RAW_DIR)}`);
 
   const backends = await startBackends();
-  log(`backends: iperf3 bulk :${backends.ports.bulk}, iperf3 udp :${backends.ports.udp}, nginx http :${backends.ports.http}`);
+  log(`backends: iperf3 bulk :${backends.ports.bulk}, iperf3 udp :${backends.ports.udp}, nginx http ${JSON.stringify(backends.httpPorts)}`);
 
   const targets = [];
   for (const name of TARGETS) {
     try {
-      const target = await SETUPS[name](backends);
+      const target = await SETUPS[name]({ ...backends, ports: { ...backends.ports, http: backends.httpPorts[name] } });
       targets.push(target);
       await waitReachable(target);
       log(`${name} ready: ${JSON.stringify(target.endpoints)}${target.pid ? ` pid ${target.pid}` : ""}`);
@@ -831,6 +841,7 @@ async function main() {
     // Rotate the target order each repetition so none always runs first.
     const order = targets.map((_, i) => targets[(i + rep - 1) % targets.length]);
     for (const w of WORKLOADS) {
+      if (ONLY && !w.name.includes(ONLY)) continue;
       for (const target of order) {
         if (!target.endpoints[w.needs]) {
           for (const row of w.rows) slot(results, row, target.name).na = true;
@@ -866,9 +877,9 @@ async function main() {
   writeFileSync(join(RAW_DIR, "results.json"), JSON.stringify({ mode: MODE, command: COMMAND, machineCpu: cpu, results, perCore }, null, 2));
   mkdirSync(RESULTS_DIR, { recursive: true });
   writeFileSync(join(RESULTS_DIR, "latest.md"), report);
-  if (MODE === "full") writeFileSync(join(RESULTS_DIR, "full.md"), report);
+  if (MODE === "full" && !ONLY) writeFileSync(join(RESULTS_DIR, "full.md"), report);
   process.stdout.write(report.slice(report.indexOf("## Results")));
-  log(`wrote ${relative(REPO, join(RESULTS_DIR, "latest.md"))}${MODE === "full" ? " and full.md" : ""} in ${Math.round(elapsedS)} s`);
+  log(`wrote ${relative(REPO, join(RESULTS_DIR, "latest.md"))}${MODE === "full" && !ONLY ? " and full.md" : ""} in ${Math.round(elapsedS)} s`);
 }
 
 try {
