@@ -41,6 +41,16 @@ export default defineConfig({
           hookTimeout: 90_000,
         },
       },
+      // The same data-plane e2e tests with two relay processes carrying the worker's TCP connections.
+      {
+        test: {
+          name: "e2e-relays",
+          include: ["test/e2e/tcp.test.ts", "test/e2e/udp.test.ts"],
+          env: { HARBOR_E2E_WORKER_RELAYS: "2" },
+          testTimeout: 60_000,
+          hookTimeout: 90_000,
+        },
+      },
       // The same data-plane e2e tests with the worker programming nftables.
       ...(nftablesUsable()
         ? [

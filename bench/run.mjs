@@ -40,9 +40,11 @@ const UDP_FIXED_PPS = 100_000;
 const PROXY_THREADS = 1;
 /** Ports for everything we start are taken from here (below Linux's ephemeral range). */
 const PORT_POOL = { min: 20000, max: 32000 };
+// harbor-relays: the same Harbor with HARBOR_WORKER_RELAYS=<cores> (relay processes carry the TCP bytes).
 // harbor-kernel: the same Harbor with HARBOR_WORKER_MODE=kernel (nftables), where nft is usable.
 const KERNEL_USABLE = spawnSync("nft", ["list", "tables"], { stdio: "ignore" }).status === 0;
-const TARGETS = ["direct", "haproxy", "nginx", "harbor", ...(KERNEL_USABLE ? ["harbor-kernel"] : [])];
+const RELAYS = os.availableParallelism();
+const TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-relays", ...(KERNEL_USABLE ? ["harbor-kernel"] : [])];
 /** The Harbor targets, each compared with the peers. */
 const HARBORS = TARGETS.filter((tg) => tg.startsWith("harbor"));
 
@@ -526,7 +528,7 @@ function psql(sql) {
   if (r.status !== 0) throw new Error(`psql: ${oneLine(r.stderr || r.error)}`);
 }
 
-async function setupHarbor(backends, mode = "userspace") {
+async function setupHarbor(backends, { name = "harbor", mode = "userspace", relays = 0 } = {}) {
   if (!existsSync(HARBOR_MAIN)) {
     log("services/cli/dist/main.js missing: npm run build");
     const r = await runCommand("npm", ["run", "build"], { timeoutMs: 600_000, rawFile: "harbor-build.txt" });
@@ -546,6 +548,7 @@ async function setupHarbor(backends, mode = "userspace") {
     NATS_URL: process.env.NATS_URL ?? "nats://127.0.0.1:4222",
     HARBOR_DRAIN_TIMEOUT_MS: "1000",
     HARBOR_WORKER_MODE: mode,
+    HARBOR_WORKER_RELAYS: String(relays),
   };
   const proc = await startProcess("harbor", process.execPath, [HARBOR_BIN, "serve", "all"], { env, readyText: "Harbor is running", readyTimeoutMs: 60_000 });
   const cli = async (...argv) => {
@@ -566,10 +569,17 @@ async function setupHarbor(backends, mode = "userspace") {
       await cli("register-instance", app, `${app}-0`, "--host", LOCAL, "--port", String(backends.ports[kind]), "--ttl", "3600");
     }),
   );
-  return { name: mode === "kernel" ? "harbor-kernel" : "harbor", pid: proc.pid, endpoints, stop: () => stopProcess(proc, 8_000) };
+  return { name, pid: proc.pid, endpoints, stop: () => stopProcess(proc, 8_000) };
 }
 
-const SETUPS = { direct: setupDirect, haproxy: setupHaproxy, nginx: setupNginx, harbor: setupHarbor, "harbor-kernel": (backends) => setupHarbor(backends, "kernel") };
+const SETUPS = {
+  direct: setupDirect,
+  haproxy: setupHaproxy,
+  nginx: setupNginx,
+  harbor: (backends) => setupHarbor(backends),
+  "harbor-relays": (backends) => setupHarbor(backends, { name: "harbor-relays", relays: RELAYS }),
+  "harbor-kernel": (backends) => setupHarbor(backends, { name: "harbor-kernel", mode: "kernel" }),
+};
 
 // ---------------------------------------------------------------- workloads
 // Each takes (target, rep) and returns { <row key>: value, ... } plus the

@@ -6,6 +6,8 @@ import { createTestDatabase, freePort, freePortBlock, uniqueName, type TestDatab
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 /** Set by the e2e-kernel project: the worker programs nftables instead of copying bytes. */
 export const KERNEL_MODE = process.env.HARBOR_E2E_WORKER_MODE === "kernel";
+/** Relay processes the worker hands TCP connections to (the e2e-relays ring); 0: the worker carries them. */
+export const RELAYS = Number(process.env.HARBOR_E2E_WORKER_RELAYS ?? 0);
 
 /** The committed `harbor` executable, as a user runs it. */
 export const HARBOR_BIN = resolve(ROOT, "services/cli/bin/harbor.js");
@@ -63,6 +65,7 @@ export async function startHarbor(options: HarborOptions = {}): Promise<Harbor> 
     HARBOR_API: options.like?.env.HARBOR_API ?? `127.0.0.1:${await freePort()}`,
     HARBOR_PORT_RANGE: `${range.min}-${range.max}`,
     HARBOR_WORKER_MODE: KERNEL_MODE ? "kernel" : "userspace",
+    HARBOR_WORKER_RELAYS: String(RELAYS),
     LOG_LEVEL: "debug",
     ...options.env,
   };

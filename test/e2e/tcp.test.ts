@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectLines, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
 import { reach, spread, type ServiceJson } from "./cluster.js";
-import { KERNEL_MODE, startHarbor, type Harbor } from "./harbor.js";
+import { KERNEL_MODE, RELAYS, startHarbor, type Harbor } from "./harbor.js";
 
 let harbor: Harbor;
 const backends: EchoBackend[] = [];
@@ -39,6 +39,10 @@ describe("e2e tcp - a port that works end to end", () => {
     }, "all three backends in rotation");
 
     expect(await spread(created.port, 9)).toEqual({ alpha: 3, bravo: 3, charlie: 3 });
+    // Thirty at once: still exact (with relays, the worker still makes every choice).
+    const together: Record<string, number> = {};
+    for (const name of await Promise.all(Array.from({ length: 30 }, () => reach(created.port)))) together[name] = (together[name] ?? 0) + 1;
+    expect(together).toEqual({ alpha: 10, bravo: 10, charlie: 10 });
 
     const open = await connectLines(created.port);
     const held = await open.nextLine();
@@ -133,6 +137,15 @@ describe("e2e tcp - a port that works end to end", () => {
     expect(stackatoForm).toMatchObject({ service_name: "tcp-legacy", int_port: 4101 });
   });
 
+  it.runIf(RELAYS > 0)("a relay killed with -9 is replaced, and connections keep flowing, still in exact turns", async () => {
+    const started = [...harbor.logs().matchAll(/"pid":(\d+),"name":"harbor-relay".*"msg":"relay-started"/g)].map((m) => Number(m[1]));
+    expect(started).toHaveLength(RELAYS);
+    process.kill(started[0]!, "SIGKILL");
+    await waitFor(async () => /"msg":"relay-died-restarting"/.test(harbor.logs()) && (harbor.logs().match(/"msg":"relay-started"/g)?.length ?? 0) === RELAYS + 1, "the relay replaced");
+    const debugPort = (await harbor.json<ServiceJson>("service", "debug-port")).port;
+    expect(Object.values(await spread(debugPort, 6))).toEqual([3, 3]);
+  });
+
   it("stops cleanly on SIGTERM", async () => {
     // The mode under test really was the one asked for.
     if (KERNEL_MODE) {
@@ -141,5 +154,15 @@ describe("e2e tcp - a port that works end to end", () => {
     } else expect(harbor.logs()).toMatch(/"msg":"tcp-listener-opened"/);
     expect(await harbor.stop()).toBe(0);
     expect(harbor.logs()).toMatch(/"msg":"shutdown-complete"/);
+    // With relays, every one started, and every one was drained, not killed.
+    const relayLogs = (msg: string) => harbor.logs().match(new RegExp(`"name":"harbor-relay".*"msg":"${msg}"`, "g"))?.length ?? 0;
+    expect(relayLogs("relay-started")).toBe(RELAYS === 0 ? 0 : RELAYS + 1); // one was replaced above
+    expect(relayLogs("relay-stopped")).toBe(RELAYS);
+    if (RELAYS > 0) {
+      // ... and the relays, not the worker, carried the connections.
+      const carried = [...harbor.logs().matchAll(/"carried":(\d+)[^\n]*"msg":"relay-stopped"/g)].map((m) => Number(m[1]));
+      expect(carried).toHaveLength(RELAYS);
+      expect(carried.every((n) => n > 0)).toBe(true);
+    }
   });
 });

@@ -22,6 +22,8 @@ export interface WorkerConfig {
   token?: string;
   /** userspace: the worker copies the bytes; kernel: it programs nftables (needs CAP_NET_ADMIN). */
   mode: "userspace" | "kernel";
+  /** Userspace mode: processes that carry TCP connections for the worker (0: the worker carries them). */
+  relays: number;
 }
 
 export function loadWorkerConfig(env: Record<string, string | undefined> = process.env): WorkerConfig {
@@ -42,6 +44,7 @@ export function loadWorkerConfig(env: Record<string, string | undefined> = proce
     maxConnectionsPerPort: reader.int("HARBOR_MAX_CONNECTIONS_PER_PORT", 10_000, 1, 1_000_000),
     token: reader.optional("HARBOR_TOKEN"),
     mode: "userspace",
+    relays: reader.int("HARBOR_WORKER_RELAYS", 0, 0, 64),
   };
   const mode = reader.string("HARBOR_WORKER_MODE", "userspace");
   if (mode === "userspace" || mode === "kernel") config.mode = mode;

@@ -8,6 +8,7 @@ import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
 import type { PortListener } from "./proxy/listener.js";
 import { TcpListener } from "./proxy/tcp.js";
 import { UdpListener } from "./proxy/udp.js";
+import { RelayPool } from "./proxy/relays.js";
 import { HealthChecker } from "./proxy/health.js";
 import { KernelListener } from "./kernel/listener.js";
 import { tableName } from "./kernel/render.js";
@@ -60,13 +61,15 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
 
   const kernel =
     config.mode === "kernel" ? new KernelTable(tableName(deps.subjects.prefix, config.nodeId), () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
+  // UDP stays in this process: a client's datagrams keep one session and FIFO stays FIFO.
+  const relays = config.mode === "userspace" && config.relays > 0 ? new RelayPool(config.relays, config.connectTimeoutMs, counters, logger) : undefined;
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
     if (kernel) {
       return new KernelListener({ serviceId: service.id, port: service.port, protocol, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, table: kernel });
     }
     const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, counters, logger };
     return protocol === "tcp"
-      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort })
+      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort, relays })
       : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions });
   };
   /** Active checks per listener, for services that ask for them. */
@@ -206,6 +209,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         const problem = await kernelModeAvailable();
         if (problem) throw new Error(`HARBOR_WORKER_MODE=kernel needs nftables and CAP_NET_ADMIN: ${problem}`);
       }
+      await relays?.start();
       await follower.start();
       await scheduleReconcile();
       publishHeartbeat();
@@ -214,7 +218,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         publishHeartbeat();
         void scheduleReconcile();
       }, config.heartbeatIntervalMs);
-      logger.info({ workerId, listening: listeners.size, mode: config.mode }, "worker-started");
+      logger.info({ workerId, listening: listeners.size, mode: config.mode, relays: config.mode === "userspace" ? config.relays : 0 }, "worker-started");
     },
     async stop() {
       if (stopped) return;
@@ -226,6 +230,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       const all = [...listeners.values()];
       await Promise.all(all.map((l) => l.close()));
       await Promise.all(all.map((l) => l.drain(config.drainTimeoutMs)));
+      // The drain deadline has passed: relays cut what is left.
+      await relays?.stop(0);
       await kernel?.destroy();
       allocator.close();
       registry.close();

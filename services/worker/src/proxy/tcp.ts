@@ -4,7 +4,9 @@ import { Ejections, RoundRobin, systemClock } from "@harbor/core";
 import { spliceSockets } from "@harbor/runtime";
 import type { Backend } from "@harbor/proto";
 import type { DataPlaneCounters } from "../metrics.js";
+import { allEjected, backendKey, dial, type DialHooks, type Endpoint } from "./dial.js";
 import type { PortListener } from "./listener.js";
+import type { RelayedListener, RelayPool } from "./relays.js";
 
 export interface TcpListenerOptions {
   serviceId: string;
@@ -19,6 +21,8 @@ export interface TcpListenerOptions {
   passiveEjectMs: number;
   counters: DataPlaneCounters;
   logger: Logger;
+  /** Relay processes to carry the connections; without them this process carries them. */
+  relays?: RelayPool;
 }
 
 interface Pair {
@@ -31,13 +35,19 @@ interface Pair {
  * round-robin order; a backend that refuses is skipped for the next one. Open
  * connections belong to their pair of sockets, not to the backend set, so no
  * set change ever cuts them. With no backend the client is closed at once.
+ * With relays, this listener still accepts and chooses; a relay connects and
+ * copies.
  */
-export class TcpListener implements PortListener {
+export class TcpListener implements PortListener, DialHooks, RelayedListener {
   readonly protocol = "tcp" as const;
   private readonly server: net.Server;
   private readonly rotation = new RoundRobin();
   private readonly open = new Set<Pair>();
   private readonly pending = new Set<net.Socket>();
+  /** Connections handed to relays and not yet reported ended. */
+  private relayed = 0;
+  private relayId: number | undefined;
+  private closed = false;
   listening = false;
   error: string | undefined;
   readonly ejections: Ejections;
@@ -51,6 +61,7 @@ export class TcpListener implements PortListener {
       this.error = err.message;
       this.options.logger.warn({ err, port: options.port }, "tcp-listener-error");
     });
+    this.relayId = options.relays?.register(this);
   }
 
   get port(): number {
@@ -58,7 +69,7 @@ export class TcpListener implements PortListener {
   }
 
   get connections(): number {
-    return this.open.size + this.pending.size;
+    return this.open.size + this.pending.size + this.relayed;
   }
 
   /** Binds the port; a failure (e.g. taken by another process) is recorded, not thrown. */
@@ -86,6 +97,8 @@ export class TcpListener implements PortListener {
 
   /** Stops accepting; open connections carry on. */
   async close(): Promise<void> {
+    this.closed = true;
+    if (this.relayed === 0) this.leaveRelays();
     if (!this.listening) return;
     this.listening = false;
     // Stops accepting and frees the port now; server.close()'s callback would wait
@@ -97,7 +110,7 @@ export class TcpListener implements PortListener {
   /** Connections already open stay with their backend; new ones read the set when they start. */
   backendsChanged(): void {}
 
-  /** Waits for open connections to end, up to `deadlineMs`, then cuts the rest. */
+  /** Waits for open connections to end, up to `deadlineMs`, then cuts the rest (relays cut their own). */
   async drain(deadlineMs: number): Promise<void> {
     const until = Date.now() + deadlineMs;
     while (this.connections > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
@@ -122,63 +135,41 @@ export class TcpListener implements PortListener {
       client.destroy();
       return;
     }
+    const anyBackend = this.ejections.size > 0 && allEjected(backends, this.isEjected);
+    if (this.relayId !== undefined) {
+      const ejected = this.ejections.size > 0 && !anyBackend ? backends.filter(this.isEjected).map(backendKey) : undefined;
+      if (this.options.relays?.dispatch(this.relayId, client, backends, start, anyBackend, ejected)) {
+        this.relayed++;
+        return;
+      }
+      // No relay can take it now (one is restarting): this process carries it.
+    }
     this.pending.add(client);
     client.once("close", () => this.pending.delete(client));
-    this.connect(client, backends, start, 0, this.allEjected(backends));
+    dial(client, backends, start, 0, anyBackend, this);
   }
 
-  private allEjected(backends: readonly Backend[]): boolean {
-    if (this.ejections.size === 0) return false;
-    for (const b of backends) if (!this.ejections.isEjected(`${b.host}:${b.port}`)) return false;
-    return true;
+  // DialHooks, for connections this process carries itself.
+
+  get connectTimeoutMs(): number {
+    return this.options.connectTimeoutMs;
   }
 
-  /**
-   * Tries the rotation from `start`, `attempt` places on, passing over
-   * backends out of rotation — unless every one is (`anyBackend`: better a
-   * try than a certain refusal). Nothing is allocated per connection.
-   */
-  private connect(client: net.Socket, backends: readonly Backend[], start: number, attempt: number, anyBackend: boolean): void {
-    if (client.destroyed) return;
-    const n = backends.length;
-    let i = attempt;
-    while (i < n && !anyBackend && this.ejections.size > 0) {
-      const candidate = backends[(start + i) % n] as Backend;
-      if (!this.ejections.isEjected(`${candidate.host}:${candidate.port}`)) break;
-      i++;
-    }
-    if (i >= n) {
-      this.options.counters.tcpAllBackendsFailed++;
-      client.destroy();
-      return;
-    }
-    const backend = backends[(start + i) % n] as Backend;
-    const upstream = net.connect({ host: backend.host, port: backend.port, allowHalfOpen: true });
-    const timer = setTimeout(() => upstream.destroy(new Error(`connect timed out after ${this.options.connectTimeoutMs} ms`)), this.options.connectTimeoutMs);
-    const abandon = () => {
-      clearTimeout(timer);
-      upstream.destroy();
-    };
-    client.once("close", abandon);
-    upstream.once("error", (err) => {
-      clearTimeout(timer);
-      client.removeListener("close", abandon);
-      const key = `${backend.host}:${backend.port}`;
-      // Refused or timed out: out of rotation for a while, then tried again.
-      if (!this.ejections.isEjected(key)) this.options.logger.info({ serviceId: this.options.serviceId, backend: key, err: err.message }, "backend-ejected");
-      this.ejections.eject(key);
-      this.options.counters.tcpBackendFailures++;
-      this.connect(client, backends, start, i + 1, anyBackend);
-    });
-    upstream.once("connect", () => {
-      clearTimeout(timer);
-      client.removeListener("close", abandon);
-      upstream.removeAllListeners("error");
-      this.splice(client, upstream);
-    });
+  readonly isEjected = (backend: Endpoint): boolean => this.ejections.size > 0 && this.ejections.isEjected(backendKey(backend));
+
+  backendFailed(backend: Endpoint, err: Error): void {
+    const key = backendKey(backend);
+    // Refused or timed out: out of rotation for a while, then tried again.
+    if (!this.ejections.isEjected(key)) this.options.logger.info({ serviceId: this.options.serviceId, backend: key, err: err.message }, "backend-ejected");
+    this.ejections.eject(key);
+    this.options.counters.tcpBackendFailures++;
   }
 
-  private splice(client: net.Socket, upstream: net.Socket): void {
+  allFailed(): void {
+    this.options.counters.tcpAllBackendsFailed++;
+  }
+
+  connected(client: net.Socket, upstream: net.Socket): void {
     this.pending.delete(client);
     const pair: Pair = { client, upstream };
     this.open.add(pair);
@@ -192,5 +183,22 @@ export class TcpListener implements PortListener {
       this.options.counters.tcpBytesToClient += client.bytesWritten;
     });
     client.resume();
+  }
+
+  // RelayedListener, for connections handed to relay processes.
+
+  relayEnded(count: number): void {
+    this.relayed -= count;
+    if (this.relayed <= 0 && this.closed) this.leaveRelays();
+  }
+
+  relayBackendFailed(backend: Endpoint, err: Error): void {
+    this.backendFailed(backend, err);
+  }
+
+  private leaveRelays(): void {
+    if (this.relayId === undefined) return;
+    this.options.relays?.unregister(this.relayId);
+    this.relayId = undefined;
   }
 }

@@ -1,0 +1,67 @@
+import net from "node:net";
+
+/** Where a backend is reached: all a dial needs of it (a relay process gets no more). */
+export interface Endpoint {
+  host: string;
+  port: number;
+}
+
+export const backendKey = (b: Endpoint): string => `${b.host}:${b.port}`;
+
+/** What a dial needs from whoever owns the connection: the listener itself, or a relay process. */
+export interface DialHooks {
+  readonly connectTimeoutMs: number;
+  /** Out of rotation (passively or by active checks); cheap when nothing is. */
+  isEjected(backend: Endpoint): boolean;
+  /** Refused or timed out; the dial goes on with the next backend. */
+  backendFailed(backend: Endpoint, err: Error): void;
+  /** Every backend was tried or is out of rotation; the client has been closed. */
+  allFailed(): void;
+  /** Client and backend are connected; the hook joins them. */
+  connected(client: net.Socket, upstream: net.Socket): void;
+}
+
+/**
+ * Connects `client` to the backend `attempt` places on from `start` in the
+ * rotation, passing over backends out of rotation — unless every one is
+ * (`anyBackend`: better a try than a certain refusal) — and on refusal or
+ * timeout tries the next. Nothing is allocated per connection beyond the
+ * upstream socket and its timer.
+ */
+export function dial(client: net.Socket, backends: readonly Endpoint[], start: number, attempt: number, anyBackend: boolean, hooks: DialHooks): void {
+  if (client.destroyed) return;
+  const n = backends.length;
+  let i = attempt;
+  while (i < n && !anyBackend && hooks.isEjected(backends[(start + i) % n] as Endpoint)) i++;
+  if (i >= n) {
+    client.destroy();
+    hooks.allFailed();
+    return;
+  }
+  const backend = backends[(start + i) % n] as Endpoint;
+  const upstream = net.connect({ host: backend.host, port: backend.port, allowHalfOpen: true });
+  const timer = setTimeout(() => upstream.destroy(new Error(`connect timed out after ${hooks.connectTimeoutMs} ms`)), hooks.connectTimeoutMs);
+  const abandon = () => {
+    clearTimeout(timer);
+    upstream.destroy();
+  };
+  client.once("close", abandon);
+  upstream.once("error", (err) => {
+    clearTimeout(timer);
+    client.removeListener("close", abandon);
+    hooks.backendFailed(backend, err);
+    dial(client, backends, start, i + 1, anyBackend, hooks);
+  });
+  upstream.once("connect", () => {
+    clearTimeout(timer);
+    client.removeListener("close", abandon);
+    upstream.removeAllListeners("error");
+    hooks.connected(client, upstream);
+  });
+}
+
+/** Whether every backend is out of rotation (then all are tried anyway). */
+export function allEjected(backends: readonly Endpoint[], isEjected: (b: Endpoint) => boolean): boolean {
+  for (const b of backends) if (!isEjected(b)) return false;
+  return backends.length > 0;
+}

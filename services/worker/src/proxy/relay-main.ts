@@ -1,0 +1,111 @@
+/**
+ * A relay process: receives accepted client sockets from the worker, with the
+ * backend rotation and where to start in it, and joins each to its backend.
+ * Loads no more than it needs (no gRPC, NATS or metrics). Ends when told to
+ * stop, or at once when the worker is gone.
+ */
+import type net from "node:net";
+import { createLogger } from "@harbor/runtime/logger";
+import { spliceSockets } from "@harbor/runtime/splice";
+import { backendKey, dial, type DialHooks, type Endpoint } from "./dial.js";
+import type { FromRelay, HandOff, Stats, ToRelay } from "./relay-protocol.js";
+
+const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
+const send = (message: FromRelay) => process.send?.(message);
+
+const open = new Set<net.Socket>();
+/** Connections this relay joined to a backend, for its last log line. */
+let carried = 0;
+const connectTimeoutMs = Number(process.env.HARBOR_RELAY_CONNECT_TIMEOUT_MS) || 5_000;
+let stopping = false;
+let stats: Stats = { t: "stats", closed: [], proxied: 0, allFailed: 0, bytesToBackend: 0, bytesToClient: 0 };
+const closedBy = new Map<number, number>();
+let flushTimer: NodeJS.Timeout | undefined;
+
+/** Counts go to the worker in one message per 100 ms at most, and only when something happened. */
+function flushSoon(): void {
+  flushTimer ??= setTimeout(flush, 100);
+}
+function flush(): void {
+  flushTimer = undefined;
+  stats.closed = [...closedBy];
+  closedBy.clear();
+  send(stats);
+  stats = { t: "stats", closed: [], proxied: 0, allFailed: 0, bytesToBackend: 0, bytesToClient: 0 };
+}
+function ended(listener: number): void {
+  closedBy.set(listener, (closedBy.get(listener) ?? 0) + 1);
+  flushSoon();
+}
+
+function relay(message: HandOff, client: net.Socket): void {
+  // Received handles become sockets that close on the first FIN; a proxy must pass half-closes on.
+  client.allowHalfOpen = true;
+  client.on("error", () => undefined); // the pair's close handling tears both down
+  const listener = message.l;
+  const ejected = message.e ? new Set(message.e) : undefined;
+  let settled = false;
+  const hooks: DialHooks = {
+    connectTimeoutMs,
+    isEjected: (b: Endpoint) => ejected !== undefined && ejected.has(backendKey(b)),
+    backendFailed(b, err) {
+      ejected?.add(backendKey(b));
+      send({ t: "failed", l: listener, host: b.host, port: b.port, err: err.message });
+    },
+    allFailed() {
+      stats.allFailed++;
+    },
+    connected(c, upstream) {
+      settled = true;
+      c.setNoDelay(true);
+      upstream.setNoDelay(true);
+      stats.proxied++;
+      carried++;
+      spliceSockets(c, upstream, () => {
+        open.delete(c);
+        stats.bytesToBackend += upstream.bytesWritten;
+        stats.bytesToClient += c.bytesWritten;
+        ended(listener);
+      });
+    },
+  };
+  // A client that never reached a backend ends here; one that did ends in the splice.
+  client.once("close", () => {
+    if (!settled) ended(listener);
+  });
+  open.add(client);
+  client.once("close", () => open.delete(client));
+  dial(client, message.b, message.s, 0, message.any, hooks);
+}
+
+async function stop(deadlineMs: number): Promise<void> {
+  if (stopping) return;
+  stopping = true;
+  const until = Date.now() + deadlineMs;
+  while (open.size > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+  for (const socket of open) socket.destroy();
+  // Let the closes land in the last report.
+  await new Promise((r) => setImmediate(r));
+  clearTimeout(flushTimer);
+  flush();
+  logger.info({ carried }, "relay-stopped");
+  process.disconnect?.();
+}
+
+process.on("message", (message: ToRelay, handle?: net.Socket) => {
+  if (message.t === "conn") {
+    if (!handle) return;
+    if (stopping) handle.destroy();
+    else relay(message, handle);
+  } else if (message.t === "stop") void stop(message.deadlineMs);
+});
+// The worker is gone: nobody is left to account for these connections.
+process.on("disconnect", () => {
+  for (const socket of open) socket.destroy();
+  process.exit(0);
+});
+// A signal to the whole process group (Ctrl-C, systemd) is the worker's to handle: it drains the relays.
+process.on("SIGTERM", () => undefined);
+process.on("SIGINT", () => undefined);
+send({ t: "ready" });
+logger.info("relay-started");

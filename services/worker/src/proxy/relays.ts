@@ -1,0 +1,153 @@
+import { fork, type ChildProcess } from "node:child_process";
+import type net from "node:net";
+import { fileURLToPath } from "node:url";
+import type { Logger } from "pino";
+import type { DataPlaneCounters } from "../metrics.js";
+import type { Endpoint } from "./dial.js";
+import type { FromRelay, HandOff, ToRelay } from "./relay-protocol.js";
+
+const RELAY_MAIN = fileURLToPath(new URL("./relay-main.js", import.meta.url));
+
+/** What the pool tells a listener about the connections it handed off. */
+export interface RelayedListener {
+  /** `count` of its connections ended in a relay (or a relay died with them). */
+  relayEnded(count: number): void;
+  /** A relay found this backend refusing or unreachable. */
+  relayBackendFailed(backend: Endpoint, err: Error): void;
+}
+
+interface Relay {
+  index: number;
+  child: ChildProcess;
+  /** Open connections per listener id, to settle the accounts if the relay dies. */
+  open: Map<number, number>;
+  exited: Promise<void>;
+}
+
+/**
+ * Relay processes that carry the bytes of the TCP connections this worker
+ * accepts (HARBOR_WORKER_PROCESSES > 1). The worker process keeps the
+ * listening sockets, the backend sets and the round-robin counters, so every
+ * choice stays exact; connections go to the relays in turn. A relay that dies
+ * takes its open connections with it and is replaced.
+ */
+export class RelayPool {
+  private readonly relays: Relay[] = [];
+  private readonly listeners = new Map<number, RelayedListener>();
+  private nextListener = 1;
+  private turn = 0;
+  private stopping = false;
+
+  constructor(
+    private readonly size: number,
+    private readonly connectTimeoutMs: number,
+    private readonly counters: DataPlaneCounters,
+    private readonly logger: Logger,
+  ) {}
+
+  async start(): Promise<void> {
+    await Promise.all(Array.from({ length: this.size }, (_, index) => this.spawn(index)));
+    this.logger.info({ relays: this.size }, "relays-started");
+  }
+
+  register(listener: RelayedListener): number {
+    const id = this.nextListener++;
+    this.listeners.set(id, listener);
+    return id;
+  }
+
+  unregister(id: number): void {
+    this.listeners.delete(id);
+  }
+
+  /** Hands an accepted client to the next relay; false when none can take it now. */
+  dispatch(listener: number, client: net.Socket, backends: readonly Endpoint[], start: number, anyBackend: boolean, ejected?: string[]): boolean {
+    const relay = this.nextRelay();
+    if (!relay) return false;
+    const message: HandOff = { t: "conn", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })), s: start, any: anyBackend };
+    if (ejected) message.e = ejected;
+    relay.open.set(listener, (relay.open.get(listener) ?? 0) + 1);
+    relay.child.send(message, client, (err) => {
+      if (!err) return;
+      // The relay went away before it got the socket: the connection ends here.
+      client.destroy();
+      this.ended(relay, listener, 1);
+    });
+    return true;
+  }
+
+  /** Asks every relay to finish its connections within the deadline, and waits for them to exit. */
+  async stop(deadlineMs: number): Promise<void> {
+    this.stopping = true;
+    await Promise.all(
+      this.relays.map(async (relay) => {
+        this.send(relay, { t: "stop", deadlineMs });
+        const killed = setTimeout(() => relay.child.kill("SIGKILL"), deadlineMs + 5_000);
+        await relay.exited;
+        clearTimeout(killed);
+      }),
+    );
+  }
+
+  private nextRelay(): Relay | undefined {
+    for (let tried = 0; tried < this.relays.length; tried++) {
+      const relay = this.relays[this.turn++ % this.relays.length] as Relay;
+      if (relay.child.connected) return relay;
+    }
+    return undefined;
+  }
+
+  private send(relay: Relay, message: ToRelay): void {
+    if (relay.child.connected) relay.child.send(message);
+  }
+
+  private ended(relay: Relay, listener: number, count: number): void {
+    const left = (relay.open.get(listener) ?? 0) - count;
+    if (left > 0) relay.open.set(listener, left);
+    else relay.open.delete(listener);
+    this.listeners.get(listener)?.relayEnded(count);
+  }
+
+  private spawn(index: number): Promise<void> {
+    const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs) };
+    const child = fork(RELAY_MAIN, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
+    const relay: Relay = { index, child, open: new Map(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
+    this.relays[index] = relay;
+    child.on("message", (message: FromRelay) => this.receive(relay, message));
+    child.on("error", (err) => this.logger.warn({ err, relay: index }, "relay-error"));
+    void relay.exited.then(() => {
+      let lost = 0;
+      for (const [listener, count] of relay.open) {
+        this.listeners.get(listener)?.relayEnded(count);
+        lost += count;
+      }
+      relay.open.clear();
+      if (this.stopping) return;
+      // Its connections are gone with it; the next ones need somewhere to go.
+      this.logger.error({ relay: index, exitCode: child.exitCode, signal: child.signalCode, connectionsLost: lost }, "relay-died-restarting");
+      setTimeout(() => void this.spawn(index).catch((err: unknown) => this.logger.error({ err, relay: index }, "relay-restart-failed")), 500).unref();
+    });
+    return new Promise((resolve, reject) => {
+      const onExit = () => reject(new Error(`relay ${index} exited before it was ready`));
+      child.once("exit", onExit);
+      // Its first message says it is ready.
+      child.once("message", () => {
+        child.removeListener("exit", onExit);
+        resolve();
+      });
+    });
+  }
+
+  private receive(relay: Relay, message: FromRelay): void {
+    if (typeof message !== "object" || message === null) return;
+    if (message.t === "stats") {
+      for (const [listener, count] of message.closed) this.ended(relay, listener, count);
+      this.counters.tcpProxied += message.proxied;
+      this.counters.tcpAllBackendsFailed += message.allFailed;
+      this.counters.tcpBytesToBackend += message.bytesToBackend;
+      this.counters.tcpBytesToClient += message.bytesToClient;
+    } else if (message.t === "failed") {
+      this.listeners.get(message.l)?.relayBackendFailed({ host: message.host, port: message.port }, new Error(message.err));
+    }
+  }
+}
