@@ -97,8 +97,8 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
       return 0;
     }
     // Each process loads only what it runs: a worker needs no Postgres client, no gRPC server.
-    const hasAllocator = target === "all" || target === "allocator";
-    const hasRegistry = target === "all" || target === "registry";
+    const hasAllocator = target === "all" || target === "control-plane" || target === "allocator";
+    const hasRegistry = target === "all" || target === "control-plane" || target === "registry";
     const { createAllocator, loadAllocatorConfig } = hasAllocator ? await import("@harbor/allocator") : { createAllocator: undefined, loadAllocatorConfig: undefined };
     const { createRegistry, loadRegistryConfig } = hasRegistry ? await import("@harbor/registry") : { createRegistry: undefined, loadRegistryConfig: undefined };
     const { createWorker, loadWorkerConfig } = target === "all" || target === "worker" ? await import("@harbor/worker") : { createWorker: undefined, loadWorkerConfig: undefined };

@@ -1,3 +1,4 @@
 /** What `harbor serve` can run. */
-export const SERVE_TARGETS = ["all", "allocator", "registry", "worker", "container-proxy"] as const;
+/** `control-plane` is the allocator and the registry in one process, for a worker that runs apart. */
+export const SERVE_TARGETS = ["all", "control-plane", "allocator", "registry", "worker", "container-proxy"] as const;
 export type ServeTarget = (typeof SERVE_TARGETS)[number];
