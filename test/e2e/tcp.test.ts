@@ -1,13 +1,16 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { connectLines, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
+import { connectLines, freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
 import { reach, spread, type ServiceJson } from "./cluster.js";
 import { KERNEL_MODE, RELAYS, startHarbor, type Harbor } from "./harbor.js";
 
 let harbor: Harbor;
+let metricsUrl: string;
 const backends: EchoBackend[] = [];
 
 beforeAll(async () => {
-  harbor = await startHarbor();
+  const metricsAddress = `127.0.0.1:${await freePort()}`;
+  metricsUrl = `http://${metricsAddress}/metrics`;
+  harbor = await startHarbor({ env: { HARBOR_METRICS_ADDRESS: metricsAddress } });
 });
 
 afterAll(async () => {
@@ -151,6 +154,11 @@ describe("e2e tcp - a port that works end to end", () => {
     if (KERNEL_MODE) {
       expect(harbor.logs()).toMatch(/"mode":"kernel"[^\n]*"msg":"worker-started"/);
       expect(harbor.logs()).not.toMatch(/"msg":"tcp-listener-opened"/);
+      // The table was written whole once, then changed a port at a time.
+      expect(harbor.logs()).toMatch(/"whole":false[^\n]*"msg":"nftables-applied"/);
+      // The rules' counters reach the metrics: every connection above was a new flow.
+      const tcpFlows = /harbor_worker_kernel_flows_total\{protocol="tcp"\} (\d+)/.exec(await (await fetch(metricsUrl)).text());
+      expect(Number(tcpFlows?.[1])).toBeGreaterThanOrEqual(39);
     } else expect(harbor.logs()).toMatch(/"msg":"tcp-listener-opened"/);
     expect(await harbor.stop()).toBe(0);
     expect(harbor.logs()).toMatch(/"msg":"shutdown-complete"/);

@@ -36,6 +36,8 @@ export interface ListenerGauges {
   openConnections(): number;
   udpSessions(): number;
   listeningPorts(): number;
+  /** Kernel mode: flows the kernel sent on, from the nftables counters (read at scrape). */
+  kernelFlows?(): Promise<{ tcp: number; udp: number }>;
 }
 
 
@@ -61,6 +63,21 @@ export function workerMetrics(counters: DataPlaneCounters, gauges: ListenerGauge
     tcp: counters.tcpBackendFailures,
     udp: counters.udpBackendUnreachable,
   }));
+  const kernelFlows = gauges.kernelFlows;
+  if (kernelFlows) {
+    new Counter({
+      name: "harbor_worker_kernel_flows_total",
+      help: "Kernel mode: new TCP connections and UDP flows the node's nftables rules sent on (or refused), by protocol",
+      labelNames: ["protocol"],
+      registers,
+      async collect() {
+        const flows = await kernelFlows();
+        this.reset();
+        this.inc({ protocol: "tcp" }, flows.tcp);
+        this.inc({ protocol: "udp" }, flows.udp);
+      },
+    });
+  }
   new Gauge({
     name: "harbor_worker_tcp_connections_open",
     help: "TCP connections open now",

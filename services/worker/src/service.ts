@@ -48,6 +48,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       openConnections: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof TcpListener ? l.connections : 0), 0),
       udpSessions: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof UdpListener ? l.sessionCount : 0), 0),
       listeningPorts: () => [...listeners.values()].filter((l) => l.listening).length,
+      ...(config.mode === "kernel" ? { kernelFlows: () => kernel?.flows() ?? Promise.resolve({ tcp: 0, udp: 0 }) } : {}),
     },
     deps.metrics,
   );

@@ -8,51 +8,107 @@ export interface KernelPort {
   backends: readonly Backend[];
 }
 
+/** A port's chain name, and the one rule in it: what the table holds per port. */
+export type PortRules = Map<string, { port: number; protocol: "tcp" | "udp"; rule: string }>;
+
 /** An nftables identifier from any string (letters, digits, underscores). */
 export function tableName(prefix: string, nodeId: string): string {
   return `harbor_${prefix}_${nodeId}`.replace(/[^A-Za-z0-9_]/g, "_").slice(0, 60);
 }
 
+/** The named counter of a protocol's new flows (NAT rules see only a flow's first packet). */
+export const flowCounter = (protocol: "tcp" | "udp") => `flows_${protocol}`;
+
+/** The verdict map that sends a protocol's ports to their chains. */
+const portMap = (protocol: "tcp" | "udp") => `${protocol}_ports`;
+export const portChain = (p: { protocol: string; port: number }) => `p_${p.protocol}_${p.port}`;
+
 const target = (b: Backend) => `${b.host} . ${b.port}`;
 
-function rule(p: KernelPort, host: string): string {
-  const match = `ip daddr ${host} ${p.protocol} dport ${p.port}`;
+/** The rule in a port's chain; the chain is only entered for that port's packets to the node's host. */
+function portRule(p: KernelPort): string {
+  // Every port counts into one named counter per protocol, which outlives a port's chain being rewritten.
+  const counter = `counter name ${flowCounter(p.protocol)}`;
   if (p.backends.length === 0) {
     // No backend: a TCP client is refused at once; a UDP datagram is answered "port unreachable".
-    return p.protocol === "tcp" ? `${match} counter reject with tcp reset` : `${match} counter reject`;
+    return p.protocol === "tcp" ? `${counter} reject with tcp reset` : `${counter} reject`;
   }
-  if (p.protocol === "udp" || p.backends.length === 1) return `${match} counter dnat to ${(p.backends[0] as Backend).host}:${(p.backends[0] as Backend).port}`;
+  // DNAT with a port needs the transport protocol matched in the same rule.
+  const l4 = `meta l4proto ${p.protocol} ${counter}`;
+  const first = p.backends[0] as Backend;
+  if (p.protocol === "udp" || p.backends.length === 1) return `${l4} dnat to ${first.host}:${first.port}`;
   // Per-connection round-robin: conntrack keeps each connection on the backend its first packet got.
   const map = p.backends.map((b, i) => `${i} : ${target(b)}`).join(", ");
-  return `${match} counter dnat to numgen inc mod ${p.backends.length} map { ${map} }`;
+  return `${l4} dnat to numgen inc mod ${p.backends.length} map { ${map} }`;
 }
+
+export function portRules(ports: readonly KernelPort[]): PortRules {
+  const rules: PortRules = new Map();
+  for (const p of ports) rules.set(portChain(p), { port: p.port, protocol: p.protocol, rule: portRule(p) });
+  return rules;
+}
+
+const element = (port: number, chain: string) => `${port} : goto ${chain}`;
 
 /**
  * The whole table for a node, as one nft script: delete and re-create in a
- * single transaction, so a set change replaces every rule atomically.
+ * single transaction. Each port has a chain of its own, reached through a
+ * verdict map by port, so a packet costs one lookup however many ports the
+ * node has, and a change to one port is a change to one chain (renderDelta).
  * `output` catches connections made on this host (loopback clients);
  * `prerouting` those arriving from elsewhere; `postrouting` masquerades
  * what was DNATed to backends on other hosts, so their replies come back.
  */
-export function renderTable(name: string, host: string, ports: readonly KernelPort[]): string {
-  const rules = [...ports].sort((a, b) => a.port - b.port || a.protocol.localeCompare(b.protocol)).map((p) => `    ${rule(p, host)}`);
-  return [
+export function renderTable(name: string, host: string, rules: PortRules): string {
+  const sorted = [...rules].sort(([a], [b]) => a.localeCompare(b));
+  const dispatch = (["tcp", "udp"] as const).map((protocol) => `    ip daddr ${host} ${protocol} dport vmap @${portMap(protocol)}`);
+  const lines = [
     `table ip ${name} {}`,
     `delete table ip ${name}`,
     `table ip ${name} {`,
+    `  map ${portMap("tcp")} { type inet_service : verdict; }`,
+    `  map ${portMap("udp")} { type inet_service : verdict; }`,
+    `  counter ${flowCounter("tcp")} { }`,
+    `  counter ${flowCounter("udp")} { }`,
+    ...sorted.map(([chain, r]) => `  chain ${chain} {\n    ${r.rule}\n  }`),
     `  chain prerouting {`,
     `    type nat hook prerouting priority dstnat; policy accept;`,
-    ...rules,
+    ...dispatch,
     `  }`,
     `  chain output {`,
     `    type nat hook output priority -100; policy accept;`,
-    ...rules,
+    ...dispatch,
     `  }`,
     `  chain postrouting {`,
     `    type nat hook postrouting priority srcnat; policy accept;`,
     `    ct status dnat ct original ip daddr ${host} ip daddr != 127.0.0.0/8 masquerade`,
     `  }`,
     `}`,
-    "",
-  ].join("\n");
+  ];
+  for (const protocol of ["tcp", "udp"] as const) {
+    const elements = sorted.filter(([, r]) => r.protocol === protocol).map(([chain, r]) => element(r.port, chain));
+    if (elements.length > 0) lines.push(`add element ip ${name} ${portMap(protocol)} { ${elements.join(", ")} }`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+/**
+ * The changes from `before` to `after` as one nft transaction (all or
+ * nothing): only the ports that came, went or changed. Empty when nothing did.
+ */
+export function renderDelta(name: string, before: PortRules, after: PortRules): string {
+  const lines: string[] = [];
+  for (const [chain, r] of before) {
+    if (after.has(chain)) continue;
+    lines.push(`delete element ip ${name} ${portMap(r.protocol)} { ${r.port} }`, `delete chain ip ${name} ${chain}`);
+  }
+  for (const [chain, r] of after) {
+    const old = before.get(chain);
+    if (old?.rule === r.rule) continue;
+    if (old) lines.push(`flush chain ip ${name} ${chain}`);
+    else lines.push(`add chain ip ${name} ${chain}`);
+    lines.push(`add rule ip ${name} ${chain} ${r.rule}`);
+    if (!old) lines.push(`add element ip ${name} ${portMap(r.protocol)} { ${element(r.port, chain)} }`);
+  }
+  return lines.length > 0 ? lines.join("\n") + "\n" : "";
 }
