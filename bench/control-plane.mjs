@@ -2,11 +2,12 @@
 // propagation latency (instance registered → in rotation; gone → out) as
 // services grow. Drives `harbor serve all` through its own gRPC API.
 //
-//   node bench/control-plane.mjs [--smoke|--full]
+//   node bench/control-plane.mjs [--smoke|--full] [--only allocation|propagation] [--cpu-prof DIR]
 //
+// --cpu-prof writes a V8 CPU profile of each `harbor serve all` process to DIR.
 // Needs the build (npm run build), Postgres on 127.0.0.1:5432 and NATS on
 // 127.0.0.1:4222, as the tests do. Prints Markdown tables; writes them to
-// bench/results/control-plane.md.
+// bench/results/control-plane.md (a run with --only prints its part only).
 import { spawn, execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -20,6 +21,10 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const { PortAllocatorClient, BackendRegistryClient } = await import(join(ROOT, "libs/proto/dist/index.js"));
 
 const full = process.argv.includes("--full");
+const only = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
+if (only !== undefined && only !== "allocation" && only !== "propagation") throw new Error("--only takes allocation or propagation");
+const profileDir = process.argv.includes("--cpu-prof") ? process.argv[process.argv.indexOf("--cpu-prof") + 1] : undefined;
+if (process.argv.includes("--cpu-prof") && !profileDir) throw new Error("--cpu-prof takes a directory");
 const SCALES = full ? [0, 10_000, 25_000, 50_000] : [0, 5_000];
 const BATCH = full ? 2_000 : 1_000;
 const CONCURRENCY = 32;
@@ -57,7 +62,7 @@ async function withDatabase(fn) {
 /** `harbor serve all` on a database of its own; resolves when it is running. */
 async function startHarbor(databaseUrl, env = {}) {
   const api = `127.0.0.1:${await freePort()}`;
-  const child = spawn(process.execPath, [join(ROOT, "services/cli/bin/harbor.js"), "serve", "all"], {
+  const child = spawn(process.execPath, [...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []), join(ROOT, "services/cli/bin/harbor.js"), "serve", "all"], {
     env: { ...process.env, DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: `bench${Date.now().toString(36)}`, LOG_LEVEL: "warn", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -187,13 +192,9 @@ async function propagation() {
   return rows;
 }
 
-const allocation = await allocationThroughput();
-const latency = await propagation();
-const lines = [
-  `# Control plane — ${new Date().toISOString()}`,
-  "",
-  `\`node bench/control-plane.mjs ${full ? "--full" : "--smoke"}\` on ${execFileSync("nproc").toString().trim()} cores, node ${process.version}, one \`harbor serve all\` process with the machine's Postgres.`,
-  "",
+const allocation = only === "propagation" ? undefined : await allocationThroughput();
+const latency = only === "allocation" ? undefined : await propagation();
+const allocationLines = allocation && [
   `## Allocation throughput (${CONCURRENCY} concurrent gRPC clients, ${BATCH} creates per step)`,
   "",
   "| existing allocations | creates/s |",
@@ -202,6 +203,8 @@ const lines = [
   "",
   `Duplicates: ${allocation.total - allocation.distinct} among ${allocation.total.toLocaleString("en")} allocations (count of (node, port) pairs vs. distinct).`,
   "",
+];
+const latencyLines = latency && [
   "## Propagation latency (RegisterInstance / DeregisterInstance call → a new TCP connection through the port reaches / no longer reaches the instance)",
   "",
   "| services | in rotation p50 ms | p99 ms | out of rotation p50 ms | p99 ms |",
@@ -211,7 +214,18 @@ const lines = [
   "Latency includes the gRPC call itself and the probing connection; the worker also exports `harbor_worker_propagation_seconds` (registry → worker only).",
   "",
 ];
-mkdirSync(join(ROOT, "bench/results"), { recursive: true });
-writeFileSync(join(ROOT, "bench/results/control-plane.md"), lines.join("\n"));
+const lines = [
+  `# Control plane — ${new Date().toISOString()}`,
+  "",
+  `\`node bench/control-plane.mjs ${full ? "--full" : "--smoke"}${only ? ` --only ${only}` : ""}\` on ${execFileSync("nproc").toString().trim()} cores, node ${process.version}, one \`harbor serve all\` process with the machine's Postgres.`,
+  "",
+  ...(allocationLines ?? []),
+  ...(latencyLines ?? []),
+];
+// A partial run is printed only: the results file keeps a whole run.
+if (!only) {
+  mkdirSync(join(ROOT, "bench/results"), { recursive: true });
+  writeFileSync(join(ROOT, "bench/results/control-plane.md"), lines.join("\n"));
+}
 process.stdout.write(lines.join("\n"));
 process.exit(0);

@@ -46,10 +46,11 @@ export function isUniqueViolation(err: unknown, constraint?: string): boolean {
 }
 
 /**
- * Runs `fn` in a transaction: commit on success, roll back on error. A lost
- * database becomes UnavailableError so callers answer UNAVAILABLE.
+ * Runs `fn` with a client of the pool, each of its statements a transaction
+ * of its own. A lost database becomes UnavailableError so callers answer
+ * UNAVAILABLE; the client is then discarded, not reused.
  */
-export async function withTransaction<T>(pool: Pool, fn: (client: PoolClient) => Promise<T>): Promise<T> {
+export async function withClient<T>(pool: Pool, fn: (client: PoolClient) => Promise<T>): Promise<T> {
   let client: PoolClient;
   try {
     client = await pool.connect();
@@ -58,18 +59,29 @@ export async function withTransaction<T>(pool: Pool, fn: (client: PoolClient) =>
   }
   let broken = false;
   try {
-    await client.query("BEGIN");
-    const result = await fn(client);
-    await client.query("COMMIT");
-    return result;
+    return await fn(client);
   } catch (err) {
     broken = isConnectionError(err);
-    if (!broken) await client.query("ROLLBACK").catch(() => undefined);
     if (broken) throw new UnavailableError("the database connection was lost; try again shortly", { cause: err });
     throw err;
   } finally {
     client.release(broken);
   }
+}
+
+/** Runs `fn` in a transaction: commit on success, roll back on error; a lost database as in withClient. */
+export function withTransaction<T>(pool: Pool, fn: (client: PoolClient) => Promise<T>): Promise<T> {
+  return withClient(pool, async (client) => {
+    await client.query("BEGIN");
+    try {
+      const result = await fn(client);
+      await client.query("COMMIT");
+      return result;
+    } catch (err) {
+      if (!isConnectionError(err)) await client.query("ROLLBACK").catch(() => undefined);
+      throw err;
+    }
+  });
 }
 
 /** One query outside a transaction, with the same mapping of a lost database. */

@@ -6,7 +6,7 @@ import { createGrpcServer, createLogger, grpc, invoke, type GrpcServer } from "@
 import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
 import { loadAllocatorConfig } from "./config.js";
 import { createAllocator, repair, type Allocator } from "./service.js";
-import { PortBindFailed, WorkerHeartbeat, Protocol as P, timestampFromMs, type Node } from "@harbor/proto";
+import { PortBindFailed, PortServiceEvent, WorkerHeartbeat, Protocol as P, timestampFromMs, type Node } from "@harbor/proto";
 import { publishMessage } from "@harbor/bus";
 
 const logger = createLogger("test", "silent");
@@ -159,6 +159,19 @@ describe("allocator - events", () => {
     expect(new Set(sequences).size).toBe(4);
     await waitFor(async () => (await pool.query("SELECT count(*)::int AS n FROM outbox")).rows[0].n === 0, "an empty outbox");
   });
+
+  it("service.created carries the service as the create answered it, with or without an app", async () => {
+    const seen: BusMessage[] = [];
+    const sub = bus.subscribe(subjects.all(), (m) => m.subject.endsWith(".created") && seen.push(m));
+    await bus.flush();
+    const plain = (await invoke(client, "createPortService", { name: "snapshot-plain", app: "", nodeId: "", port: 0 })).service;
+    const bound = (await invoke(client, "createPortService", { name: "snapshot-bound", app: "snapshot-app", nodeId: "", port: 0, healthCheck: { intervalMs: 2000, timeoutMs: 500, unhealthyThreshold: 3, healthyThreshold: 2, udpProbe: "" } })).service;
+    await waitFor(() => seen.length >= 2, "two created events");
+    sub.unsubscribe();
+    expect(seen.map((m) => PortServiceEvent.fromJSON(JSON.parse(m.data)).service)).toEqual([plain, bound]);
+    expect(bound!.bindings.map((b) => b.app)).toEqual(["snapshot-app"]);
+    expect(bound!.healthCheck).toMatchObject({ intervalMs: 2000, unhealthyThreshold: 3 });
+  });
 });
 
 const node = (nodeId: string, portMin: number, portMax: number, blocked: Node["blocked"] = []): Node => ({
@@ -187,6 +200,9 @@ describe("allocator - ports", () => {
     // Re-created soon after, without naming a node or port: its old port.
     const back = (await invoke(client, "createPortService", { name: "cooling", app: "", nodeId: "", port: 0 })).service!;
     expect([back.nodeId, back.port]).toEqual(["cool", first]);
+    // Asked for on a node, it is not kept from its own released port either.
+    await invoke(client, "deletePortService", { name: "cooling" });
+    expect((await create("cooling", "cool")).service!.port).toBe(first);
   });
 
   it("operator-reserved ports are never handed out", async () => {
@@ -202,6 +218,15 @@ describe("allocator - ports", () => {
       grpc.status.INVALID_ARGUMENT,
       /reserved range 9-3 is not valid/,
     );
+  });
+
+  it("create after create, only the free ports of a mostly reserved range are handed out", async () => {
+    await invoke(client, "upsertNode", { node: node("sieve", 32400, 32499, [{ portMin: 32400, portMax: 32489, reason: "reserved" }]) });
+    // One after another, on the same connection: Postgres plans the claim anew for the first five, then reuses a generic plan.
+    const ports: number[] = [];
+    for (let i = 0; i < 10; i++) ports.push((await create(`sieve-${i}`, "sieve")).service!.port);
+    expect(ports.sort()).toEqual(Array.from({ length: 10 }, (_, i) => 32490 + i));
+    await expectCode(create("sieve-10", "sieve"), grpc.status.RESOURCE_EXHAUSTED, /no free port on node sieve/);
   });
 
   it("a port a worker cannot bind stops being offered until a worker listens on it", async () => {

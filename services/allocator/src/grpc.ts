@@ -70,7 +70,6 @@ export function createAllocatorGrpc(
         app,
         scopeOf(caller),
         async (tx, service) => {
-          await events.serviceCreated(tx, service);
           const binding = service.bindings[0];
           if (binding) await events.serviceBound(tx, service, binding.app, binding.intPort);
         },

@@ -113,4 +113,17 @@ export const allocatorMigrations: Migration[] = [
       ALTER TABLE port_services ADD COLUMN health_check jsonb;
     `,
   },
+  {
+    version: 5,
+    name: "outbox-service-snapshots",
+    sql: `
+      -- An event is written either rendered (payload: the proto3 JSON) or as
+      -- the service's row (service: a snapshot taken by the statement that
+      -- changed it, so it needs no second round trip); the relay renders
+      -- the latter.
+      ALTER TABLE outbox ADD COLUMN service jsonb;
+      ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL;
+      ALTER TABLE outbox ADD CONSTRAINT outbox_payload_or_service CHECK ((payload IS NULL) <> (service IS NULL));
+    `,
+  },
 ];

@@ -2,13 +2,15 @@ import type { Logger } from "pino";
 import type { Bus, Subjects } from "@harbor/bus";
 import { withTransaction, type Pool } from "@harbor/db";
 import type { Component } from "@harbor/runtime";
-import type { OutboxEvent } from "./store.js";
+import type { OutboxEvent, ServiceRow } from "./store.js";
 
+/** Exactly one of `payload` (rendered) and `service` (a snapshot to render) is set. */
 interface OutboxRow {
   id: string;
   event: OutboxEvent;
   node_id: string;
-  payload: Record<string, unknown>;
+  payload: Record<string, unknown> | null;
+  service: ServiceRow | null;
 }
 
 const BATCH = 200;
@@ -34,6 +36,8 @@ export class OutboxRelay implements Component {
     private readonly subjects: Subjects,
     private readonly logger: Logger,
     private readonly pollMs: number,
+    /** Renders a row written as a service snapshot. */
+    private readonly renderSnapshot: (service: ServiceRow) => Record<string, unknown>,
   ) {}
 
   async start(): Promise<void> {
@@ -71,11 +75,14 @@ export class OutboxRelay implements Component {
   private relayBatch(): Promise<number> {
     return withTransaction(this.pool, async (tx) => {
       const { rows } = await tx.query<OutboxRow>(
-        "SELECT id, event, node_id, payload FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT id, event, node_id, payload, service FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         [BATCH],
       );
       if (rows.length === 0) return 0;
-      for (const row of rows) this.bus.publish(this.subjectOf(row), JSON.stringify({ ...row.payload, sequence: row.id }));
+      for (const row of rows) {
+        const payload = row.payload ?? this.renderSnapshot(row.service as ServiceRow);
+        this.bus.publish(this.subjectOf(row), JSON.stringify({ ...payload, sequence: row.id }));
+      }
       await withTimeout(this.bus.flush(), FLUSH_TIMEOUT_MS, "NATS did not confirm the outbox batch");
       await tx.query("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [rows.map((r) => r.id)]);
       this.logger.debug({ count: rows.length, last: rows[rows.length - 1]?.id }, "outbox-relayed");

@@ -5,7 +5,7 @@ import { DriftReport, PortBindFailed, WorkerHeartbeat, msFromTimestamp, timestam
 import { Counter, Gauge, type Component, type GrpcService, type Logger, type MetricsRegistry, type PortRange } from "@harbor/runtime";
 import type { BusSubscription } from "@harbor/bus";
 import type { AllocatorConfig } from "./config.js";
-import { allocatorEvents } from "./events.js";
+import { allocatorEvents, renderSnapshot } from "./events.js";
 import { createAllocatorGrpc } from "./grpc.js";
 import { allocatorMigrations } from "./migrations.js";
 import { OutboxRelay } from "./outbox.js";
@@ -33,7 +33,7 @@ export interface Allocator extends Component {
  */
 export function createAllocator(config: AllocatorConfig, deps: AllocatorDeps): Allocator {
   const logger = deps.logger.child({ component: "allocator" });
-  const relay = new OutboxRelay(deps.pool, deps.bus, deps.subjects, logger.child({ component: "outbox-relay" }), config.outboxPollMs);
+  const relay = new OutboxRelay(deps.pool, deps.bus, deps.subjects, logger.child({ component: "outbox-relay" }), config.outboxPollMs, renderSnapshot);
   const store = new PortStore(deps.pool, config.portCooldownSeconds, () => relay.kick());
   new Gauge({
     name: "harbor_allocator_outbox_pending",
