@@ -810,7 +810,7 @@ function renderReport(v, startedAt, elapsedS, loadBefore, cpu) {
 - nproc: ${v.nproc} (${v.cpu}); kernel ${v.kernel}; load average before the run: ${loadBefore}
 - machine CPU busy during the workloads: ${cpu.busyPct.toFixed(0)} %, of which processes not started by this run: ${cpu.foreignPct.toFixed(1)} % (an estimate; above a few % the numbers are disturbed)
 - each timed run ${CFG.seconds} s${CFG.omit ? ` (TCP iperf3 runs +${CFG.omit} s warm-up, omitted)` : ""}; ${CFG.reps} repetition(s), median shown; ab -n ${CFG.abRequests}
-- HAProxy \`nbthread ${PROXY_THREADS}\`, nginx \`worker_processes ${PROXY_THREADS}\`; Harbor is one Node process (\`harbor serve all\`)
+- HAProxy \`nbthread ${PROXY_THREADS}\`, nginx \`worker_processes ${PROXY_THREADS}\`; Harbor's worker is one Node process (\`harbor serve worker\`, beside a \`serve control-plane\`), or that process and its relays (harbor-relays)
 - raw outputs: \`${relative(REPO, RAW_DIR)}/\` (git-ignored)
 
 ## Results
@@ -825,8 +825,8 @@ ${renderMain()}
 ${renderPerCore()}
 
 Throughput divided by the proxy's CPU-seconds per second of the run (the cores it used, in
-brackets). Harbor's CPU is the whole \`serve all\` process: the worker plus the small control
-plane (allocator, registry, gRPC, NATS and Postgres clients) that sits idle during a run.
+brackets). Harbor's CPU is its worker process's (with its relays for harbor-relays); the
+control plane runs in a process of its own, as in production.
 
 Two shared cores: client, proxy and backends compete for them, so compare ratios within one
 run; absolute numbers move 10-30 % between runs. See bench/README.md.
