@@ -12,6 +12,11 @@ function nftablesUsable(): boolean {
   }
 }
 
+/** The TCP and UDP end-to-end tests again, with the worker set up another way. */
+function dataPlaneRing(name: string, env: Record<string, string>) {
+  return { test: { name, include: ["test/e2e/tcp.test.ts", "test/e2e/udp.test.ts"], env, testTimeout: 60_000, hookTimeout: 90_000 } };
+}
+
 // Three rings: unit specs beside pure code (fakes allowed), service tests
 // against the machine's real Postgres and NATS, end-to-end tests that run the
 // real processes. `npm test` runs all three.
@@ -42,29 +47,9 @@ export default defineConfig({
         },
       },
       // The same data-plane e2e tests with two relay processes carrying the worker's TCP connections.
-      {
-        test: {
-          name: "e2e-relays",
-          include: ["test/e2e/tcp.test.ts", "test/e2e/udp.test.ts"],
-          env: { HARBOR_E2E_WORKER_RELAYS: "2" },
-          testTimeout: 60_000,
-          hookTimeout: 90_000,
-        },
-      },
+      dataPlaneRing("e2e-relays", { HARBOR_E2E_WORKER_RELAYS: "2" }),
       // The same data-plane e2e tests with the worker programming nftables.
-      ...(nftablesUsable()
-        ? [
-            {
-              test: {
-                name: "e2e-kernel",
-                include: ["test/e2e/tcp.test.ts", "test/e2e/udp.test.ts"],
-                env: { HARBOR_E2E_WORKER_MODE: "kernel" },
-                testTimeout: 60_000,
-                hookTimeout: 90_000,
-              },
-            },
-          ]
-        : []),
+      ...(nftablesUsable() ? [dataPlaneRing("e2e-kernel", { HARBOR_E2E_WORKER_MODE: "kernel" })] : []),
     ],
   },
 });

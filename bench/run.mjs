@@ -9,14 +9,15 @@
 // versions, to bench/results/latest.md (and bench/results/full.md for --full).
 // Raw tool outputs and process logs go to bench/results/raw/<stamp>/.
 // See bench/README.md for how to read the numbers.
-import { spawn, spawnSync } from "node:child_process";
-import { createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import dgram from "node:dgram";
 import http from "node:http";
 import os from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { CLK_TCK, createProcesses, deadline, oneLine, processTree, readStat, sleep, treeCpuTicks, treeRssKiB } from "./lib.mjs";
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const REPO = resolve(BENCH_DIR, "..");
@@ -66,159 +67,12 @@ const TMP_DIR = mkdtempSync(join(os.tmpdir(), "harbor-bench-"));
 mkdirSync(RAW_DIR, { recursive: true });
 
 const log = (msg) => process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-/** A deadline for Promise.race: unref'd, so a won race leaves nothing keeping the process alive. */
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
-const oneLine = (err) => String(err?.message ?? err).split("\n").map((s) => s.trim()).filter(Boolean).join(" ").slice(0, 120);
 
 // ---------------------------------------------------------------- processes
-// Every child runs in its own process group (detached) so that killing the
-// group also takes its children (nginx workers). All are tracked in `live`
-// and killed on exit, Ctrl-C and errors.
 
-const live = new Map(); // pid -> { name, child, exited }
-const cleanups = []; // async functions run once at shutdown (after processes are gone)
-
-function track(name, child) {
-  const exited = new Promise((res) => child.once("exit", (code, signal) => res({ code, signal })));
-  if (child.pid === undefined) return exited; // failed to spawn; 'error' will fire
-  live.set(child.pid, { name, child, exited });
-  exited.then(() => live.delete(child.pid));
-  return exited;
-}
-
-function killGroup(pid, signal) {
-  try {
-    process.kill(-pid, signal);
-  } catch {
-    try {
-      process.kill(pid, signal);
-    } catch {
-      /* gone already */
-    }
-  }
-}
-
-/**
- * Starts a long-running process; stdout/stderr go to raw/<name>.out|.err.
- * With readyText, resolves once stdout contains it (fails if the process exits first).
- */
-async function startProcess(name, cmd, argv, { env, readyText, readyTimeoutMs = 30_000 } = {}) {
-  const child = spawn(cmd, argv, { env: { ...process.env, ...env }, detached: true, stdio: ["ignore", "pipe", "pipe"] });
-  const spawnError = new Promise((_, rej) => child.once("error", (err) => rej(new Error(`${name}: ${err.message}`))));
-  spawnError.catch(() => {});
-  const exited = track(name, child);
-  const out = createWriteStream(join(RAW_DIR, `${name}.out`));
-  child.stdout.pipe(out);
-  child.stderr.pipe(createWriteStream(join(RAW_DIR, `${name}.err`)));
-  let errTail = "";
-  child.stderr.on("data", (c) => (errTail = (errTail + c).slice(-2000)));
-  const lastErrLine = () => errTail.trim().split("\n").pop()?.replace(/^\[\w+\]\s+\(\d+\)\s*:\s*/, "") || "no stderr";
-  const proc = { name, pid: child.pid, child, exited };
-  if (!readyText) {
-    // Give it a moment to fail on a bad config before we call it started.
-    const early = await Promise.race([exited, spawnError, deadline(300).then(() => null)]);
-    if (early) {
-      await deadline(100); // let the last stderr arrive
-      throw new Error(`${name} exited at once (code ${early.code}): ${lastErrLine()}`);
-    }
-    return proc;
-  }
-  let seen = "";
-  const ready = new Promise((res) => {
-    for (const stream of [child.stdout, child.stderr]) {
-      stream.on("data", (chunk) => {
-        seen += chunk;
-        if (seen.includes(readyText)) res(true);
-      });
-    }
-  });
-  const result = await Promise.race([
-    ready,
-    spawnError,
-    exited.then((e) => {
-      throw new Error(`${name} exited (code ${e.code}) before it was ready: ${lastErrLine()}`);
-    }),
-    deadline(readyTimeoutMs).then(() => {
-      throw new Error(`${name} not ready within ${readyTimeoutMs / 1000} s`);
-    }),
-  ]);
-  return result && proc;
-}
-
-/** SIGTERM to the process group, SIGKILL after graceMs. */
-async function stopProcess(proc, graceMs = 5_000) {
-  if (!proc || !live.has(proc.pid)) return;
-  killGroup(proc.pid, "SIGTERM");
-  const done = await Promise.race([proc.exited, deadline(graceMs).then(() => null)]);
-  if (!done) {
-    killGroup(proc.pid, "SIGKILL");
-    await Promise.race([proc.exited, deadline(2_000)]);
-  }
-}
-
-/** Runs a command to completion (killed after timeoutMs); never throws for a non-zero exit. */
-function runCommand(cmd, argv, { env, timeoutMs = 60_000, rawFile } = {}) {
-  return new Promise((res) => {
-    const child = spawn(cmd, argv, { env: { ...process.env, ...env }, detached: true, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    let timedOut = false;
-    child.stdout.on("data", (c) => (stdout += c));
-    child.stderr.on("data", (c) => (stderr += c));
-    const timer = setTimeout(() => {
-      timedOut = true;
-      killGroup(child.pid, "SIGKILL");
-    }, timeoutMs);
-    child.once("error", (err) => {
-      clearTimeout(timer);
-      res({ code: -1, stdout, stderr: err.message, timedOut });
-    });
-    track(cmd, child).then(({ code, signal }) => {
-      clearTimeout(timer);
-      if (rawFile) writeFileSync(join(RAW_DIR, rawFile), stdout + (stderr ? `\n--- stderr ---\n${stderr}` : ""));
-      res({ code: code ?? (signal ? -1 : 0), stdout, stderr: timedOut ? `timed out after ${timeoutMs / 1000} s` : stderr, timedOut });
-    });
-  });
-}
-
-let shuttingDown;
-async function shutdown() {
-  shuttingDown ??= (async () => {
-    const procs = [...live.values()];
-    for (const p of procs) killGroup(p.child.pid, "SIGTERM");
-    await Promise.race([Promise.all(procs.map((p) => p.exited)), deadline(5_000)]);
-    for (const p of live.values()) killGroup(p.child.pid, "SIGKILL");
-    for (const fn of cleanups.splice(0).reverse()) {
-      try {
-        await fn();
-      } catch (err) {
-        log(`cleanup: ${oneLine(err)}`);
-      }
-    }
-    rmSync(TMP_DIR, { recursive: true, force: true });
-  })();
-  return shuttingDown;
-}
-
-process.on("exit", () => {
-  for (const p of live.values()) killGroup(p.child.pid, "SIGKILL");
-  rmSync(TMP_DIR, { recursive: true, force: true });
-});
-for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
-  process.on(sig, () => {
-    log(`${sig}: stopping everything`);
-    shutdown().finally(() => process.exit(130));
-  });
-}
-process.on("uncaughtException", (err) => {
-  log(`fatal: ${err.stack ?? err}`);
-  shutdown().finally(() => process.exit(1));
-});
-process.on("unhandledRejection", (err) => {
-  log(`fatal: ${err?.stack ?? err}`);
-  shutdown().finally(() => process.exit(1));
-});
+const { live, cleanups, startProcess, stopProcess, runCommand, shutdown, installHandlers } = createProcesses({ rawDir: RAW_DIR, log });
+cleanups.push(async () => rmSync(TMP_DIR, { recursive: true, force: true }));
+installHandlers(() => rmSync(TMP_DIR, { recursive: true, force: true }));
 
 // ---------------------------------------------------------------- ports
 
@@ -259,54 +113,10 @@ const freePort = () => freePortBlock(1);
 
 // ---------------------------------------------------------------- /proc sampling
 
-const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim()) || 100;
-
-function readStat(pid) {
-  try {
-    const s = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const f = s.slice(s.lastIndexOf(")") + 2).split(" "); // fields from #3 (state) on
-    return { ppid: Number(f[1]), ticks: Number(f[11]) + Number(f[12]) }; // #4 ppid, #14 utime, #15 stime
-  } catch {
-    return undefined;
-  }
-}
-
-/** The process and all its descendants (nginx master + workers). */
-function processTree(root) {
-  const children = new Map();
-  for (const name of readdirSync("/proc")) {
-    if (!/^\d+$/.test(name)) continue;
-    const st = readStat(name);
-    if (!st) continue;
-    if (!children.has(st.ppid)) children.set(st.ppid, []);
-    children.get(st.ppid).push(Number(name));
-  }
-  const out = [];
-  const queue = [root];
-  while (queue.length) {
-    const pid = queue.shift();
-    out.push(pid);
-    queue.push(...(children.get(pid) ?? []));
-  }
-  return out;
-}
-
 /** utime+stime of the tree, in seconds. */
-const cpuSeconds = (root) => processTree(root).reduce((sum, pid) => sum + (readStat(pid)?.ticks ?? 0), 0) / CLK_TCK;
+const cpuSeconds = (root) => treeCpuTicks(root) / CLK_TCK;
 
-/** VmRSS of the tree, in MiB. */
-function rssMiB(root) {
-  let kib = 0;
-  for (const pid of processTree(root)) {
-    try {
-      const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-      if (m) kib += Number(m[1]);
-    } catch {
-      /* exited */
-    }
-  }
-  return kib / 1024;
-}
+const rssMiB = (root) => treeRssKiB(root) / 1024;
 
 /** Samples the tree's RSS every 250 ms until stopped; returns the peak. */
 function rssPeakSampler(root) {

@@ -17,22 +17,20 @@
 // dropped at the end) and NATS on 127.0.0.1:4222 (NATS_URL overrides). Prints a
 // Markdown table and writes it to bench/results/scale.md; the processes' logs go
 // to bench/results/raw/<stamp>-scale/ (git-ignored). See bench/README.md.
-import { fork, spawn, spawnSync } from "node:child_process";
-import { createWriteStream, existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { fork, spawnSync } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import os from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
+import { CLK_TCK, createProcesses, deadline, oneLine as oneLineOf, sleep, treeCpuTicks, treeRssKiB } from "./lib.mjs";
 
 const SELF = fileURLToPath(import.meta.url);
 const REPO = resolve(dirname(SELF), "..");
 const LOCAL = "127.0.0.1";
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-/** A deadline for Promise.race: unref'd, so a won race leaves nothing keeping the process alive. */
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
-const oneLine = (err) => String(err?.message ?? err).split("\n").map((s) => s.trim()).filter(Boolean).join(" ").slice(0, 300);
+const oneLine = (err) => oneLineOf(err, 300);
 
 // ---------------------------------------------------------------- child roles
 // `--role clients|backends`: this file is also the code of the two helper
@@ -189,7 +187,6 @@ async function benchmark() {
   const NATS_PREFIX = `scale${Date.now().toString(36)}`;
   /** The worker's relay processes (its default: none); passed on from the environment. */
   const RELAYS = Number(process.env.HARBOR_WORKER_RELAYS ?? 0);
-  const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim()) || 100;
 
   const log = (msg) => process.stderr.write(`[scale ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
 
@@ -206,100 +203,12 @@ async function benchmark() {
   // Every process runs in its own process group and is tracked in `live`; on
   // exit, Ctrl-C or an error all get SIGTERM, then SIGKILL, then the database goes.
 
-  const live = new Map(); // pid -> { name, child, exited }
-  const cleanups = [];
-
-  function track(name, child) {
-    const exited = new Promise((res) => child.once("exit", (code, signal) => res({ code, signal })));
-    if (child.pid !== undefined) {
-      live.set(child.pid, { name, child, exited });
-      exited.then(() => live.delete(child.pid));
-    }
-    return exited;
-  }
-
-  function killGroup(pid, signal) {
-    try {
-      process.kill(-pid, signal);
-    } catch {
-      try {
-        process.kill(pid, signal);
-      } catch {
-        /* gone already */
-      }
-    }
-  }
-
-  let shuttingDown;
-  function shutdown() {
-    shuttingDown ??= (async () => {
-      const procs = [...live.values()];
-      for (const p of procs) killGroup(p.child.pid, "SIGTERM");
-      await Promise.race([Promise.all(procs.map((p) => p.exited)), deadline(15_000)]);
-      for (const p of live.values()) killGroup(p.child.pid, "SIGKILL");
-      await Promise.race([Promise.all(procs.map((p) => p.exited)), deadline(2_000)]);
-      for (const fn of cleanups.splice(0).reverse()) {
-        try {
-          await fn();
-        } catch (err) {
-          log(`cleanup: ${oneLine(err)}`);
-        }
-      }
-    })();
-    return shuttingDown;
-  }
-  process.on("exit", () => {
-    for (const p of live.values()) killGroup(p.child.pid, "SIGKILL");
-  });
-  for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
-    process.on(sig, () => {
-      log(`${sig}: stopping everything`);
-      shutdown().finally(() => process.exit(130));
-    });
-  }
-  process.on("unhandledRejection", (err) => {
-    log(`fatal: ${err?.stack ?? err}`);
-    shutdown().finally(() => process.exit(1));
-  });
+  const { cleanups, track, startProcess, stopProcess, shutdown, installHandlers } = createProcesses({ rawDir: RAW_DIR, log, shutdownGraceMs: 15_000, stopGraceMs: 15_000 });
+  installHandlers();
 
   /** A `harbor` verb as a long-running process; resolves once its output holds readyText. */
-  async function startHarbor(name, argv, env, readyText, readyTimeoutMs = 60_000) {
-    const child = spawn(process.execPath, [HARBOR_BIN, ...argv], { env, detached: true, stdio: ["ignore", "pipe", "pipe"] });
-    const exited = track(name, child);
-    child.stdout.pipe(createWriteStream(join(RAW_DIR, `${name}.out`)));
-    child.stderr.pipe(createWriteStream(join(RAW_DIR, `${name}.err`)));
-    let seen = "";
-    let tail = "";
-    const ready = new Promise((res) => {
-      const look = (chunk) => {
-        seen = (seen + chunk).slice(-65_536);
-        tail = (tail + chunk).slice(-2_000);
-        if (seen.includes(readyText)) res(true);
-      };
-      child.stdout.on("data", look);
-      child.stderr.on("data", look);
-    });
-    await Promise.race([
-      ready,
-      exited.then((e) => {
-        throw new Error(`${name} exited (code ${e.code}) before it was ready: ${tail.trim().split("\n").slice(-3).join(" | ")}`);
-      }),
-      deadline(readyTimeoutMs).then(() => {
-        throw new Error(`${name} not ready within ${readyTimeoutMs / 1000} s`);
-      }),
-    ]);
-    return { name, pid: child.pid, exited };
-  }
-
-  /** SIGTERM, SIGKILL after graceMs. */
-  async function stopProcess(proc, graceMs = 15_000) {
-    if (!proc || !live.has(proc.pid)) return;
-    killGroup(proc.pid, "SIGTERM");
-    if (!(await Promise.race([proc.exited, deadline(graceMs).then(() => null)]))) {
-      killGroup(proc.pid, "SIGKILL");
-      await Promise.race([proc.exited, deadline(2_000)]);
-    }
-  }
+  const startHarbor = (name, argv, env, readyText, readyTimeoutMs = 60_000) =>
+    startProcess(name, process.execPath, [HARBOR_BIN, ...argv], { env, readyText, readyTimeoutMs });
 
   /** A helper process running this file with --role; returns { pid, call(cmd, args) }. */
   async function startRole(role) {
@@ -328,49 +237,6 @@ async function benchmark() {
   }
 
   // ---------------------------------------------------------------- /proc
-
-  function rssKiB(pid) {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-    return m ? Number(m[1]) : Number.NaN;
-  }
-
-  /** ppid and utime + stime (clock ticks) of a process; undefined once it is gone. */
-  function readStat(pid) {
-    try {
-      const s = readFileSync(`/proc/${pid}/stat`, "utf8");
-      const f = s.slice(s.lastIndexOf(")") + 2).split(" "); // fields from #3 on
-      return { ppid: Number(f[1]), ticks: Number(f[11]) + Number(f[12]) }; // #4 ppid, #14 utime, #15 stime
-    } catch {
-      return undefined;
-    }
-  }
-
-  /** The process and its descendants (a worker and its relays). */
-  function processTree(root) {
-    const children = new Map();
-    for (const name of readdirSync("/proc")) {
-      if (!/^\d+$/.test(name)) continue;
-      const st = readStat(name);
-      if (st) children.set(st.ppid, [...(children.get(st.ppid) ?? []), Number(name)]);
-    }
-    const out = [];
-    for (const queue = [root]; queue.length > 0; ) {
-      const pid = queue.shift();
-      out.push(pid);
-      queue.push(...(children.get(pid) ?? []));
-    }
-    return out;
-  }
-
-  const treeRssKiB = (root) => processTree(root).reduce((sum, pid) => sum + rssKiBOrZero(pid), 0);
-  const treeCpuTicks = (root) => processTree(root).reduce((sum, pid) => sum + (readStat(pid)?.ticks ?? 0), 0);
-  function rssKiBOrZero(pid) {
-    try {
-      return rssKiB(pid);
-    } catch {
-      return 0; // exited between the listing and the read
-    }
-  }
 
   /** Local ports of every TCP and UDP socket (any state) on this machine. */
   function portsInUse() {
@@ -801,7 +667,7 @@ async function benchmark() {
     worker.appCount = Math.ceil(CONNECTION_PORTS / SERVICES_PER_APP);
     log(`connections worker up (pid ${worker.pid}, node range ${connRange.min}-${connRange.max})`);
     await growServices(worker, CONNECTION_PORTS);
-    const sides0 = { client: rssKiB(clients.pid), backend: rssKiB(backends.pid) };
+    const sides0 = { client: treeRssKiB(clients.pid), backend: treeRssKiB(backends.pid) };
     const connBase = await reading(worker, { step: "0 connections", ports: CONNECTION_PORTS, connections: 0 });
     prev = connBase;
     for (const n of CFG.connections) {
@@ -809,7 +675,7 @@ async function benchmark() {
       prev = await reading(worker, { step: `${n.toLocaleString("en")} connections`, ports: CONNECTION_PORTS, connections: n, per: { unit: "connection", n, base: connBase, prev, prevN: prev.connections } });
     }
     const maxConns = CFG.connections.at(-1);
-    sideRss.connections = { n: maxConns, client: rssKiB(clients.pid) - sides0.client, backend: rssKiB(backends.pid) - sides0.backend };
+    sideRss.connections = { n: maxConns, client: treeRssKiB(clients.pid) - sides0.client, backend: treeRssKiB(backends.pid) - sides0.backend };
     echoOk = (await echoCheck(worker, maxConns)) && echoOk;
     await closeConnections(worker);
     await reading(worker, { step: "all closed again", ports: CONNECTION_PORTS, connections: 0, per: { unit: "kept", n: 0, base: connBase } });

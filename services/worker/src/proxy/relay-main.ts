@@ -62,7 +62,6 @@ function relay(message: HandOff, client: net.Socket): void {
       stats.proxied++;
       carried++;
       spliceSockets(c, upstream, () => {
-        open.delete(c);
         stats.bytesToBackend += upstream.bytesWritten;
         stats.bytesToClient += c.bytesWritten;
         ended(listener);
@@ -73,6 +72,7 @@ function relay(message: HandOff, client: net.Socket): void {
   client.once("close", () => {
     if (!settled) ended(listener);
   });
+  // Until it closes: a relay that stops cuts what is still open.
   open.add(client);
   client.once("close", () => open.delete(client));
   dial(client, message.b, message.s, 0, message.any, hooks);
