@@ -45,18 +45,24 @@ const PORT_POOL = { min: 20000, max: 32000 };
 // harbor-kernel: the same Harbor with HARBOR_WORKER_MODE=kernel (nftables), where nft is usable.
 const KERNEL_USABLE = spawnSync("nft", ["list", "tables"], { stdio: "ignore" }).status === 0;
 const RELAYS = os.availableParallelism();
-const TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-relays", ...(KERNEL_USABLE ? ["harbor-kernel"] : [])];
-/** The Harbor targets, each compared with the peers. */
-const HARBORS = TARGETS.filter((tg) => tg.startsWith("harbor"));
+const ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-relays", ...(KERNEL_USABLE ? ["harbor-kernel"] : [])];
 
 const args = process.argv.slice(2);
+const option = (name) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
 // --only=<text>: run just the workloads whose name contains <text> (e.g. --only=UDP), to iterate on one.
-const ONLY = args.find((a) => a.startsWith("--only="))?.slice("--only=".length);
-const unknown = args.filter((a) => a !== "--smoke" && a !== "--full" && !a.startsWith("--only="));
-if (unknown.length > 0 || (args.includes("--smoke") && args.includes("--full")) || ONLY === "") {
-  process.stderr.write("usage: node bench/run.mjs [--smoke|--full] [--only=<workload name text>]\n");
+const ONLY = option("only");
+// --targets=a,b: run just these targets, in this order (e.g. --targets=nginx,harbor-kernel); a ratio whose peer is left out shows "—".
+const PICKED = option("targets")?.split(",");
+const unknown = args.filter((a) => a !== "--smoke" && a !== "--full" && !a.startsWith("--only=") && !a.startsWith("--targets="));
+const badTarget = PICKED?.find((tg) => !ALL_TARGETS.includes(tg));
+if (unknown.length > 0 || (args.includes("--smoke") && args.includes("--full")) || ONLY === "" || badTarget !== undefined) {
+  if (badTarget !== undefined) process.stderr.write(`unknown target "${badTarget}"; targets here: ${ALL_TARGETS.join(", ")}\n`);
+  process.stderr.write("usage: node bench/run.mjs [--smoke|--full] [--only=<workload name text>] [--targets=<target>,...]\n");
   process.exit(2);
 }
+const TARGETS = PICKED ?? ALL_TARGETS;
+/** The Harbor targets, each compared with the peers. */
+const HARBORS = TARGETS.filter((tg) => tg.startsWith("harbor"));
 const MODE = args.includes("--full") ? "full" : "smoke";
 const CFG = MODES[MODE];
 const COMMAND = ["node", "bench/run.mjs", ...args].join(" ");
@@ -548,7 +554,8 @@ function summarize(entry) {
 }
 
 function compare(row, harbor, other) {
-  if (harbor.value === undefined || other.value === undefined) return "—";
+  // other is undefined when --targets left the peer out.
+  if (harbor?.value === undefined || other?.value === undefined) return "—";
   if (row.diff) {
     const d = harbor.value - other.value;
     return `${d >= 0 ? "+" : "−"}${fmt(Math.abs(d), 2)} pp`;

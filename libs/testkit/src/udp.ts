@@ -5,15 +5,18 @@ export interface UdpEchoBackend {
   port: number;
   /** Datagrams received so far. */
   received: number;
+  /** The source port of the last datagram: which socket of the proxy sent it. */
+  lastPeerPort: number | undefined;
   close(): Promise<void>;
 }
 
 /** A UDP backend that answers each datagram with `<name>:<datagram>`. */
 export async function startUdpEchoBackend(name: string, port = 0): Promise<UdpEchoBackend> {
   const socket = dgram.createSocket("udp4");
-  const backend: UdpEchoBackend = { name, port: 0, received: 0, close: async () => undefined };
+  const backend: UdpEchoBackend = { name, port: 0, received: 0, lastPeerPort: undefined, close: async () => undefined };
   socket.on("message", (msg, rinfo) => {
     backend.received++;
+    backend.lastPeerPort = rinfo.port;
     socket.send(`${name}:${msg.toString()}`, rinfo.port, rinfo.address);
   });
   await new Promise<void>((resolve, reject) => {

@@ -70,6 +70,35 @@ describe("udp listener - sessions", () => {
     expect((await early.ask("moved")).text).toBe("b:moved");
   });
 
+  it("a backend that stops answering moves the session to the next one in rotation", async () => {
+    const { client, backends, counters } = await setup(["a", "b"]);
+    const c = await client();
+    expect((await c.ask("x")).text).toBe("a:x");
+    await backends[0]!.close();
+    await waitFor(async () => (await c.ask("after", 300).catch(() => undefined))?.text === "b:after", "the session moving to b");
+    expect(counters.udpBackendUnreachable).toBeGreaterThan(0);
+  });
+
+  it("with nowhere else to go a session keeps its socket, so a backend that comes back sees the same client", async () => {
+    const { listener, client, backends, counters } = await setup(["a"]);
+    const c = await client();
+    expect((await c.ask("x")).text).toBe("a:x");
+    const before = backends[0]!.lastPeerPort;
+    const port = backends[0]!.port;
+    await backends[0]!.close();
+    // Each datagram now meets "port unreachable"; the only backend is out of rotation.
+    await waitFor(async () => {
+      await c.ask("lost", 100).catch(() => undefined);
+      return counters.udpBackendUnreachable > 0;
+    }, "port unreachable seen");
+    listener.backendsChanged(); // as the worker's heartbeat does
+    const back = await startUdpEchoBackend("a-again", port);
+    cleanup.push(() => back.close());
+    await waitFor(async () => (await c.ask("back", 300).catch(() => undefined))?.text === "a-again:back", "the backend answering again");
+    expect(back.lastPeerPort).toBe(before);
+    expect(listener.sessionCount).toBe(1);
+  });
+
   it("keeps at most maxSessions, closing the oldest first", async () => {
     const { listener, client } = await setup(["a"], { maxSessions: 2 });
     for (let i = 0; i < 3; i++) await (await client()).ask(`c${i}`);

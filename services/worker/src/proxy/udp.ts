@@ -158,11 +158,14 @@ export class UdpListener implements PortListener {
     });
     upstream.on("error", (err: NodeJS.ErrnoException) => {
       if (err.code === "ECONNREFUSED") {
-        // ICMP port unreachable: the backend is gone; pass it over and move this session.
-        this.ejections.eject(session.backendKey);
+        // ICMP port unreachable: the backend is gone, for now at least. It leaves rotation
+        // (a health check's longer ejection is kept), logged once per ejection, not per datagram.
         this.options.counters.udpBackendUnreachable++;
-        this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
-        this.closeSession(key);
+        if (!this.ejections.isEjected(session.backendKey)) {
+          this.ejections.eject(session.backendKey);
+          this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
+        }
+        if (this.shouldMove(session, this.backendKeys())) this.closeSession(key);
         return;
       }
       this.options.logger.debug({ err: err.message, backend: session.backendKey }, "udp-session-error");
@@ -188,15 +191,29 @@ export class UdpListener implements PortListener {
     for (const [key, session] of this.sessions) if (session.lastSeen < idleBefore) this.closeSession(key);
   }
 
+  private backendKeys(): Set<string> {
+    return new Set(this.options.backends().map(backendKey));
+  }
+
   /**
-   * Sessions whose backend left the set, or was taken out by a health
-   * check, are closed; their clients' next datagram opens one on the primary.
+   * A session moves (is closed, so its client's next datagram opens one on
+   * the primary) when its backend left the set, or is out of rotation and
+   * another backend in rotation can take it. With nowhere better to go it
+   * keeps its socket: a backend that answers again sees the same client
+   * address, which servers that connect() to their peer (iperf3, some game
+   * servers) need to go on with the flow.
    */
+  private shouldMove(session: Session, present: ReadonlySet<string>): boolean {
+    if (!present.has(session.backendKey)) return true;
+    if (!this.ejections.isEjected(session.backendKey)) return false;
+    const next = this.primary();
+    return next !== undefined && backendKey(next) !== session.backendKey && !this.ejections.isEjected(backendKey(next));
+  }
+
+  /** Sessions whose backend left the set or was taken out of rotation move; the rest stay where they are. */
   backendsChanged(): void {
-    const present = new Set(this.options.backends().map(backendKey));
-    for (const [key, session] of this.sessions) {
-      if (!present.has(session.backendKey) || this.ejections.isEjected(session.backendKey)) this.closeSession(key);
-    }
+    const present = this.backendKeys();
+    for (const [key, session] of this.sessions) if (this.shouldMove(session, present)) this.closeSession(key);
   }
 
   async close(): Promise<void> {
