@@ -51,13 +51,15 @@ const args = process.argv.slice(2);
 const option = (name) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
 // --only=<text>: run just the workloads whose name contains <text> (e.g. --only=UDP), to iterate on one.
 const ONLY = option("only");
+// --cpu-prof=<dir>: a V8 CPU profile of each Harbor worker (and relay) process, written on exit.
+const PROFILE_DIR = option("cpu-prof");
 // --targets=a,b: run just these targets, in this order (e.g. --targets=nginx,harbor-kernel); a ratio whose peer is left out shows "—".
 const PICKED = option("targets")?.split(",");
-const unknown = args.filter((a) => a !== "--smoke" && a !== "--full" && !a.startsWith("--only=") && !a.startsWith("--targets="));
+const unknown = args.filter((a) => a !== "--smoke" && a !== "--full" && !a.startsWith("--only=") && !a.startsWith("--targets=") && !a.startsWith("--cpu-prof="));
 const badTarget = PICKED?.find((tg) => !ALL_TARGETS.includes(tg));
 if (unknown.length > 0 || (args.includes("--smoke") && args.includes("--full")) || ONLY === "" || badTarget !== undefined) {
   if (badTarget !== undefined) process.stderr.write(`unknown target "${badTarget}"; targets here: ${ALL_TARGETS.join(", ")}\n`);
-  process.stderr.write("usage: node bench/run.mjs [--smoke|--full] [--only=<workload name text>] [--targets=<target>,...]\n");
+  process.stderr.write("usage: node bench/run.mjs [--smoke|--full] [--only=<workload name text>] [--targets=<target>,...] [--cpu-prof=<dir>]\n");
   process.exit(2);
 }
 const TARGETS = PICKED ?? ALL_TARGETS;
@@ -376,7 +378,8 @@ async function setupHarbor(backends, { name = "harbor", mode = "userspace", rela
   const controlPlane = await startProcess(`${name}-control-plane`, process.execPath, [HARBOR_BIN, "serve", "control-plane"], { env, readyText: '"msg":"ready"', readyTimeoutMs: 60_000 });
   let proc;
   try {
-    proc = await startProcess(`${name}-worker`, process.execPath, [HARBOR_BIN, "serve", "worker"], { env, readyText: '"msg":"worker-started"', readyTimeoutMs: 60_000 });
+    const profile = PROFILE_DIR ? ["--cpu-prof", `--cpu-prof-dir=${resolve(PROFILE_DIR, name)}`] : [];
+    proc = await startProcess(`${name}-worker`, process.execPath, [...profile, HARBOR_BIN, "serve", "worker"], { env, readyText: '"msg":"worker-started"', readyTimeoutMs: 60_000 });
   } catch (err) {
     await stopProcess(controlPlane);
     throw err;

@@ -26,7 +26,7 @@ interface Relay {
 
 /**
  * Relay processes that carry the bytes of the TCP connections this worker
- * accepts (HARBOR_WORKER_PROCESSES > 1). The worker process keeps the
+ * accepts (HARBOR_WORKER_RELAYS > 0). The worker process keeps the
  * listening sockets, the backend sets and the round-robin counters, so every
  * choice stays exact; connections go to the relays in turn. A relay that dies
  * takes its open connections with it and is replaced.

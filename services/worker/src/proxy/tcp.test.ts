@@ -1,0 +1,72 @@
+import { afterEach, describe, expect, it } from "vitest";
+import type { Backend } from "@harbor/proto";
+import { createLogger } from "@harbor/runtime";
+import { connectLines, freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
+import { DataPlaneCounters } from "../metrics.js";
+import type { RelayPool } from "./relays.js";
+import { TcpListener } from "./tcp.js";
+
+const logger = createLogger("test", "silent");
+const cleanup: Array<() => unknown> = [];
+
+afterEach(async () => {
+  for (const c of cleanup.splice(0).reverse()) await c();
+});
+
+/**
+ * A pool whose relays are all restarting: it takes no connection. (Real
+ * relays are forked from the built relay-main.js; the e2e-relays ring runs them.)
+ */
+function unavailableRelays(): RelayPool & { offered: number } {
+  const pool = {
+    offered: 0,
+    register: () => 1,
+    unregister: () => undefined,
+    dispatch: () => {
+      pool.offered++;
+      return false;
+    },
+  };
+  return pool as unknown as RelayPool & { offered: number };
+}
+
+describe("tcp listener - no relay can take a connection", () => {
+  it("the worker carries it itself, in the same exact turns", async () => {
+    const backends: EchoBackend[] = [];
+    for (const name of ["t0", "t1", "t2"]) {
+      const b = await startEchoBackend(name);
+      backends.push(b);
+      cleanup.push(() => b.close());
+    }
+    const set: Backend[] = backends.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
+    const relays = unavailableRelays();
+    const counters = new DataPlaneCounters();
+    const listener = new TcpListener({
+      serviceId: "s",
+      host: "127.0.0.1",
+      port: await freePort(),
+      backends: () => set,
+      connectTimeoutMs: 1_000,
+      maxConnections: 100,
+      passiveEjectMs: 5_000,
+      counters,
+      logger,
+      relays,
+    });
+    expect(await listener.listen()).toBe(true);
+    cleanup.push(() => listener.close());
+
+    const reached: Record<string, number> = {};
+    for (let i = 0; i < 9; i++) {
+      const client = await connectLines(listener.port);
+      const name = await client.nextLine();
+      reached[name] = (reached[name] ?? 0) + 1;
+      expect(await client.roundTrip(`hello ${i}`)).toBe(`hello ${i}`);
+      client.close();
+    }
+    expect(reached).toEqual({ t0: 3, t1: 3, t2: 3 });
+    expect(relays.offered).toBe(9);
+    expect(counters.tcpProxied).toBe(9);
+    await waitFor(() => listener.connections === 0, "every connection closed");
+  });
+});
