@@ -1,10 +1,11 @@
 // Control-plane benchmark: allocation throughput as allocations grow, and
 // propagation latency (instance registered → in rotation; gone → out) as
-// services grow. Drives `harbor serve all` through its own gRPC API.
+// services grow. Drives Harbor through its own gRPC API, run as in production:
+// `harbor serve control-plane` and, apart, `harbor serve worker`.
 //
 //   node bench/control-plane.mjs [--smoke|--full] [--only allocation|propagation] [--cpu-prof DIR]
 //
-// --cpu-prof writes a V8 CPU profile of each `harbor serve all` process to DIR.
+// --cpu-prof writes a V8 CPU profile of each Harbor process to DIR.
 // Needs the build (npm run build), Postgres on 127.0.0.1:5432 and NATS on
 // 127.0.0.1:4222, as the tests do. Prints Markdown tables; writes them to
 // bench/results/control-plane.md (a run with --only prints its part only).
@@ -59,26 +60,46 @@ async function withDatabase(fn) {
   }
 }
 
-/** `harbor serve all` on a database of its own; resolves when it is running. */
+/**
+ * Harbor as it runs in production, on a database of its own: `harbor serve
+ * control-plane` (allocator and registry) and, apart, `harbor serve worker`
+ * for the node; resolves when the API answers. The worker's listeners are
+ * waited for by whoever needs them.
+ */
 async function startHarbor(databaseUrl, env = {}) {
   const api = `127.0.0.1:${await freePort()}`;
-  const child = spawn(process.execPath, [...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []), join(ROOT, "services/cli/bin/harbor.js"), "serve", "all"], {
-    env: { ...process.env, DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: `bench${Date.now().toString(36)}`, LOG_LEVEL: "warn", ...env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let out = "";
-  child.stdout.on("data", (d) => (out += d));
-  child.stderr.on("data", (d) => (out += d));
-  await new Promise((resolve, reject) => {
-    const timer = setInterval(() => out.includes("Harbor is running") && (clearInterval(timer), resolve()), 20);
-    child.once("exit", (code) => reject(new Error(`harbor exited ${code}: ${out.slice(-2000)}`)));
-  });
+  const serve = (target) => {
+    const child = spawn(process.execPath, [...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []), join(ROOT, "services/cli/bin/harbor.js"), "serve", target], {
+      env: { ...process.env, DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: prefix, LOG_LEVEL: "warn", ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const proc = { child, out: "", exited: new Promise((resolve) => child.once("exit", resolve)) };
+    child.stdout.on("data", (d) => (proc.out = (proc.out + d).slice(-4000)));
+    child.stderr.on("data", (d) => (proc.out = (proc.out + d).slice(-4000)));
+    return proc;
+  };
+  const prefix = `bench${Date.now().toString(36)}`;
   const credentials = grpc.credentials.createInsecure();
+  const allocator = new PortAllocatorClient(api, credentials);
+  const controlPlane = serve("control-plane");
+  const started = performance.now();
+  while (!(await call(allocator, "listNodes", {}, 1_000).then(() => true, () => false))) {
+    if (controlPlane.child.exitCode !== null || performance.now() - started > 60_000) throw new Error(`harbor serve control-plane did not come up: ${controlPlane.out}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const worker = serve("worker");
+  const stop = async (proc) => {
+    if (proc.child.exitCode === null) proc.child.kill("SIGTERM");
+    await proc.exited;
+  };
   return {
     api,
-    allocator: new PortAllocatorClient(api, credentials),
+    allocator,
     registry: new BackendRegistryClient(api, credentials),
-    stop: () => new Promise((resolve) => (child.once("exit", resolve), child.kill("SIGTERM"))),
+    stop: async () => {
+      await stop(worker);
+      await stop(controlPlane);
+    },
   };
 }
 
@@ -167,14 +188,19 @@ async function propagation() {
         const steady = await greeter("steady");
         const moving = await greeter("moving");
         await call(harbor.registry, "registerInstance", { app: "timed", instanceId: "steady", host: "127.0.0.1", ports: [{ intPort: 4100, port: steady.port }], ttlSeconds: 600 });
-        while ((await greeting(service.port)) !== "steady");
+        const since = performance.now();
+        while ((await greeting(service.port)) !== "steady") {
+          if (performance.now() - since > 30_000) throw new Error("the worker never put the first instance in rotation");
+          await new Promise((r) => setTimeout(r, 20));
+        }
         const up = [];
         const down = [];
         for (let i = 0; i < LATENCY_SAMPLES; i++) {
           up.push(await timeUntil(() => call(harbor.registry, "registerInstance", { app: "timed", instanceId: "moving", host: "127.0.0.1", ports: [{ intPort: 4100, port: moving.port }], ttlSeconds: 600 }), service.port, (g) => g === "moving"));
-          // Out of rotation: two connections in a row both reach "steady".
-          down.push(await timeUntil(() => call(harbor.registry, "deregisterInstance", { app: "timed", instanceId: "moving" }), service.port, (g) => g === "steady"));
-          await greeting(service.port);
+          // Out of rotation: two connections in a row both reach "steady" (with both in
+          // rotation, round-robin sends one of any two to "moving").
+          let steadyInARow = 0;
+          down.push(await timeUntil(() => call(harbor.registry, "deregisterInstance", { app: "timed", instanceId: "moving" }), service.port, (g) => (steadyInARow = g === "steady" ? steadyInARow + 1 : 0) >= 2));
         }
         steady.server.close();
         moving.server.close();
@@ -211,13 +237,13 @@ const latencyLines = latency && [
   "|---:|---:|---:|---:|---:|",
   ...latency.map((r) => `| ${r.services.toLocaleString("en")} | ${r.up.p50.toFixed(1)} | ${r.up.p99.toFixed(1)} | ${r.down.p50.toFixed(1)} | ${r.down.p99.toFixed(1)} |`),
   "",
-  "Latency includes the gRPC call itself and the probing connection; the worker also exports `harbor_worker_propagation_seconds` (registry → worker only).",
+  "Latency includes the gRPC call itself and the probing connections (out of rotation takes two in a row reaching the other instance, as round-robin would send one of any two to it); the worker also exports `harbor_worker_propagation_seconds` (registry → worker only).",
   "",
 ];
 const lines = [
   `# Control plane — ${new Date().toISOString()}`,
   "",
-  `\`node bench/control-plane.mjs ${full ? "--full" : "--smoke"}${only ? ` --only ${only}` : ""}\` on ${execFileSync("nproc").toString().trim()} cores, node ${process.version}, one \`harbor serve all\` process with the machine's Postgres.`,
+  `\`node bench/control-plane.mjs ${full ? "--full" : "--smoke"}${only ? ` --only ${only}` : ""}\` on ${execFileSync("nproc").toString().trim()} cores, node ${process.version}, \`harbor serve control-plane\` and, apart, \`harbor serve worker\` (as in production), with the machine's Postgres and NATS.`,
   "",
   ...(allocationLines ?? []),
   ...(latencyLines ?? []),

@@ -40,6 +40,24 @@ describe("node view - backend sets", () => {
     expect(view.backends("s1")).toEqual([]);
     expect(view.listServices().map((s) => s.id)).toEqual(["s2"]);
   });
+
+  it("a snapshot names only the services that came, went or changed", () => {
+    const view = new NodeView();
+    const tcp = (id: string, port: number, healthCheck?: { intervalMs: number }) => ({
+      id,
+      name: id,
+      port,
+      protocol: Protocol.PROTOCOL_TCP,
+      ...(healthCheck ? { healthCheck: { timeoutMs: 0, unhealthyThreshold: 2, healthyThreshold: 2, udpProbe: "", ...healthCheck } } : {}),
+    });
+    expect(view.replaceServices([tcp("a", 1), tcp("b", 2), tcp("c", 3)]).sort()).toEqual(["a", "b", "c"]);
+    // The same snapshot again (new objects, same content): nothing to look at.
+    expect(view.replaceServices([tcp("a", 1), tcp("b", 2), tcp("c", 3)])).toEqual([]);
+    // b moved port, c went, d came, a got a health check.
+    expect(view.replaceServices([tcp("a", 1, { intervalMs: 500 }), tcp("b", 9), tcp("d", 4)]).sort()).toEqual(["a", "b", "c", "d"]);
+    expect(view.replaceServices([tcp("a", 1, { intervalMs: 500 }), tcp("b", 9), tcp("d", 4)])).toEqual([]);
+    expect(view.replaceServices([tcp("a", 1, { intervalMs: 900 }), tcp("b", 9), tcp("d", 4)])).toEqual(["a"]);
+  });
 });
 
 describe("node view - protocols", () => {

@@ -18,6 +18,21 @@ export function serviceView(service: PortService): ServiceView {
   return { id: service.name, name: service.serviceName, port: service.port, protocol: service.protocol, healthCheck: service.healthCheck };
 }
 
+function sameHealthCheck(a: HealthCheck | undefined, b: HealthCheck | undefined): boolean {
+  if (!a || !b) return a === b;
+  return (
+    a.intervalMs === b.intervalMs &&
+    a.timeoutMs === b.timeoutMs &&
+    a.unhealthyThreshold === b.unhealthyThreshold &&
+    a.healthyThreshold === b.healthyThreshold &&
+    a.udpProbe === b.udpProbe
+  );
+}
+
+function sameService(a: ServiceView, b: ServiceView): boolean {
+  return a.name === b.name && a.port === b.port && a.protocol === b.protocol && sameHealthCheck(a.healthCheck, b.healthCheck);
+}
+
 /** The protocols a service needs listeners for: `both` is TCP and UDP on one port number. */
 export function protocolsOf(service: ServiceView): Array<"tcp" | "udp"> {
   switch (service.protocol) {
@@ -59,11 +74,27 @@ export class NodeView {
     this.sets.delete(id);
   }
 
-  /** Replaces the services with a snapshot's; sets of services that are gone are dropped. */
-  replaceServices(services: ServiceView[]): void {
-    this.services.clear();
-    for (const s of services) this.services.set(s.id, s);
-    for (const id of [...this.sets.keys()]) if (!this.services.has(id)) this.sets.delete(id);
+  /**
+   * Replaces the services with a snapshot's; sets of services that are gone
+   * are dropped. Returns the ids of the services that came, went or changed:
+   * the only ones whose listeners need a look.
+   */
+  replaceServices(services: ServiceView[]): string[] {
+    const changed: string[] = [];
+    const present = new Set<string>();
+    for (const s of services) {
+      present.add(s.id);
+      const held = this.services.get(s.id);
+      if (!held || !sameService(held, s)) changed.push(s.id);
+      this.services.set(s.id, s);
+    }
+    for (const id of this.services.keys()) {
+      if (present.has(id)) continue;
+      this.services.delete(id);
+      changed.push(id);
+    }
+    for (const id of this.sets.keys()) if (!this.services.has(id)) this.sets.delete(id);
+    return changed;
   }
 
   /** Applies a set if newer than the one held; returns whether it did. */
