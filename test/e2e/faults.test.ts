@@ -142,3 +142,29 @@ describe("e2e security - NATS credentials", () => {
     expect(harbor.logs()).not.toContain("nats-secret-0123456789");
   });
 });
+
+describe("e2e - the worker's periodic snapshot", () => {
+  it("sends digests: an unchanged node costs no listing, a change is listed, and traffic goes on throughout", async () => {
+    const harbor = await startHarbor({ env: { HARBOR_RESYNC_INTERVAL_MS: "200" } });
+    stoppers.push(() => harbor.stop());
+    const service = await harbor.json<ServiceJson>("create-service", "steady-snap", "--app", "snap");
+    const first = await echo("snap-0");
+    await register(harbor, "snap", "snap-0", first.port);
+    await waitFor(() => only(service.port, "snap-0"), "forwarding to the first instance");
+    const timerSyncs = (from: number) => [...harbor.logs().slice(from).matchAll(/^.*"reason":"timer".*"msg":"worker-synced".*$/gm)].map((m) => m[0]);
+    // Nothing changes: the snapshots come back unchanged, and change nothing.
+    await waitFor(() => timerSyncs(0).some((l) => /"unchanged":true,"changed":0/.test(l)), "an unchanged periodic snapshot");
+
+    const mark = harbor.logs().length;
+    const second = await echo("snap-1");
+    await register(harbor, "snap", "snap-1", second.port);
+    await waitFor(async () => Object.keys(await spread(service.port, 4)).length === 2, "both instances in rotation");
+    // The next snapshots: one that lists the change (its digest moved), then unchanged again.
+    await waitFor(() => {
+      const lines = timerSyncs(mark);
+      const listed = lines.findIndex((l) => /"unchanged":false/.test(l));
+      return listed >= 0 && lines.slice(listed + 1).some((l) => /"unchanged":true/.test(l));
+    }, "a snapshot listing the change, then unchanged ones");
+    expect(await spread(service.port, 4)).toEqual({ "snap-0": 2, "snap-1": 2 });
+  });
+});

@@ -92,7 +92,7 @@ describe("allocator - create and bind", () => {
   });
 
   it("bad input answers a clear error and changes nothing", async () => {
-    const before = (await invoke(client, "listPortServices", { nodeId: "", app: "" })).services.length;
+    const before = (await invoke(client, "listPortServices", { nodeId: "", app: "", unlessDigest: "" })).services.length;
     await expectCode(invoke(client, "createPortService", { name: "no spaces", app: "", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /service name "no spaces" is not valid/);
     await expectCode(invoke(client, "createPortService", { name: "x".repeat(5000), app: "", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /is not valid/);
     await expectCode(invoke(client, "createPortService", { name: "ok-name", app: "bad.app", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /app name "bad.app"/);
@@ -102,7 +102,26 @@ describe("allocator - create and bind", () => {
     await expectCode(invoke(client, "getPortService", { name: "missing", app: "" }), grpc.status.NOT_FOUND, /no port service named "missing"/);
     await expectCode(invoke(client, "unbindPortService", { name: "fixed", app: "nobody" }), grpc.status.NOT_FOUND, /not bound to app "nobody"/);
     await expectCode(invoke(client, "upsertNode", { node: undefined }), grpc.status.INVALID_ARGUMENT, /give the node/);
-    expect((await invoke(client, "listPortServices", { nodeId: "", app: "" })).services.length).toBe(before);
+    expect((await invoke(client, "listPortServices", { nodeId: "", app: "", unlessDigest: "" })).services.length).toBe(before);
+  });
+
+  it("a node's listing carries a digest; asked with it, an unchanged node answers unchanged and sends nothing", async () => {
+    const list = (unlessDigest = "") => invoke(client, "listPortServices", { nodeId: "n1", app: "", unlessDigest });
+    const full = await list();
+    expect(full.unchanged).toBe(false);
+    expect(full.services.length).toBeGreaterThan(0);
+    expect(full.digest).toMatch(/^[0-9a-f]{32}$/);
+    expect(await list(full.digest)).toEqual({ services: [], digest: full.digest, unchanged: true });
+    // A service that comes, and one that goes, each change the digest.
+    await invoke(client, "createPortService", { name: "digest-test", app: "", nodeId: "n1", port: 0 });
+    const afterCreate = await list(full.digest);
+    expect(afterCreate.unchanged).toBe(false);
+    expect(afterCreate.services.map((s) => s.serviceName)).toContain("digest-test");
+    await invoke(client, "deletePortService", { name: "digest-test" });
+    const afterDelete = await list(afterCreate.digest);
+    expect(afterDelete.unchanged).toBe(false);
+    expect(afterDelete.digest).toBe(full.digest);
+    await expectCode(list("").then(() => invoke(client, "listPortServices", { nodeId: "", app: "", unlessDigest: full.digest })), grpc.status.INVALID_ARGUMENT, /unless_digest goes with node_id/);
   });
 
   it("a node's range cannot shrink past allocated ports", async () => {

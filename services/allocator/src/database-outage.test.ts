@@ -42,7 +42,7 @@ describe("allocator - Postgres away", () => {
     await database.stop();
     for (const call of [
       () => invoke(client!, "createPortService", { name: "while-down", app: "", nodeId: "", port: 0 }, 5_000),
-      () => invoke(client!, "listPortServices", { nodeId: "", app: "" }, 5_000),
+      () => invoke(client!, "listPortServices", { nodeId: "", app: "", unlessDigest: "" }, 5_000),
       () => invoke(client!, "getAppEnvironment", { app: "keep" }, 5_000),
     ]) {
       const err = (await call().then(
@@ -55,7 +55,7 @@ describe("allocator - Postgres away", () => {
     }
 
     database = await startEmbeddedPostgres({ dataDir, logger, port });
-    const { services } = await waitFor(() => invoke(client!, "listPortServices", { nodeId: "", app: "" }).catch(() => undefined), "the allocator to recover");
+    const { services } = await waitFor(() => invoke(client!, "listPortServices", { nodeId: "", app: "", unlessDigest: "" }).catch(() => undefined), "the allocator to recover");
     expect(services.map((s) => [s.serviceName, s.port])).toEqual([["survivor", before.service!.port]]);
     const after = await invoke(client, "createPortService", { name: "after-outage", app: "keep", nodeId: "", port: 0 });
     expect(after.service!.intPort).toBe(4101);

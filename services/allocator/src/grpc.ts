@@ -92,8 +92,14 @@ export function createAllocatorGrpc(
     listPortServices: unary(logger, auth, "ListPortServices", async (req, caller) => {
       const nodeId = optional(req.nodeId, validateNodeId);
       const app = optional(req.app, validateAppName);
+      if (req.unlessDigest !== "" && (nodeId === undefined || app !== undefined)) {
+        throw new InvalidArgumentError("unless_digest goes with node_id alone (the digest covers all of a node's services)");
+      }
+      // A digest covers all of a node's services: asked for by a worker, which sees them all.
+      const digest = nodeId !== undefined && app === undefined && caller.role === "operator" ? await store.servicesDigest(nodeId) : "";
+      if (digest !== "" && req.unlessDigest === digest) return { services: [], digest, unchanged: true };
       const services = await store.listServices({ nodeId, app }, scopeOf(caller));
-      return { services: services.map((s) => toPortService(s, app)) };
+      return { services: services.map((s) => toPortService(s, app)), digest, unchanged: false };
     }),
 
     deletePortService: unary(logger, auth, "DeletePortService", async (req, caller) => {

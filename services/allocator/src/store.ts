@@ -264,6 +264,21 @@ export class PortStore {
     return rows.map(serviceFromRow);
   }
 
+  /**
+   * A hash of what a worker serves of a node's services. Read before the
+   * list it goes with: a change in between makes the next check miss, never
+   * hides a change.
+   */
+  async servicesDigest(nodeId: string): Promise<string> {
+    const { rows } = await query<{ digest: string }>(
+      this.pool,
+      `SELECT md5(COALESCE(string_agg(concat_ws('|', id, service_name, port, protocol, health_check::text), ',' ORDER BY id), '')) AS digest
+         FROM port_services WHERE node_id = $1`,
+      [nodeId],
+    );
+    return rows[0]?.digest ?? "";
+  }
+
   /** The space an app belongs to, if any has claimed it. */
   async appSpace(app: string): Promise<string | undefined> {
     const { rows } = await query<{ space: string }>(this.pool, "SELECT space FROM app_spaces WHERE app = $1", [app]);

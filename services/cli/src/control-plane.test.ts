@@ -83,8 +83,27 @@ describe("registry - instances and backend sets", () => {
     await new Promise((r) => setTimeout(r, 100));
     expect(published.length).toBe(count);
     // ListBackends answers the same set
-    const listed = await invoke(backends, "listBackends", { nodeId: "n1", serviceId: id });
+    const listed = await invoke(backends, "listBackends", { nodeId: "n1", serviceId: id, unlessDigest: "" });
     expect(listed.sets[0]!.revision).toBe(first.revision);
+  });
+
+  it("a node's sets carry a digest; asked with it, unchanged sets answer unchanged and send nothing", async () => {
+    const list = (unlessDigest = "") => invoke(backends, "listBackends", { nodeId: "n1", serviceId: "", unlessDigest });
+    const { service } = await invoke(ports, "createPortService", { name: "digest-sets", app: "digest-app", nodeId: "", port: 0 });
+    await register("digest-app", "d-0", 6000);
+    await waitFor(() => setOf(service!.name)?.backends.length === 1, "the set published");
+    const full = await list();
+    expect(full.unchanged).toBe(false);
+    expect(full.sets.some((s) => s.serviceId === service!.name)).toBe(true);
+    expect(await list(full.digest)).toEqual({ sets: [], digest: full.digest, unchanged: true });
+    // A heartbeat that changes nothing leaves it; a new instance does not.
+    await register("digest-app", "d-0", 6000);
+    expect((await list(full.digest)).unchanged).toBe(true);
+    await register("digest-app", "d-1", 6001);
+    const after = await list(full.digest);
+    expect(after.unchanged).toBe(false);
+    expect(after.sets.find((s) => s.serviceId === service!.name)?.backends.map((b) => b.instanceId)).toEqual(["d-0", "d-1"]);
+    await expect(invoke(backends, "listBackends", { nodeId: "n1", serviceId: service!.name, unlessDigest: full.digest })).rejects.toThrow(/unless_digest goes with node_id alone/);
   });
 
   it("deregistration, expiry and re-registration keep availability order, with revisions that only increase", async () => {

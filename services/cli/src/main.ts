@@ -133,7 +133,7 @@ export function buildProgram(): Command {
     .addOption(json())
     .action(
       withClients(program, async (c, opts, local: { app?: string; node?: string; json?: boolean }) => {
-        const { services } = await c.call(c.allocator, "listPortServices", { app: local.app ?? "", nodeId: local.node ?? "" });
+        const { services } = await c.call(c.allocator, "listPortServices", { app: local.app ?? "", nodeId: local.node ?? "", unlessDigest: "" });
         const out = services.map(serviceOutput);
         print(local.json ?? opts.json, out, () =>
           table(

@@ -52,7 +52,7 @@ export async function runInstances(clients: Clients, options: RunOptions): Promi
     const { applied } = await applyManifest(clients, manifest, app);
     for (const a of applied) if (a.action !== "unchanged") process.stderr.write(`harbor: ${a.action} ${a.service_name} (port ${a.port})\n`);
   }
-  const { services } = await clients.call(clients.allocator, "listPortServices", { app, nodeId: "" });
+  const { services } = await clients.call(clients.allocator, "listPortServices", { app, nodeId: "", unlessDigest: "" });
   const web = manifest?.web ?? true;
   const instances: Instance[] = [];
   let stopping = false;

@@ -116,7 +116,12 @@ export function createRegistryGrpc(
       requireOperator(caller, "listing backends");
       const nodeId = req.nodeId === "" ? undefined : validateNodeId(req.nodeId);
       if (req.serviceId !== "" && !isUuid(req.serviceId)) throw new InvalidArgumentError("service_id is the service's UUID (its `name` credential)");
-      return { sets: await store.listSets({ nodeId, serviceId: req.serviceId === "" ? undefined : req.serviceId }) };
+      if (req.unlessDigest !== "" && (nodeId === undefined || req.serviceId !== "")) {
+        throw new InvalidArgumentError("unless_digest goes with node_id alone (the digest covers all of a node's sets)");
+      }
+      const digest = nodeId !== undefined && req.serviceId === "" ? await store.setsDigest(nodeId) : "";
+      if (digest !== "" && req.unlessDigest === digest) return { sets: [], digest, unchanged: true };
+      return { sets: await store.listSets({ nodeId, serviceId: req.serviceId === "" ? undefined : req.serviceId }), digest, unchanged: false };
     }),
 
     // A snapshot of the node's sets, then each change as the registry publishes it.

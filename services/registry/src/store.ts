@@ -181,6 +181,21 @@ export class RegistryStore {
     await query(this.pool, "DELETE FROM registry_backend_sets WHERE service_id = $1", [serviceId]);
   }
 
+  /**
+   * A hash of a node's sets (a set's revision goes up with every change of
+   * it). Read before the sets it goes with: a change in between makes the
+   * next check miss, never hides a change.
+   */
+  async setsDigest(nodeId: string): Promise<string> {
+    const { rows } = await query<{ digest: string }>(
+      this.pool,
+      `SELECT md5(COALESCE(string_agg(service_id::text || ':' || revision, ',' ORDER BY service_id), '')) AS digest
+         FROM registry_backend_sets WHERE node_id = $1 AND content <> 'null'`,
+      [nodeId],
+    );
+    return rows[0]?.digest ?? "";
+  }
+
   async listSets(filter: { nodeId?: string; serviceId?: string }): Promise<BackendSet[]> {
     const { rows } = await query<{ revision: string; content: SetContent }>(
       this.pool,
