@@ -356,7 +356,7 @@ async function benchmark() {
   const readings = [];
 
   /**
-   * The worker's periodic full resync (its `worker-synced` log line, reason
+   * The worker's periodic resync (its `worker-synced` log line, reason
    * "timer") inside the window: median RSS of the samples before it and after
    * it, and the highest after.
    */
@@ -461,7 +461,7 @@ async function benchmark() {
         : []),
       ...notes.map((n) => `- ${n}`),
       ...(jumps.length > 0
-        ? [`- RSS around the worker's periodic 30 s resync (a full \`ListPortServices\` + \`ListBackends\` of its node) where RSS moved by 5 MiB or more, median before → median after: ${jumps.join("; ")}.`]
+        ? [`- RSS around the worker's periodic 30 s resync (by digest: \`ListPortServices\` + \`ListBackends\` of its node list nothing unless something changed, and every tenth lists all; RSS also moves with V8's own collections) where RSS moved by 5 MiB or more, median before → median after: ${jumps.join("; ")}.`]
         : []),
       "",
     ];
