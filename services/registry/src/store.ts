@@ -36,6 +36,45 @@ export interface Registration {
 type SetContent = Omit<BackendSet, "revision">;
 
 /**
+ * A service's set row, locked for the rest of the transaction (created the
+ * first time), and the service: one round trip. Recomputes of one service,
+ * on any replica, run one after another; the next statement's snapshot is
+ * taken after the lock, so it sees what the previous recompute committed.
+ * Nothing when the service is gone.
+ */
+const LOCK_SET_READ_SERVICE = {
+  name: "registry-lock-set",
+  text: `
+  WITH service AS (SELECT id, node_id, service_name, port, protocol FROM port_services WHERE id = $1),
+  locked AS (
+    INSERT INTO registry_backend_sets (service_id, node_id, revision, content)
+    SELECT id, node_id, 0, 'null' FROM service
+    ON CONFLICT (service_id) DO UPDATE SET node_id = registry_backend_sets.node_id
+    RETURNING service_id)
+  SELECT service.* FROM service JOIN locked ON locked.service_id = service.id`,
+};
+
+/** The live instances of the apps bound to a service, in availability (FIFO) order, each with its port for the binding's int_port. */
+const READ_BACKENDS = {
+  name: "registry-read-backends",
+  text: `
+  SELECT i.instance_id, i.app, i.host, i.available_since,
+         COALESCE((SELECT (m->>'port')::int FROM jsonb_array_elements(i.ports) m
+                    WHERE (m->>'int_port')::int = b.int_port LIMIT 1), b.int_port) AS port
+    FROM port_bindings b
+    JOIN registry_instances i ON i.app = b.app
+   WHERE b.service_id = $1 AND i.expires_at > $2
+   ORDER BY i.available_order`,
+};
+
+/** A new revision only when the content changed. */
+const WRITE_SET = {
+  name: "registry-write-set",
+  text: `UPDATE registry_backend_sets SET revision = revision + 1, content = $2, node_id = $3
+          WHERE service_id = $1 AND content IS DISTINCT FROM $2::jsonb RETURNING revision`,
+};
+
+/**
  * The registry's SQL. Instances live in Postgres so replicas agree and a
  * restart loses nothing; a backend set's revision is bumped under a row lock
  * only when its content changes.
@@ -128,31 +167,23 @@ export class RegistryStore {
    * changed, nothing when it did not (or the service is gone).
    */
   async recompute(serviceId: string, nowMs: number): Promise<BackendSet | undefined> {
+    // Three round trips and a commit, each statement prepared (with its columns named, so a
+    // migration cannot change a cached plan's result): this runs inside every
+    // RegisterInstance that changes something, so it is most of propagation's latency.
     return withTransaction(this.pool, async (tx) => {
-      const { rows: services } = await tx.query<{ id: string; node_id: string; service_name: string; port: number; protocol: ProtocolName }>(
-        "SELECT id, node_id, service_name, port, protocol FROM port_services WHERE id = $1",
-        [serviceId],
-      );
+      const { rows: services } = await tx.query<{ id: string; node_id: string; service_name: string; port: number; protocol: ProtocolName }>({
+        ...LOCK_SET_READ_SERVICE,
+        values: [serviceId],
+      });
       const service = services[0];
       if (!service) {
         await tx.query("DELETE FROM registry_backend_sets WHERE service_id = $1", [serviceId]);
         return undefined;
       }
-      await tx.query(
-        "INSERT INTO registry_backend_sets (service_id, node_id, revision, content) VALUES ($1, $2, 0, 'null') ON CONFLICT DO NOTHING",
-        [serviceId, service.node_id],
-      );
-      await tx.query("SELECT 1 FROM registry_backend_sets WHERE service_id = $1 FOR UPDATE", [serviceId]);
-      const { rows: backends } = await tx.query<{ instance_id: string; app: string; host: string; port: number; available_since: Date }>(
-        `SELECT i.instance_id, i.app, i.host, i.available_since,
-                COALESCE((SELECT (m->>'port')::int FROM jsonb_array_elements(i.ports) m
-                           WHERE (m->>'int_port')::int = b.int_port LIMIT 1), b.int_port) AS port
-           FROM port_bindings b
-           JOIN registry_instances i ON i.app = b.app
-          WHERE b.service_id = $1 AND i.expires_at > $2
-          ORDER BY i.available_order`,
-        [serviceId, new Date(nowMs)],
-      );
+      const { rows: backends } = await tx.query<{ instance_id: string; app: string; host: string; port: number; available_since: Date }>({
+        ...READ_BACKENDS,
+        values: [serviceId, new Date(nowMs)],
+      });
       const content: SetContent = {
         serviceId,
         nodeId: service.node_id,
@@ -167,11 +198,7 @@ export class RegistryStore {
           availableSince: timestampFromMs(b.available_since.getTime()),
         })),
       };
-      const { rows: updated } = await tx.query<{ revision: string }>(
-        `UPDATE registry_backend_sets SET revision = revision + 1, content = $2, node_id = $3
-          WHERE service_id = $1 AND content IS DISTINCT FROM $2::jsonb RETURNING revision`,
-        [serviceId, JSON.stringify(content), service.node_id],
-      );
+      const { rows: updated } = await tx.query<{ revision: string }>({ ...WRITE_SET, values: [serviceId, JSON.stringify(content), service.node_id] });
       const revision = updated[0]?.revision;
       return revision === undefined ? undefined : { ...content, revision };
     });
