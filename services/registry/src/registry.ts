@@ -5,14 +5,19 @@ import { BackendSet, InstanceEvent, timestampFromMs, type Instance } from "@harb
 import type { RegistryMetrics } from "./metrics.js";
 import type { Registration, RegistryStore } from "./store.js";
 
+/** Recomputes a reconcile runs at once: the rest of the pool stays free for the ones changes call for. */
+const RECONCILE_LANES = 2;
+
 /**
  * What the registry does, behind both gRPC and NATS: registrations and
  * heartbeats, expiry, and keeping every backend set published. Recomputes
- * of one service run one at a time (a queue), so sets are published in
- * revision order.
+ * of one service run one at a time (a chain per service), so its sets are
+ * published in revision order; different services' run side by side.
  */
 export class Registry {
-  private queue: Promise<void> = Promise.resolve();
+  /** The last recompute in line for each service with one in flight. */
+  private readonly chains = new Map<string, Promise<void>>();
+  private reconciling: Promise<void> | undefined;
 
   constructor(
     private readonly store: RegistryStore,
@@ -59,21 +64,42 @@ export class Registry {
     await Promise.all((await this.store.servicesOfApp(app)).map((id) => this.recompute(id, at)));
   }
 
-  /** Recomputes every set; covers events that were missed. */
-  async reconcile(): Promise<void> {
-    await Promise.all((await this.store.allServiceIds()).map((id) => this.recompute(id)));
+  /**
+   * Recomputes every set, covering events that were missed: a few at a
+   * time, beside the recomputes that changes call for, which do not wait
+   * for it (with one queue for all, a registration at 10,000 services
+   * waited 8 s behind a reconcile). One reconcile at a time.
+   */
+  reconcile(): Promise<void> {
+    this.reconciling ??= (async () => {
+      try {
+        const ids = await this.store.allServiceIds();
+        let next = 0;
+        const lane = async () => {
+          while (next < ids.length) await this.recompute(ids[next++] as string);
+        };
+        await Promise.all(Array.from({ length: RECONCILE_LANES }, lane));
+      } finally {
+        this.reconciling = undefined;
+      }
+    })();
+    return this.reconciling;
   }
 
   /** `changedAt`: when the change that calls for this recompute reached the registry. */
   recompute(serviceId: string, changedAt = this.clock.now()): Promise<void> {
-    const run = this.queue.then(async () => {
+    const run = (this.chains.get(serviceId) ?? Promise.resolve()).then(async () => {
       const set = await this.store.recompute(serviceId, this.clock.now());
       if (!set) return;
       publishMessage(this.bus, this.subjects.backends(set.nodeId, set.serviceId), BackendSet, { ...set, changedAt: timestampFromMs(changedAt) });
       this.metrics.setsPublished.inc();
       this.logger.debug({ serviceId, revision: set.revision, backends: set.backends.length }, "backend-set-published");
     });
-    this.queue = run.catch(() => undefined);
+    const settled = run.catch(() => undefined);
+    this.chains.set(serviceId, settled);
+    void settled.then(() => {
+      if (this.chains.get(serviceId) === settled) this.chains.delete(serviceId);
+    });
     return run;
   }
 
