@@ -268,6 +268,22 @@ async function benchmark() {
     return out;
   }
 
+  /** Waits until every one of `ports` is listening; resolves how many still were not (0, or the count at the 30 s deadline). */
+  async function untilListening(what, ports, everyMs) {
+    let missing = ports.length;
+    await waitFor(
+      what,
+      () => {
+        const l = listeningPorts();
+        missing = ports.filter((p) => !l.has(p)).length;
+        return missing === 0;
+      },
+      30_000,
+      everyMs,
+    ).catch(() => undefined);
+    return missing;
+  }
+
   const handedOut = new Set();
   /** `size` consecutive ports of PORT_POOL that no socket uses. */
   function freeBlock(size) {
@@ -559,20 +575,11 @@ async function benchmark() {
       );
       const created = performance.now();
       const want = worker.services;
-      let missing = want.length;
-      await waitFor(
-        `${worker.label}: ${total} ports listening`,
-        () => {
-          const l = listeningPorts();
-          missing = want.filter((p) => !l.has(p)).length;
-          return missing === 0;
-        },
-        30_000,
-        200,
-      ).catch((err) => {
-        notes.push(`${worker.label}: ${missing} of ${want.length} ports not listening (${oneLine(err)}); probably held by another process.`);
+      const missing = await untilListening(`${worker.label}: ${total} ports listening`, want, 200);
+      if (missing > 0) {
+        notes.push(`${worker.label}: ${missing} of ${want.length} ports not listening after 30 s; probably held by another process.`);
         log(`warning: ${missing} of ${want.length} ports not listening`);
-      });
+      }
       log(`${worker.label}: ${total} services (${total - from} created and bound in ${((created - started) / 1000).toFixed(1)} s, listening ${((performance.now() - created) / 1000).toFixed(1)} s later)`);
     }
 
@@ -637,20 +644,8 @@ async function benchmark() {
     worker = await startWorker("ports worker (restarted)", "scale-ports", portsRange);
     worker.services = coldPorts;
     worker.lastTicks = 0; // CPU to get here: its whole start-up
-    let missing = coldPorts.length;
-    const listeningAfter = await waitFor(
-      "cold start: ports listening",
-      () => {
-        const l = listeningPorts();
-        missing = coldPorts.filter((p) => !l.has(p)).length;
-        return missing === 0;
-      },
-      30_000,
-      20,
-    ).then(
-      () => (performance.now() - worker.spawnedAt) / 1000,
-      () => Number.NaN,
-    );
+    const missing = await untilListening("cold start: ports listening", coldPorts, 20);
+    const listeningAfter = missing === 0 ? (performance.now() - worker.spawnedAt) / 1000 : Number.NaN;
     notes.push(
       `Cold start: a new \`serve worker\` process for the node with ${coldPorts.length.toLocaleString("en")} services had ${Number.isFinite(listeningAfter) ? `every port listening ${listeningAfter.toFixed(2)} s after spawn (its \`ready\` log line at ${worker.readyAfterS.toFixed(2)} s)` : `${missing} ports still not listening after 30 s`} (control plane and database already up; polled every 20 ms in /proc/net/tcp).`,
     );

@@ -39,6 +39,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const view = new NodeView();
   /** Keyed `<service id>/<protocol>`. */
   const listeners = new Map<string, PortListener>();
+  const serviceOf = (key: string) => key.slice(0, key.indexOf("/"));
   /** Listeners whose failure to bind has been reported. */
   const bindFailures = new Set<string>();
   const counters = new DataPlaneCounters();
@@ -152,7 +153,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       listenHost = host;
       all = true;
     }
-    const todo = all ? new Set([...view.listServices().map((s) => s.id), ...[...listeners.keys()].map((k) => k.slice(0, k.indexOf("/")))]) : new Set(ids);
+    const todo = all ? new Set([...view.listServices().map((s) => s.id), ...[...listeners.keys()].map(serviceOf)]) : new Set(ids);
     for (const id of todo) await reconcileService(id, view.service(id), host);
   };
   // Reconciles run one after another, so listeners are never opened twice.
@@ -187,7 +188,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       listeners: [...listeners]
         .filter(([, l]) => !l.listening)
         .map(([key, l]) => {
-          const id = key.slice(0, key.indexOf("/"));
+          const id = serviceOf(key);
           return {
             serviceId: id,
             port: l.port,
@@ -218,7 +219,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         publishHeartbeat();
         // Each beat also retries the listeners whose port could not be bound, and only
         // those: a pass over every listener stalled 10,000 ports' traffic for ~30 ms.
-        const unbound = [...listeners].filter(([, l]) => !l.listening).map(([key]) => key.slice(0, key.indexOf("/")));
+        const unbound = [...listeners].filter(([, l]) => !l.listening).map(([key]) => serviceOf(key));
         if (unbound.length > 0) void scheduleReconcile(unbound);
       }, config.heartbeatIntervalMs);
       logger.info({ workerId, listening: listeners.size, mode: config.mode, relays: config.mode === "userspace" ? config.relays : 0 }, "worker-started");

@@ -1,6 +1,7 @@
 import { isIPv4 } from "node:net";
 import { Ejections, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
+import { backendKey } from "../proxy/dial.js";
 import type { PortListener } from "../proxy/listener.js";
 import type { KernelPort } from "./render.js";
 import type { KernelTable } from "./table.js";
@@ -45,7 +46,7 @@ export class KernelListener implements PortListener {
   current(): KernelPort {
     // The table is `ip` (IPv4): an IPv6 backend would make the whole table invalid.
     const all = this.options.backends().filter((b) => isIPv4(b.host));
-    const healthy = this.ejections.size === 0 ? all : all.filter((b) => !this.ejections.isEjected(`${b.host}:${b.port}`));
+    const healthy = this.ejections.size === 0 ? all : all.filter((b) => !this.ejections.isEjected(backendKey(b)));
     return { port: this.options.port, protocol: this.options.protocol, backends: healthy.length > 0 ? healthy : all };
   }
 

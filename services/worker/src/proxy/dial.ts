@@ -17,7 +17,7 @@ export interface DialHooks {
   backendFailed(backend: Endpoint, err: Error): void;
   /** Every backend was tried or is out of rotation; the client has been closed. */
   allFailed(): void;
-  /** Client and backend are connected; the hook joins them. */
+  /** Client and backend are connected (Nagle off on both); the hook joins them. */
   connected(client: net.Socket, upstream: net.Socket): void;
 }
 
@@ -56,6 +56,9 @@ export function dial(client: net.Socket, backends: readonly Endpoint[], start: n
     clearTimeout(timer);
     client.removeListener("close", abandon);
     upstream.removeAllListeners("error");
+    // A proxy adds no delay of its own: small writes go out as they come.
+    client.setNoDelay(true);
+    upstream.setNoDelay(true);
     hooks.connected(client, upstream);
   });
 }

@@ -4,6 +4,7 @@ import { isIPv6 } from "node:net";
 import type { Logger } from "pino";
 import type { HealthCheckSpec } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
+import { backendKey } from "./dial.js";
 import type { PortListener } from "./listener.js";
 
 interface Streak {
@@ -44,14 +45,14 @@ export class HealthChecker {
     this.running = true;
     try {
       const backends = this.backends();
-      const present = new Set(backends.map((b) => `${b.host}:${b.port}`));
+      const present = new Set(backends.map(backendKey));
       for (const key of this.streaks.keys()) {
         if (!present.has(key)) {
           this.streaks.delete(key);
           this.listener.ejections.restore(key);
         }
       }
-      await Promise.all(backends.map(async (b) => this.record(`${b.host}:${b.port}`, await this.check(b))));
+      await Promise.all(backends.map(async (b) => this.record(backendKey(b), await this.check(b))));
     } finally {
       this.running = false;
     }

@@ -14,6 +14,8 @@ const logger = createLogger("harbor-relay").child({ component: "relay", relay: N
 const send = (message: FromRelay) => process.send?.(message);
 
 const open = new Set<net.Socket>();
+/** Each listener's rotation, as the worker last sent it. */
+const rotations = new Map<number, Endpoint[]>();
 /** Connections this relay joined to a backend, for its last log line. */
 let carried = 0;
 const connectTimeoutMs = Number(process.env.HARBOR_RELAY_CONNECT_TIMEOUT_MS) || 5_000;
@@ -57,8 +59,6 @@ function relay(message: HandOff, client: net.Socket): void {
     },
     connected(c, upstream) {
       settled = true;
-      c.setNoDelay(true);
-      upstream.setNoDelay(true);
       stats.proxied++;
       carried++;
       spliceSockets(c, upstream, () => {
@@ -75,7 +75,10 @@ function relay(message: HandOff, client: net.Socket): void {
   // Until it closes: a relay that stops cuts what is still open.
   open.add(client);
   client.once("close", () => open.delete(client));
-  dial(client, message.b, message.s, 0, message.any, hooks);
+  const rotation = rotations.get(listener);
+  if (rotation) dial(client, rotation, message.s, 0, message.any, hooks);
+  // The worker sends a rotation before its first connection: none is a bug, not a reason to guess.
+  else client.destroy();
 }
 
 async function stop(deadlineMs: number): Promise<void> {
@@ -97,7 +100,9 @@ process.on("message", (message: ToRelay, handle?: net.Socket) => {
     if (!handle) return;
     if (stopping) handle.destroy();
     else relay(message, handle);
-  } else if (message.t === "stop") void stop(message.deadlineMs);
+  } else if (message.t === "rotation") rotations.set(message.l, message.b);
+  else if (message.t === "forget") rotations.delete(message.l);
+  else if (message.t === "stop") void stop(message.deadlineMs);
 });
 // The worker is gone: nobody is left to account for these connections.
 process.on("disconnect", () => {

@@ -1,5 +1,5 @@
 /**
- * Messages between the worker and its relay processes (HARBOR_WORKER_PROCESSES > 1).
+ * Messages between the worker and its relay processes (HARBOR_WORKER_RELAYS > 0).
  *
  * The worker keeps the listening sockets and chooses every connection's
  * backend itself, so round-robin stays exact however many relays there are;
@@ -8,13 +8,29 @@
  */
 import type { Endpoint } from "./dial.js";
 
+/**
+ * Worker → relay: a listener's rotation, sent before the first connection
+ * that uses it and again only when it changes (not with every connection).
+ */
+export interface Rotation {
+  t: "rotation";
+  /** The listener, as the pool numbered it. */
+  l: number;
+  b: Endpoint[];
+}
+
+/** Worker → relay: the listener is gone; its rotation may be dropped. */
+export interface Forget {
+  t: "forget";
+  l: number;
+}
+
 /** Worker → relay, with the accepted client socket as the message's handle. */
 export interface HandOff {
   t: "conn";
-  /** The listener, as the pool numbered it. */
+  /** The listener; its rotation is the last one sent for it. */
   l: number;
-  /** The rotation as the listener saw it, and where this connection starts in it. */
-  b: Endpoint[];
+  /** Where this connection starts in the rotation. */
   s: number;
   /** Every backend is out of rotation: try them all. */
   any: boolean;
@@ -28,7 +44,7 @@ export interface Stop {
   deadlineMs: number;
 }
 
-export type ToRelay = HandOff | Stop;
+export type ToRelay = Rotation | Forget | HandOff | Stop;
 
 /** Relay → worker: a backend refused or timed out (the worker ejects it for every relay). */
 export interface BackendFailed {

@@ -13,7 +13,7 @@ export interface RelayedListener {
   /** `count` of its connections ended in a relay (or a relay died with them). */
   relayEnded(count: number): void;
   /** A relay found this backend refusing or unreachable. */
-  relayBackendFailed(backend: Endpoint, err: Error): void;
+  backendFailed(backend: Endpoint, err: Error): void;
 }
 
 interface Relay {
@@ -21,6 +21,8 @@ interface Relay {
   child: ChildProcess;
   /** Open connections per listener id, to settle the accounts if the relay dies. */
   open: Map<number, number>;
+  /** The rotation last sent for each listener id (the listener's own array: a new set is a new array). */
+  rotations: Map<number, readonly Endpoint[]>;
   exited: Promise<void>;
 }
 
@@ -58,13 +60,20 @@ export class RelayPool {
 
   unregister(id: number): void {
     this.listeners.delete(id);
+    for (const relay of this.relays) {
+      if (relay.rotations.delete(id)) this.send(relay, { t: "forget", l: id });
+    }
   }
 
   /** Hands an accepted client to the next relay; false when none can take it now. */
   dispatch(listener: number, client: net.Socket, backends: readonly Endpoint[], start: number, anyBackend: boolean, ejected?: string[]): boolean {
     const relay = this.nextRelay();
     if (!relay) return false;
-    const message: HandOff = { t: "conn", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })), s: start, any: anyBackend };
+    if (relay.rotations.get(listener) !== backends) {
+      relay.child.send({ t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) } satisfies ToRelay);
+      relay.rotations.set(listener, backends);
+    }
+    const message: HandOff = { t: "conn", l: listener, s: start, any: anyBackend };
     if (ejected) message.e = ejected;
     relay.open.set(listener, (relay.open.get(listener) ?? 0) + 1);
     relay.child.send(message, client, (err) => {
@@ -111,7 +120,7 @@ export class RelayPool {
   private spawn(index: number): Promise<void> {
     const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs) };
     const child = fork(RELAY_MAIN, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
-    const relay: Relay = { index, child, open: new Map(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
+    const relay: Relay = { index, child, open: new Map(), rotations: new Map(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
     this.relays[index] = relay;
     child.on("message", (message: FromRelay) => this.receive(relay, message));
     child.on("error", (err) => this.logger.warn({ err, relay: index }, "relay-error"));
@@ -147,7 +156,7 @@ export class RelayPool {
       this.counters.tcpBytesToBackend += message.bytesToBackend;
       this.counters.tcpBytesToClient += message.bytesToClient;
     } else if (message.t === "failed") {
-      this.listeners.get(message.l)?.relayBackendFailed({ host: message.host, port: message.port }, new Error(message.err));
+      this.listeners.get(message.l)?.backendFailed({ host: message.host, port: message.port }, new Error(message.err));
     }
   }
 }

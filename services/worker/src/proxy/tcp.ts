@@ -157,6 +157,7 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
 
   readonly isEjected = (backend: Endpoint): boolean => this.ejections.size > 0 && this.ejections.isEjected(backendKey(backend));
 
+  /** Refused or timed out, here or in a relay. */
   backendFailed(backend: Endpoint, err: Error): void {
     const key = backendKey(backend);
     // Refused or timed out: out of rotation for a while, then tried again.
@@ -173,8 +174,6 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     this.pending.delete(client);
     const pair: Pair = { client, upstream };
     this.open.add(pair);
-    client.setNoDelay(true);
-    upstream.setNoDelay(true);
     this.options.counters.tcpProxied++;
     spliceSockets(client, upstream, () => {
       this.open.delete(pair);
@@ -190,10 +189,6 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   relayEnded(count: number): void {
     this.relayed -= count;
     if (this.relayed <= 0 && this.closed) this.leaveRelays();
-  }
-
-  relayBackendFailed(backend: Endpoint, err: Error): void {
-    this.backendFailed(backend, err);
   }
 
   private leaveRelays(): void {

@@ -4,6 +4,7 @@ import type { Logger } from "pino";
 import { Ejections, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
 import type { DataPlaneCounters } from "../metrics.js";
+import { backendKey } from "./dial.js";
 import type { PortListener } from "./listener.js";
 
 export interface UdpListenerOptions {
@@ -34,8 +35,6 @@ interface Session {
 
 /** Datagrams held per session while its upstream socket connects. */
 const MAX_PENDING = 64;
-
-const backendKey = (b: Backend) => `${b.host}:${b.port}`;
 
 /**
  * One UDP port of a service. FIFO: the first backend available is the
@@ -165,7 +164,7 @@ export class UdpListener implements PortListener {
           this.ejections.eject(session.backendKey);
           this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
         }
-        if (this.shouldMove(session, this.backendKeys())) this.closeSession(key);
+        if (this.shouldMove(session, this.backendKeys(), this.primary())) this.closeSession(key);
         return;
       }
       this.options.logger.debug({ err: err.message, backend: session.backendKey }, "udp-session-error");
@@ -203,17 +202,17 @@ export class UdpListener implements PortListener {
    * address, which servers that connect() to their peer (iperf3, some game
    * servers) need to go on with the flow.
    */
-  private shouldMove(session: Session, present: ReadonlySet<string>): boolean {
+  private shouldMove(session: Session, present: ReadonlySet<string>, primary: Backend | undefined): boolean {
     if (!present.has(session.backendKey)) return true;
     if (!this.ejections.isEjected(session.backendKey)) return false;
-    const next = this.primary();
-    return next !== undefined && backendKey(next) !== session.backendKey && !this.ejections.isEjected(backendKey(next));
+    return primary !== undefined && backendKey(primary) !== session.backendKey && !this.ejections.isEjected(backendKey(primary));
   }
 
   /** Sessions whose backend left the set or was taken out of rotation move; the rest stay where they are. */
   backendsChanged(): void {
     const present = this.backendKeys();
-    for (const [key, session] of this.sessions) if (this.shouldMove(session, present)) this.closeSession(key);
+    const primary = this.primary();
+    for (const [key, session] of this.sessions) if (this.shouldMove(session, present, primary)) this.closeSession(key);
   }
 
   async close(): Promise<void> {
