@@ -84,14 +84,17 @@ export function withTransaction<T>(pool: Pool, fn: (client: PoolClient) => Promi
   });
 }
 
-/** One query outside a transaction, with the same mapping of a lost database. */
+/**
+ * One query outside a transaction, with the same mapping of a lost database.
+ * `statement` may be a named one ({ name, text }): prepared once per connection.
+ */
 export async function query<R extends pg.QueryResultRow = pg.QueryResultRow>(
   pool: Pool,
-  text: string,
+  statement: string | { name: string; text: string },
   values: unknown[] = [],
 ): Promise<pg.QueryResult<R>> {
   try {
-    return await pool.query<R>(text, values);
+    return await pool.query<R>(typeof statement === "string" ? { text: statement, values } : { ...statement, values });
   } catch (err) {
     if (isConnectionError(err)) throw new UnavailableError("the database is not reachable; try again shortly", { cause: err });
     throw err;

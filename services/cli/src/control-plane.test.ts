@@ -3,7 +3,7 @@ import { createAllocator, loadAllocatorConfig, type Allocator } from "@harbor/al
 import { NatsBus, createSubjects, type Bus } from "@harbor/bus";
 import { ManualClock } from "@harbor/core";
 import { createPool, type Pool } from "@harbor/db";
-import { BackendRegistryClient, BackendSet, PortAllocatorClient, type WatchBackendsResponse } from "@harbor/proto";
+import { BackendRegistryClient, BackendSet, PortAllocatorClient, Protocol, type WatchBackendsResponse } from "@harbor/proto";
 import { createRegistry, loadRegistryConfig, type RegistryService } from "@harbor/registry";
 import { createGrpcServer, createLogger, grpc, invoke, type GrpcServer } from "@harbor/runtime";
 import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
@@ -70,12 +70,15 @@ describe("registry - instances and backend sets", () => {
   it("publishes the ordered set when instances come; a heartbeat that changes nothing publishes nothing", async () => {
     const { service } = await invoke(ports, "createPortService", { name: "game", app: "arcade", nodeId: "", port: 0 });
     const id = service!.name;
-    expect((await register("arcade", "a-0", 5000)).created).toBe(true);
-    await register("arcade", "a-1", 5001);
+    const a0 = await register("arcade", "a-0", 5000);
+    expect(a0.created).toBe(true);
+    const a1 = await register("arcade", "a-1", 5001);
     await waitFor(() => setOf(id)?.backends.length === 2, "a set with two backends");
     const first = setOf(id)!;
     expect(first.backends.map((b) => [b.instanceId, b.port])).toEqual([["a-0", 5000], ["a-1", 5001]]);
-    expect(first.port).toBe(service!.port);
+    expect(first).toMatchObject({ serviceId: id, nodeId: "n1", serviceName: "game", port: service!.port, protocol: Protocol.PROTOCOL_TCP });
+    // The set is built in SQL, the instance in TypeScript: the same instant either way.
+    expect(first.backends.map((b) => b.availableSince)).toEqual([a0.instance!.availableSince, a1.instance!.availableSince]);
     const count = published.length;
     const beat = await register("arcade", "a-0", 5000);
     expect(beat.created).toBe(false);

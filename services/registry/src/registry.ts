@@ -30,38 +30,40 @@ export class Registry {
 
   async register(reg: Registration): Promise<{ instance: Instance; created: boolean }> {
     const at = this.clock.now();
-    const { instance, created, changed } = await this.store.register(reg, at);
+    const { instance, created, changed, boundServices } = await this.store.register(reg, at);
     this.metrics.registrations.inc({ kind: created ? "new" : changed ? "changed" : "heartbeat" });
     if (created) {
       this.logger.info({ app: reg.app, instanceId: reg.instanceId, host: reg.host, ports: reg.ports }, "instance-up");
       publishMessage(this.bus, this.subjects.instanceUp(reg.app), InstanceEvent, { instance, reason: "registered" });
     }
     // A heartbeat that changes nothing publishes nothing.
-    if (changed) await this.recomputeApp(reg.app, at);
+    if (changed) await this.recomputeAll(boundServices, at);
     return { instance, created };
   }
 
   async deregister(app: string, instanceId: string): Promise<Instance | undefined> {
     const at = this.clock.now();
-    const instance = await this.store.deregister(app, instanceId);
-    if (instance) await this.instanceDown(instance, "deregistered", at);
-    return instance;
+    const gone = await this.store.deregister(app, instanceId);
+    if (!gone) return undefined;
+    await this.instanceDown(gone.instance, "deregistered", at, gone.boundServices);
+    return gone.instance;
   }
 
   async expire(): Promise<void> {
     const at = this.clock.now();
-    for (const instance of await this.store.expire(at)) await this.instanceDown(instance, "expired", at);
+    for (const instance of await this.store.expire(at)) await this.instanceDown(instance, "expired", at, await this.store.servicesOfApp(instance.app));
   }
 
-  private async instanceDown(instance: Instance, reason: "deregistered" | "expired", at: number): Promise<void> {
+  private async instanceDown(instance: Instance, reason: "deregistered" | "expired", at: number, boundServices: string[]): Promise<void> {
     this.logger.info({ app: instance.app, instanceId: instance.instanceId, reason }, "instance-down");
     this.metrics.departures.inc({ reason });
     publishMessage(this.bus, this.subjects.instanceDown(instance.app), InstanceEvent, { instance, reason });
-    await this.recomputeApp(instance.app, at);
+    await this.recomputeAll(boundServices, at);
   }
 
-  async recomputeApp(app: string, at: number): Promise<void> {
-    await Promise.all((await this.store.servicesOfApp(app)).map((id) => this.recompute(id, at)));
+  /** An app's services side by side (each still in its own chain). */
+  private async recomputeAll(serviceIds: string[], at: number): Promise<void> {
+    await Promise.all(serviceIds.map((id) => this.recompute(id, at)));
   }
 
   /**

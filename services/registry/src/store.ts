@@ -35,43 +35,36 @@ export interface Registration {
 /** The set as stored and compared: everything but the revision. */
 type SetContent = Omit<BackendSet, "revision">;
 
+/** Apps whose space is remembered; past this the memory starts over (it only saves a round trip). */
+const MAX_CACHED_APPS = 100_000;
+
+/** The ids of the services app `$1` backs, as a column: the sets a change of its instances recomputes. */
+const BOUND_SERVICES = "ARRAY(SELECT service_id::text FROM port_bindings WHERE app = $1) AS bound_services";
+type BoundServices = { bound_services: string[] };
+
 /**
- * A service's set row, locked for the rest of the transaction (created the
- * first time), and the service: one round trip. Recomputes of one service,
- * on any replica, run one after another; the next statement's snapshot is
- * taken after the lock, so it sees what the previous recompute committed.
- * Nothing when the service is gone.
+ * A registration or heartbeat: the row as it was, locked (the count makes
+ * the insert wait for the lock: a statement's CTEs otherwise run in no set
+ * order), then upserted. An instance already registered keeps its availability order.
  */
-const LOCK_SET_READ_SERVICE = {
-  name: "registry-lock-set",
+const REGISTER = {
+  name: "registry-register",
   text: `
-  WITH service AS (SELECT id, node_id, service_name, port, protocol FROM port_services WHERE id = $1),
-  locked AS (
-    INSERT INTO registry_backend_sets (service_id, node_id, revision, content)
-    SELECT id, node_id, 0, 'null' FROM service
-    ON CONFLICT (service_id) DO UPDATE SET node_id = registry_backend_sets.node_id
-    RETURNING service_id)
-  SELECT service.* FROM service JOIN locked ON locked.service_id = service.id`,
+  WITH before AS (
+    SELECT host, ports, expires_at FROM registry_instances WHERE app = $1 AND instance_id = $2 FOR UPDATE),
+  upserted AS (
+    INSERT INTO registry_instances (app, instance_id, host, ports, ttl_seconds, available_since, expires_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7 FROM (SELECT count(*) FROM before) AS locked_first
+    ON CONFLICT (app, instance_id) DO UPDATE SET host = $3, ports = $4, ttl_seconds = $5, expires_at = $7
+    RETURNING *)
+  SELECT u.*, b.host AS before_host, b.ports AS before_ports, b.expires_at AS before_expires_at, ${BOUND_SERVICES}
+    FROM upserted u LEFT JOIN before b ON true`,
 };
 
-/** The live instances of the apps bound to a service, in availability (FIFO) order, each with its port for the binding's int_port. */
-const READ_BACKENDS = {
-  name: "registry-read-backends",
-  text: `
-  SELECT i.instance_id, i.app, i.host, i.available_since,
-         COALESCE((SELECT (m->>'port')::int FROM jsonb_array_elements(i.ports) m
-                    WHERE (m->>'int_port')::int = b.int_port LIMIT 1), b.int_port) AS port
-    FROM port_bindings b
-    JOIN registry_instances i ON i.app = b.app
-   WHERE b.service_id = $1 AND i.expires_at > $2
-   ORDER BY i.available_order`,
-};
-
-/** A new revision only when the content changed. */
-const WRITE_SET = {
-  name: "registry-write-set",
-  text: `UPDATE registry_backend_sets SET revision = revision + 1, content = $2, node_id = $3
-          WHERE service_id = $1 AND content IS DISTINCT FROM $2::jsonb RETURNING revision`,
+/** registry_recompute (migration 2): the set's lock, read and write in one round trip. */
+const RECOMPUTE = {
+  name: "registry-recompute",
+  text: "SELECT revision, content FROM registry_recompute($1, $2)",
 };
 
 /**
@@ -80,32 +73,30 @@ const WRITE_SET = {
  * only when its content changes.
  */
 export class RegistryStore {
+  /** An app's space, once claimed, never changes (app_spaces rows are never updated or deleted): safe to remember. */
+  private readonly spaceOfApp = new Map<string, string>();
+
   constructor(private readonly pool: Pool) {}
 
-  /** Registers or heartbeats. `changed` says whether what backends are made of moved. */
-  async register(reg: Registration, nowMs: number): Promise<{ instance: Instance; created: boolean; changed: boolean }> {
-    return withTransaction(this.pool, async (tx) => {
-      const ports = JSON.stringify(reg.ports.map((p) => ({ int_port: p.intPort, port: p.port })));
-      const { rows: before } = await tx.query<InstanceRow>(
-        "SELECT * FROM registry_instances WHERE app = $1 AND instance_id = $2 FOR UPDATE",
-        [reg.app, reg.instanceId],
-      );
-      const now = new Date(nowMs);
-      const expires = new Date(nowMs + reg.ttlSeconds * 1000);
-      const { rows } = await tx.query<InstanceRow>(
-        `INSERT INTO registry_instances (app, instance_id, host, ports, ttl_seconds, available_since, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (app, instance_id) DO UPDATE SET host = $3, ports = $4, ttl_seconds = $5, expires_at = $7
-         RETURNING *`,
-        [reg.app, reg.instanceId, reg.host, ports, reg.ttlSeconds, now, expires],
-      );
-      const row = rows[0] as InstanceRow;
-      const previous = before[0];
-      // Expired but not swept yet: it was left out of its sets, so coming back is a change.
-      const revived = previous !== undefined && previous.expires_at.getTime() <= nowMs;
-      const changed = !previous || revived || previous.host !== row.host || JSON.stringify(previous.ports) !== JSON.stringify(row.ports);
-      return { instance: instanceFromRow(row), created: !previous, changed };
-    });
+  /**
+   * Registers or heartbeats, in one statement: the row as it was (locked
+   * first, so a concurrent change of this instance is seen, not raced) and
+   * as it is now. `changed` says whether what backends are made of moved;
+   * `boundServices` are the services the app backs, the sets to recompute.
+   */
+  async register(reg: Registration, nowMs: number): Promise<{ instance: Instance; created: boolean; changed: boolean; boundServices: string[] }> {
+    const ports = JSON.stringify(reg.ports.map((p) => ({ int_port: p.intPort, port: p.port })));
+    const { rows } = await query<InstanceRow & BoundServices & { before_host: string | null; before_ports: InstanceRow["ports"] | null; before_expires_at: Date | null }>(
+      this.pool,
+      REGISTER,
+      [reg.app, reg.instanceId, reg.host, ports, reg.ttlSeconds, new Date(nowMs), new Date(nowMs + reg.ttlSeconds * 1000)],
+    );
+    const row = rows[0] as (typeof rows)[number];
+    const existed = row.before_expires_at !== null;
+    // Expired but not swept yet: it was left out of its sets, so coming back is a change.
+    const revived = existed && (row.before_expires_at as Date).getTime() <= nowMs;
+    const changed = !existed || revived || row.before_host !== row.host || JSON.stringify(row.before_ports) !== JSON.stringify(row.ports);
+    return { instance: instanceFromRow(row), created: !existed, changed, boundServices: row.bound_services };
   }
 
   /**
@@ -113,13 +104,18 @@ export class RegistryStore {
    * (the allocator claims too; the primary key decides).
    */
   async claimApp(app: string, space: string): Promise<string> {
+    const known = this.spaceOfApp.get(app);
+    if (known !== undefined) return known;
     const { rows } = await query<{ space: string }>(
       this.pool,
       `WITH claimed AS (INSERT INTO app_spaces (app, space) VALUES ($1, $2) ON CONFLICT (app) DO NOTHING RETURNING space)
        SELECT space FROM claimed UNION ALL SELECT space FROM app_spaces WHERE app = $1 LIMIT 1`,
       [app, space],
     );
-    return rows[0]?.space ?? space;
+    const owner = rows[0]?.space ?? space;
+    if (this.spaceOfApp.size >= MAX_CACHED_APPS) this.spaceOfApp.clear();
+    this.spaceOfApp.set(app, owner);
+    return owner;
   }
 
   async appsOfSpace(space: string): Promise<Set<string>> {
@@ -127,9 +123,15 @@ export class RegistryStore {
     return new Set(rows.map((r) => r.app));
   }
 
-  async deregister(app: string, instanceId: string): Promise<Instance | undefined> {
-    const { rows } = await query<InstanceRow>(this.pool, "DELETE FROM registry_instances WHERE app = $1 AND instance_id = $2 RETURNING *", [app, instanceId]);
-    return rows[0] ? instanceFromRow(rows[0]) : undefined;
+  /** The instance removed, if it was registered, with the services its app backs. */
+  async deregister(app: string, instanceId: string): Promise<{ instance: Instance; boundServices: string[] } | undefined> {
+    const { rows } = await query<InstanceRow & BoundServices>(
+      this.pool,
+      `DELETE FROM registry_instances WHERE app = $1 AND instance_id = $2
+       RETURNING *, ${BOUND_SERVICES}`,
+      [app, instanceId],
+    );
+    return rows[0] && { instance: instanceFromRow(rows[0]), boundServices: rows[0].bound_services };
   }
 
   /** Removes instances whose TTL ran out; each row goes to exactly one replica. */
@@ -167,41 +169,8 @@ export class RegistryStore {
    * changed, nothing when it did not (or the service is gone).
    */
   async recompute(serviceId: string, nowMs: number): Promise<BackendSet | undefined> {
-    // Three round trips and a commit, each statement prepared (with its columns named, so a
-    // migration cannot change a cached plan's result): this runs inside every
-    // RegisterInstance that changes something, so it is most of propagation's latency.
-    return withTransaction(this.pool, async (tx) => {
-      const { rows: services } = await tx.query<{ id: string; node_id: string; service_name: string; port: number; protocol: ProtocolName }>({
-        ...LOCK_SET_READ_SERVICE,
-        values: [serviceId],
-      });
-      const service = services[0];
-      if (!service) {
-        await tx.query("DELETE FROM registry_backend_sets WHERE service_id = $1", [serviceId]);
-        return undefined;
-      }
-      const { rows: backends } = await tx.query<{ instance_id: string; app: string; host: string; port: number; available_since: Date }>({
-        ...READ_BACKENDS,
-        values: [serviceId, new Date(nowMs)],
-      });
-      const content: SetContent = {
-        serviceId,
-        nodeId: service.node_id,
-        serviceName: service.service_name,
-        port: service.port,
-        protocol: protocolToProto(service.protocol),
-        backends: backends.map((b) => ({
-          instanceId: b.instance_id,
-          app: b.app,
-          host: b.host,
-          port: b.port,
-          availableSince: timestampFromMs(b.available_since.getTime()),
-        })),
-      };
-      const { rows: updated } = await tx.query<{ revision: string }>({ ...WRITE_SET, values: [serviceId, JSON.stringify(content), service.node_id] });
-      const revision = updated[0]?.revision;
-      return revision === undefined ? undefined : { ...content, revision };
-    });
+    const { rows } = await query<{ revision: string; content: SetContent }>(this.pool, RECOMPUTE, [serviceId, new Date(nowMs)]);
+    return rows[0] && { ...rows[0].content, revision: String(rows[0].revision) };
   }
 
   async dropSet(serviceId: string): Promise<void> {
