@@ -28,6 +28,7 @@ const profileDir = process.argv.includes("--cpu-prof") ? process.argv[process.ar
 if (process.argv.includes("--cpu-prof") && !profileDir) throw new Error("--cpu-prof takes a directory");
 const SCALES = full ? [0, 10_000, 25_000, 50_000] : [0, 5_000];
 const BATCH = full ? 2_000 : 1_000;
+const WARM_CREATES = 4_000;
 const CONCURRENCY = 32;
 const SERVICE_COUNTS = full ? [10, 1_000, 10_000] : [10, 1_000];
 const LATENCY_SAMPLES = full ? 100 : 30;
@@ -106,29 +107,44 @@ async function startHarbor(databaseUrl, env = {}) {
 
 const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 
-/** Creates `count` services CONCURRENCY at a time; returns creates per second. */
-async function createMany(allocator, prefix, count) {
+/** Runs `each(i)` for i < count, CONCURRENCY at a time; returns calls per second. */
+async function concurrently(count, each) {
   let next = 0;
   const started = performance.now();
   await Promise.all(
     Array.from({ length: CONCURRENCY }, async () => {
-      for (let i = next++; i < count; i = next++) await call(allocator, "createPortService", { name: `${prefix}-${i}`, nodeId: "", port: 0, app: "" });
+      for (let i = next++; i < count; i = next++) await each(i);
     }),
   );
   return count / ((performance.now() - started) / 1000);
 }
+
+/** Creates `count` services CONCURRENCY at a time; returns creates per second. */
+const createMany = (allocator, prefix, count) =>
+  concurrently(count, (i) => call(allocator, "createPortService", { name: `${prefix}-${i}`, nodeId: "", port: 0, app: "" }));
 
 async function allocationThroughput() {
   return withDatabase(async (url) => {
     const harbor = await startHarbor(url, { HARBOR_PORT_RANGE: `20000-${20000 + NODE_RANGE - 1}` });
     const rows = [];
     try {
-      // Synthetic nodes (no worker needed to allocate) so 50,000 ports fit.
-      const nodes = Math.ceil((SCALES.at(-1) + BATCH * SCALES.length) / NODE_RANGE) + 1;
+      // Synthetic nodes (no worker needed to allocate) so 50,000 ports fit,
+      // beside the warm-up's, which cool down after their release.
+      const nodes = Math.ceil((SCALES.at(-1) + BATCH * SCALES.length + BATCH + WARM_CREATES) / NODE_RANGE) + 1;
       for (let i = 2; i <= nodes; i++) {
         const min = 20000 + (i % 4) * NODE_RANGE;
         await call(harbor.allocator, "upsertNode", { node: { nodeId: `bench-${i}`, hostname: "", host: `10.1.${Math.floor(i / 250)}.${i % 250}`, extHostname: "", extHost: "", portMin: min, portMax: min + NODE_RANGE - 1, allocated: 0, blocked: [] } });
       }
+      // A fresh process's first creates run at about half speed while V8
+      // compiles the gRPC, protobuf and pg paths (a process restarted at
+      // 5,000 allocations ramps up again, so it is the process, not the
+      // table). Measured apart; then warmed up to WARM_CREATES and emptied,
+      // so the steps measure the number of existing allocations alone.
+      const cold = await createMany(harbor.allocator, "cold", BATCH);
+      process.stderr.write(`allocations: a fresh process's first ${BATCH} → ${cold.toFixed(0)} creates/s\n`);
+      await createMany(harbor.allocator, "warm", WARM_CREATES);
+      await concurrently(BATCH, (i) => call(harbor.allocator, "deletePortService", { name: `cold-${i}` }));
+      await concurrently(WARM_CREATES, (i) => call(harbor.allocator, "deletePortService", { name: `warm-${i}` }));
       let existing = 0;
       for (const scale of SCALES) {
         if (scale > existing) {
@@ -144,7 +160,7 @@ async function allocationThroughput() {
       await client.connect();
       const { rows: check } = await client.query("SELECT count(*)::int AS n, count(DISTINCT (node_id, port))::int AS d FROM port_services");
       await client.end();
-      return { rows, total: check[0].n, distinct: check[0].d };
+      return { cold, rows, total: check[0].n, distinct: check[0].d };
     } finally {
       await harbor.stop();
     }
@@ -242,7 +258,10 @@ const allocationLines = allocation && [
   "",
   "| existing allocations | creates/s |",
   "|---:|---:|",
+  `| 0, a fresh process's first ${BATCH} | ${allocation.cold.toFixed(0)} |`,
   ...allocation.rows.map((r) => `| ${r.existing.toLocaleString("en")} | ${r.rate.toFixed(0)} |`),
+  "",
+  `The steps run after ${WARM_CREATES.toLocaleString("en")} warm-up creates, deleted again (the first row is before them).`,
   "",
   `Duplicates: ${allocation.total - allocation.distinct} among ${allocation.total.toLocaleString("en")} allocations (count of (node, port) pairs vs. distinct).`,
   "",
