@@ -11,6 +11,7 @@
 // bench/results/control-plane.md (a run with --only prints its part only).
 import { spawn, execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
+import http from "node:http";
 import net from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -70,9 +71,9 @@ async function withDatabase(fn) {
  */
 async function startHarbor(databaseUrl, env = {}) {
   const api = `127.0.0.1:${await freePort()}`;
-  const serve = (target) => {
+  const serve = (target, own = {}) => {
     const child = spawn(process.execPath, [...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []), join(ROOT, "services/cli/bin/harbor.js"), "serve", target], {
-      env: { ...process.env, DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: prefix, LOG_LEVEL: "warn", ...env },
+      env: { ...process.env, DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: prefix, LOG_LEVEL: "warn", ...env, ...own },
       stdio: ["ignore", "pipe", "pipe"],
     });
     const proc = { child, out: "", exited: new Promise((resolve) => child.once("exit", resolve)) };
@@ -89,7 +90,8 @@ async function startHarbor(databaseUrl, env = {}) {
     if (controlPlane.child.exitCode !== null || performance.now() - started > 60_000) throw new Error(`harbor serve control-plane did not come up: ${controlPlane.out}`);
     await new Promise((r) => setTimeout(r, 50));
   }
-  const worker = serve("worker");
+  const metrics = `127.0.0.1:${await freePort()}`;
+  const worker = serve("worker", { HARBOR_METRICS_ADDRESS: metrics });
   const stop = async (proc) => {
     if (proc.child.exitCode === null) proc.child.kill("SIGTERM");
     await proc.exited;
@@ -98,11 +100,41 @@ async function startHarbor(databaseUrl, env = {}) {
     api,
     allocator,
     registry: new BackendRegistryClient(api, credentials),
+    /** The worker's `harbor_worker_propagation_seconds` buckets now: upper bound (s) → cumulative count. */
+    propagationBuckets: () => propagationBuckets(metrics),
     stop: async () => {
       await stop(worker);
       await stop(controlPlane);
     },
   };
+}
+
+function propagationBuckets(address) {
+  return new Promise((resolve, reject) => {
+    const req = http.get(`http://${address}/metrics`, { agent: false, timeout: 5_000 }, (res) => {
+      let body = "";
+      res.on("data", (c) => (body += c));
+      res.on("end", () => {
+        const buckets = new Map();
+        for (const m of body.matchAll(/^harbor_worker_propagation_seconds_bucket\{le="([^"]+)"\} (\S+)$/gm)) buckets.set(m[1] === "+Inf" ? Infinity : Number(m[1]), Number(m[2]));
+        resolve(buckets);
+      });
+    });
+    req.on("timeout", () => req.destroy(new Error("metrics timed out")));
+    req.on("error", reject);
+  });
+}
+
+/**
+ * The bucket bound under which `p` % of the observations made between two
+ * scrapes fall ("≤ 2 ms"), from the worker's histogram: registry → worker.
+ */
+function bucketPercentile(before, after, p) {
+  const bounds = [...after.keys()].sort((a, b) => a - b);
+  const count = (after.get(Infinity) ?? 0) - (before.get(Infinity) ?? 0);
+  if (count === 0) return "—";
+  const bound = bounds.find((le) => (after.get(le) ?? 0) - (before.get(le) ?? 0) >= (p / 100) * count);
+  return bound === Infinity ? "> 5 s" : `≤ ${+(bound * 1000).toFixed(1)}`;
 }
 
 const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
@@ -225,7 +257,9 @@ async function propagation() {
         const down = [];
         // The first WARM_UP rounds of each fresh Harbor are run and not counted: they time
         // V8 compiling the path and Postgres preparing its statements, once per process.
+        let bucketsBefore;
         for (let i = -WARM_UP; i < LATENCY_SAMPLES; i++) {
+          if (i === 0) bucketsBefore = await harbor.propagationBuckets();
           const counted = i >= 0 ? { up, down } : { up: [], down: [] };
           counted.up.push(await timeUntil(() => call(harbor.registry, "registerInstance", { app: "timed", instanceId: "moving", host: "127.0.0.1", ports: [{ intPort: 4100, port: moving.port }], ttlSeconds: 600 }), service.port, (g) => g === "moving"));
           // Out of rotation: two connections in a row both reach "steady" (with both in
@@ -233,6 +267,8 @@ async function propagation() {
           let steadyInARow = 0;
           counted.down.push(await timeUntil(() => call(harbor.registry, "deregisterInstance", { app: "timed", instanceId: "moving" }), service.port, (g) => (steadyInARow = g === "steady" ? steadyInARow + 1 : 0) >= 2));
         }
+        const bucketsAfter = await harbor.propagationBuckets();
+        const inWorker = { p50: bucketPercentile(bucketsBefore, bucketsAfter, 50), p99: bucketPercentile(bucketsBefore, bucketsAfter, 99) };
         steady.server.close();
         moving.server.close();
         const stats = (samples) => {
@@ -241,7 +277,7 @@ async function propagation() {
           const rpc = sorted(samples.map((x) => x.rpc));
           return { p50: percentile(total, 50), p99: percentile(total, 99), rpcP50: percentile(rpc, 50), rpcP99: percentile(rpc, 99), lost: samples.length - total.length };
         };
-        rows.push({ services, reconciling, up: stats(up), down: stats(down) });
+        rows.push({ services, reconciling, up: stats(up), down: stats(down), inWorker });
         process.stderr.write(`propagation: ${services} services${reconciling ? " (registry reconciling)" : ""} → up p99 ${stats(up).p99.toFixed(1)} ms, down p99 ${stats(down).p99.toFixed(1)} ms\n`);
       } finally {
         await harbor.stop();
@@ -269,15 +305,15 @@ const allocationLines = allocation && [
 const latencyLines = latency && [
   "## Propagation latency (RegisterInstance / DeregisterInstance call → a new TCP connection through the port reaches / no longer reaches the instance)",
   "",
-  "| services | in rotation p50 ms | p99 ms | … of which the RPC, p50 / p99 | out of rotation p50 ms | p99 ms | … of which the RPC, p50 / p99 |",
-  "|---:|---:|---:|---:|---:|---:|---:|",
+  "| services | in rotation p50 ms | p99 ms | … of which the RPC, p50 / p99 | out of rotation p50 ms | p99 ms | … of which the RPC, p50 / p99 | registry → worker (worker's histogram), p50 / p99 ms |",
+  "|---:|---:|---:|---:|---:|---:|---:|---:|",
   ...latency.map((r) => {
     const ms = (x) => x.toFixed(1);
     const side = (d) => `${ms(d.p50)} | ${ms(d.p99)} | ${ms(d.rpcP50)} / ${ms(d.rpcP99)}`;
-    return `| ${r.services.toLocaleString("en")}${r.reconciling ? ", registry reconciling every set each second" : ""} | ${side(r.up)} | ${side(r.down)} |`;
+    return `| ${r.services.toLocaleString("en")}${r.reconciling ? ", registry reconciling every set each second" : ""} | ${side(r.up)} | ${side(r.down)} | ${r.inWorker.p50} / ${r.inWorker.p99} |`;
   }),
   "",
-  `${LATENCY_SAMPLES} samples each, after ${WARM_UP} rounds of warm-up per fresh Harbor. ` + "Latency includes the gRPC call itself and the probing connections (out of rotation takes two in a row reaching the other instance, as round-robin would send one of any two to it); the worker also exports `harbor_worker_propagation_seconds` (registry → worker only).",
+  `${LATENCY_SAMPLES} samples each, after ${WARM_UP} rounds of warm-up per fresh Harbor. ` + "Latency includes the gRPC call itself and the probing connections (out of rotation takes two in a row reaching the other instance, as round-robin would send one of any two to it); the last column is the worker's own `harbor_worker_propagation_seconds` over the counted samples, both directions (a registration or departure reaching the registry → the worker applying the set; bucket bounds 1, 2, 3, 5, 7.5, 10, 15, 20 ms …).",
   "",
 ];
 const lines = [
