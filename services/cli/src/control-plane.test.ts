@@ -90,6 +90,22 @@ describe("registry - instances and backend sets", () => {
     expect(listed.sets[0]!.revision).toBe(first.revision);
   });
 
+  it("concurrent registrations of one instance leave its set as the instance ends up", async () => {
+    const { service } = await invoke(ports, "createPortService", { name: "racing", app: "racer", nodeId: "", port: 0 });
+    const id = service!.name;
+    await register("racer", "r-0", 7000);
+    const setPort = async () => (await invoke(backends, "listBackends", { nodeId: "n1", serviceId: id, unlessDigest: "" })).sets[0]?.backends[0]?.port;
+    const instancePort = async () => (await invoke(backends, "listInstances", { app: "racer" })).instances[0]!.ports[0]!.port;
+    for (let round = 0; round < 8; round++) {
+      // They race; whichever order they commit in, the set ends as the instance does
+      // (a change taken for a heartbeat would leave the set behind).
+      const answers = await Promise.all([7001, 7002, 7001, 7003, 7002].map((port) => register("racer", "r-0", port)));
+      expect(answers.every((a) => !a.created)).toBe(true);
+      const final = await instancePort();
+      await waitFor(async () => (await setPort()) === final, `the set to follow the instance to port ${final}`);
+    }
+  });
+
   it("a node's sets carry a digest; asked with it, unchanged sets answer unchanged and send nothing", async () => {
     const list = (unlessDigest = "") => invoke(backends, "listBackends", { nodeId: "n1", serviceId: "", unlessDigest });
     const { service } = await invoke(ports, "createPortService", { name: "digest-sets", app: "digest-app", nodeId: "", port: 0 });
