@@ -51,7 +51,7 @@ export class Registry {
 
   async expire(): Promise<void> {
     const at = this.clock.now();
-    for (const instance of await this.store.expire(at)) await this.instanceDown(instance, "expired", at, await this.store.servicesOfApp(instance.app));
+    for (const gone of await this.store.expire(at)) await this.instanceDown(gone.instance, "expired", at, gone.boundServices);
   }
 
   private async instanceDown(instance: Instance, reason: "deregistered" | "expired", at: number, boundServices: string[]): Promise<void> {

@@ -38,8 +38,8 @@ type SetContent = Omit<BackendSet, "revision">;
 /** Apps whose space is remembered; past this the memory starts over (it only saves a round trip). */
 const MAX_CACHED_APPS = 100_000;
 
-/** The ids of the services app `$1` backs, as a column: the sets a change of its instances recomputes. */
-const BOUND_SERVICES = "ARRAY(SELECT service_id::text FROM port_bindings WHERE app = $1) AS bound_services";
+/** The ids of the services `app` backs, as a column: the sets a change of its instances recomputes. */
+const boundServices = (app: string) => `ARRAY(SELECT service_id::text FROM port_bindings WHERE app = ${app}) AS bound_services`;
 type BoundServices = { bound_services: string[] };
 
 /**
@@ -57,7 +57,7 @@ const REGISTER = {
     SELECT $1, $2, $3, $4, $5, $6, $7 FROM (SELECT count(*) FROM before) AS locked_first
     ON CONFLICT (app, instance_id) DO UPDATE SET host = $3, ports = $4, ttl_seconds = $5, expires_at = $7
     RETURNING *)
-  SELECT u.*, b.host AS before_host, b.ports AS before_ports, b.expires_at AS before_expires_at, ${BOUND_SERVICES}
+  SELECT u.*, b.host AS before_host, b.ports AS before_ports, b.expires_at AS before_expires_at, ${boundServices("$1")}
     FROM upserted u LEFT JOIN before b ON true`,
 };
 
@@ -128,16 +128,20 @@ export class RegistryStore {
     const { rows } = await query<InstanceRow & BoundServices>(
       this.pool,
       `DELETE FROM registry_instances WHERE app = $1 AND instance_id = $2
-       RETURNING *, ${BOUND_SERVICES}`,
+       RETURNING *, ${boundServices("$1")}`,
       [app, instanceId],
     );
     return rows[0] && { instance: instanceFromRow(rows[0]), boundServices: rows[0].bound_services };
   }
 
-  /** Removes instances whose TTL ran out; each row goes to exactly one replica. */
-  async expire(nowMs: number): Promise<Instance[]> {
-    const { rows } = await query<InstanceRow>(this.pool, "DELETE FROM registry_instances WHERE expires_at <= $1 RETURNING *", [new Date(nowMs)]);
-    return rows.map(instanceFromRow);
+  /** Removes instances whose TTL ran out, each with the services its app backs; each row goes to exactly one replica. */
+  async expire(nowMs: number): Promise<Array<{ instance: Instance; boundServices: string[] }>> {
+    const { rows } = await query<InstanceRow & BoundServices>(
+      this.pool,
+      `DELETE FROM registry_instances i WHERE expires_at <= $1 RETURNING *, ${boundServices("i.app")}`,
+      [new Date(nowMs)],
+    );
+    return rows.map((row) => ({ instance: instanceFromRow(row), boundServices: row.bound_services }));
   }
 
   async listInstances(app?: string): Promise<Instance[]> {
@@ -147,11 +151,6 @@ export class RegistryStore {
       [app ?? null],
     );
     return rows.map(instanceFromRow);
-  }
-
-  async servicesOfApp(app: string): Promise<string[]> {
-    const { rows } = await query<{ service_id: string }>(this.pool, "SELECT service_id FROM port_bindings WHERE app = $1", [app]);
-    return rows.map((r) => r.service_id);
   }
 
   /** Every service that has, or had, a backend set: what a full reconcile recomputes. */
