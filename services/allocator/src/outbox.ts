@@ -17,9 +17,9 @@ const BATCH = 200;
 const FLUSH_TIMEOUT_MS = 2_000;
 
 /**
- * Relays outbox rows to NATS at least once: rows are deleted only after the
- * bus has flushed them, in the transaction that locked them (SKIP LOCKED lets
- * replicas share the work). This allocator's commits wake it (`kick`); a
+ * Relays outbox rows to NATS at least once: the transaction that takes rows
+ * (SKIP LOCKED lets replicas share the work) commits their deletion only
+ * after the bus has flushed them. This allocator's commits wake it (`kick`); a
  * timer picks up rows any other replica wrote. Each event carries its row id
  * as `sequence`.
  */
@@ -71,20 +71,26 @@ export class OutboxRelay implements Component {
     }
   }
 
-  /** Publishes one batch and deletes it once flushed; returns how many rows it relayed. */
+  /**
+   * Publishes one batch; returns how many rows it relayed. The rows are
+   * deleted as they are taken, but the deletion commits only after NATS
+   * confirmed them: a failed flush rolls it back and they are relayed again.
+   */
   private relayBatch(): Promise<number> {
     return withTransaction(this.pool, async (tx) => {
       const { rows } = await tx.query<OutboxRow>(
-        "SELECT id, event, node_id, payload, service FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        `DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, event, node_id, payload, service`,
         [BATCH],
       );
       if (rows.length === 0) return 0;
+      // RETURNING keeps no order; events go out in the order they were written.
+      rows.sort((a, b) => (BigInt(a.id) < BigInt(b.id) ? -1 : 1));
       for (const row of rows) {
         const payload = row.payload ?? this.renderSnapshot(row.service as ServiceRow);
         this.bus.publish(this.subjectOf(row), JSON.stringify({ ...payload, sequence: row.id }));
       }
       await withTimeout(this.bus.flush(), FLUSH_TIMEOUT_MS, "NATS did not confirm the outbox batch");
-      await tx.query("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [rows.map((r) => r.id)]);
       this.logger.debug({ count: rows.length, last: rows[rows.length - 1]?.id }, "outbox-relayed");
       return rows.length;
     });
