@@ -11,13 +11,13 @@
 // bench/results/control-plane.md (a run with --only prints its part only).
 import { spawn, execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
-import http from "node:http";
 import net from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
 import * as grpc from "@grpc/grpc-js";
 import pg from "pg";
+import { fetchMetrics } from "./lib.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const { PortAllocatorClient, BackendRegistryClient } = await import(join(ROOT, "libs/proto/dist/index.js"));
@@ -109,20 +109,12 @@ async function startHarbor(databaseUrl, env = {}) {
   };
 }
 
-function propagationBuckets(address) {
-  return new Promise((resolve, reject) => {
-    const req = http.get(`http://${address}/metrics`, { agent: false, timeout: 5_000 }, (res) => {
-      let body = "";
-      res.on("data", (c) => (body += c));
-      res.on("end", () => {
-        const buckets = new Map();
-        for (const m of body.matchAll(/^harbor_worker_propagation_seconds_bucket\{le="([^"]+)"\} (\S+)$/gm)) buckets.set(m[1] === "+Inf" ? Infinity : Number(m[1]), Number(m[2]));
-        resolve(buckets);
-      });
-    });
-    req.on("timeout", () => req.destroy(new Error("metrics timed out")));
-    req.on("error", reject);
-  });
+async function propagationBuckets(address) {
+  const buckets = new Map();
+  for (const m of (await fetchMetrics(address)).matchAll(/^harbor_worker_propagation_seconds_bucket\{le="([^"]+)"\} (\S+)$/gm)) {
+    buckets.set(m[1] === "+Inf" ? Infinity : Number(m[1]), Number(m[2]));
+  }
+  return buckets;
 }
 
 /**

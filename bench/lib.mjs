@@ -1,12 +1,26 @@
 // What the benches share: child processes that never outlive the bench, and
-// reading a process tree's CPU and memory from /proc.
+// reading a process tree's CPU and memory from /proc, and its /metrics.
 import { spawn, spawnSync } from "node:child_process";
 import { createWriteStream, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import http from "node:http";
 import { join } from "node:path";
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** A deadline for Promise.race: unref'd, so a won race leaves nothing keeping the process alive. */
 export const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
+/** A process's Prometheus text from `http://<address>/metrics`. */
+export function fetchMetrics(address, timeoutMs = 5_000) {
+  return new Promise((resolve, reject) => {
+    const req = http.get(`http://${address}/metrics`, { agent: false, timeout: timeoutMs }, (res) => {
+      let body = "";
+      res.on("data", (c) => (body += c));
+      res.on("end", () => resolve(body));
+    });
+    req.on("timeout", () => req.destroy(new Error("metrics timed out")));
+    req.on("error", reject);
+  });
+}
+
 export const oneLine = (err, max = 120) => String(err?.message ?? err).split("\n").map((s) => s.trim()).filter(Boolean).join(" ").slice(0, max);
 
 // ---------------------------------------------------------------- /proc

@@ -19,13 +19,12 @@
 // to bench/results/raw/<stamp>-scale/ (git-ignored). See bench/README.md.
 import { fork, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import http from "node:http";
 import net from "node:net";
 import os from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
-import { CLK_TCK, createProcesses, deadline, oneLine as oneLineOf, sleep, treeCpuTicks, treeRssKiB } from "./lib.mjs";
+import { CLK_TCK, createProcesses, deadline, fetchMetrics, oneLine as oneLineOf, sleep, treeCpuTicks, treeRssKiB } from "./lib.mjs";
 
 const SELF = fileURLToPath(import.meta.url);
 const REPO = resolve(dirname(SELF), "..");
@@ -322,26 +321,17 @@ async function benchmark() {
   }
 
   /** A few series from the worker's /metrics (Prometheus text). */
-  function scrape(address) {
-    return new Promise((res, rej) => {
-      const req = http.get(`http://${address}/metrics`, { agent: false, timeout: 5_000 }, (r) => {
-        let body = "";
-        r.on("data", (c) => (body += c));
-        r.on("end", () => {
-          // A series by name (any labels), or by name and exact labels.
-          const value = (name, labels) => Number(new RegExp(`^${name}${labels ? `\\{${labels}\\}` : "(?:\\{[^}]*\\})?"} (\\S+)$`, "m").exec(body)?.[1] ?? Number.NaN);
-          res({
-            open: value("harbor_worker_tcp_connections_open"),
-            listening: value("harbor_worker_listening_ports"),
-            heapUsed: value("nodejs_heap_size_used_bytes"),
-            heapTotal: value("nodejs_heap_size_total_bytes"),
-            newSpace: value("nodejs_heap_space_size_total_bytes", 'space="new"'),
-          });
-        });
-      });
-      req.on("timeout", () => req.destroy(new Error("metrics timed out")));
-      req.on("error", rej);
-    });
+  async function scrape(address) {
+    const body = await fetchMetrics(address);
+    // A series by name (any labels), or by name and exact labels.
+    const value = (name, labels) => Number(new RegExp(`^${name}${labels ? `\\{${labels}\\}` : "(?:\\{[^}]*\\})?"} (\\S+)$`, "m").exec(body)?.[1] ?? Number.NaN);
+    return {
+      open: value("harbor_worker_tcp_connections_open"),
+      listening: value("harbor_worker_listening_ports"),
+      heapUsed: value("nodejs_heap_size_used_bytes"),
+      heapTotal: value("nodejs_heap_size_total_bytes"),
+      newSpace: value("nodejs_heap_space_size_total_bytes", 'space="new"'),
+    };
   }
 
   // ---------------------------------------------------------------- Harbor's API
