@@ -79,7 +79,8 @@ export class OutboxRelay implements Component {
   private relayBatch(): Promise<number> {
     return withTransaction(this.pool, async (tx) => {
       const { rows } = await tx.query<OutboxRow>(
-        `DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+        // = ANY(ARRAY(…)): by the primary key; IN (…) was planned as a scan of the whole table.
+        `DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
          RETURNING id, event, node_id, payload, service`,
         [BATCH],
       );

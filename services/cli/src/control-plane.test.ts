@@ -4,7 +4,7 @@ import { NatsBus, createSubjects, type Bus } from "@harbor/bus";
 import { ManualClock } from "@harbor/core";
 import { createPool, type Pool } from "@harbor/db";
 import { BackendRegistryClient, BackendSet, PortAllocatorClient, Protocol, type WatchBackendsResponse } from "@harbor/proto";
-import { createRegistry, loadRegistryConfig, type RegistryService } from "@harbor/registry";
+import { RegistryStore, createRegistry, loadRegistryConfig, type RegistryService } from "@harbor/registry";
 import { createGrpcServer, createLogger, grpc, invoke, type GrpcServer } from "@harbor/runtime";
 import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
 
@@ -41,6 +41,10 @@ async function stopRegistry(): Promise<void> {
 
 const register = (app: string, instanceId: string, port: number, extra: { ttlSeconds?: number; ports?: Array<{ intPort: number; port: number }> } = {}) =>
   invoke(backends, "registerInstance", { app, instanceId, host: "127.0.0.1", ports: extra.ports ?? [{ intPort: 4100, port }], ttlSeconds: extra.ttlSeconds ?? 0 });
+
+/** Some statement of this test's database waits for a lock another transaction holds. */
+const lockWaiter = async () =>
+  (await pool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")).rows[0]!.n > 0;
 
 const setOf = (serviceId: string) => published.filter((s) => s.serviceId === serviceId).at(-1);
 
@@ -103,6 +107,51 @@ describe("registry - instances and backend sets", () => {
       expect(answers.every((a) => !a.created)).toBe(true);
       const final = await instancePort();
       await waitFor(async () => (await setPort()) === final, `the set to follow the instance to port ${final}`);
+    }
+  });
+
+  it("an app another space claims while this claim waits for it belongs to that space, also afterwards", async () => {
+    const store = new RegistryStore(pool);
+    const other = await pool.connect();
+    try {
+      await other.query("BEGIN");
+      await other.query("INSERT INTO app_spaces (app, space) VALUES ('contested', 'space-a')");
+      const claim = store.claimApp("contested", "space-b");
+      await waitFor(lockWaiter, "the claim waiting for the other");
+      await other.query("COMMIT");
+      expect(await claim).toBe("space-a");
+      // Remembered as it is in the database, not as this caller asked.
+      expect(await store.claimApp("contested", "space-b")).toBe("space-a");
+    } finally {
+      other.release();
+    }
+  });
+
+  it("of two first registrations of one instance racing, only one is its creation", async () => {
+    const other = await pool.connect();
+    try {
+      await other.query("BEGIN");
+      await other.query(
+        `INSERT INTO registry_instances (app, instance_id, host, ports, ttl_seconds, available_since, expires_at)
+         VALUES ('twice', 't-0', '127.0.0.1', '[{"int_port": 4100, "port": 7100}]', 30, now(), now() + interval '30 seconds')`,
+      );
+      const second = register("twice", "t-0", 7100, { ttlSeconds: 30 });
+      await waitFor(lockWaiter, "the registration waiting for the other");
+      await other.query("COMMIT");
+      expect((await second).created).toBe(false);
+    } finally {
+      other.release();
+    }
+  });
+
+  it("a column a later migration adds to registry_instances does not break registering on warm connections", async () => {
+    await register("widened", "w-0", 7200);
+    await pool.query("ALTER TABLE registry_instances ADD COLUMN migrated_later int");
+    try {
+      // The same pooled connection, its registration statement prepared before the change.
+      await expect(register("widened", "w-0", 7201)).resolves.toMatchObject({ created: false });
+    } finally {
+      await pool.query("ALTER TABLE registry_instances DROP COLUMN migrated_later");
     }
   });
 

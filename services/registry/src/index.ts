@@ -1,2 +1,3 @@
 export { createRegistry, type RegistryService, type RegistryDeps } from "./service.js";
 export { loadRegistryConfig, DEFAULT_TTL_SECONDS, type RegistryConfig } from "./config.js";
+export { RegistryStore } from "./store.js";

@@ -43,9 +43,9 @@ export const registryMigrations: Migration[] = [
     sql: `
       -- A service's set recomputed in one call (it was five round trips,
       -- most of a registration's latency). Each statement of a plpgsql
-      -- function takes its own snapshot: the backends are read after the
-      -- set's row is locked, so they include what the previous recompute of
-      -- this service, on any replica, committed. The content has the shape
+      -- function takes its own snapshot: the service and its backends are
+      -- read after the set's row is locked, so they include what the
+      -- previous recompute of this service, on any replica, committed. The content has the shape
       -- of BackendSet without its revision (proto3 JSON of the TypeScript
       -- side: int64 seconds as text, enums as numbers). Returns the new
       -- revision and content when the content changed; nothing when it did
@@ -56,14 +56,15 @@ export const registryMigrations: Migration[] = [
         svc record;
         fresh jsonb;
       BEGIN
+        INSERT INTO registry_backend_sets AS b (service_id, node_id, revision, content)
+        SELECT s.id, s.node_id, 0, 'null' FROM port_services s WHERE s.id = p_service
+        ON CONFLICT (service_id) DO UPDATE SET node_id = b.node_id;
+        -- Read after the lock: a service deleted meanwhile (its set dropped) is seen gone.
         SELECT s.node_id, s.service_name, s.port, s.protocol INTO svc FROM port_services s WHERE s.id = p_service;
         IF NOT FOUND THEN
           DELETE FROM registry_backend_sets WHERE service_id = p_service;
           RETURN;
         END IF;
-        INSERT INTO registry_backend_sets AS b (service_id, node_id, revision, content)
-        VALUES (p_service, svc.node_id, 0, 'null')
-        ON CONFLICT (service_id) DO UPDATE SET node_id = b.node_id;
 
         fresh := jsonb_build_object(
           'serviceId', p_service,

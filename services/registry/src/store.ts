@@ -1,6 +1,5 @@
-import { protocolToProto, timestampFromMs, type BackendSet, type Instance, type PortMapping } from "@harbor/proto";
-import { query, withTransaction, type Pool } from "@harbor/db";
-import type { ProtocolName } from "@harbor/core";
+import { timestampFromMs, type BackendSet, type Instance, type PortMapping } from "@harbor/proto";
+import { query, type Pool } from "@harbor/db";
 
 interface InstanceRow {
   app: string;
@@ -45,7 +44,10 @@ type BoundServices = { bound_services: string[] };
 /**
  * A registration or heartbeat: the row as it was, locked (the count makes
  * the insert wait for the lock: a statement's CTEs otherwise run in no set
- * order), then upserted. An instance already registered keeps its availability order.
+ * order), then upserted; `inserted` (xmax 0: no older version) tells a new
+ * row from one another registration inserted meanwhile. An instance already
+ * registered keeps its availability order. Columns named: a prepared
+ * statement's cached plan must not change its result when a migration adds one.
  */
 const REGISTER = {
   name: "registry-register",
@@ -56,10 +58,14 @@ const REGISTER = {
     INSERT INTO registry_instances (app, instance_id, host, ports, ttl_seconds, available_since, expires_at)
     SELECT $1, $2, $3, $4, $5, $6, $7 FROM (SELECT count(*) FROM before) AS locked_first
     ON CONFLICT (app, instance_id) DO UPDATE SET host = $3, ports = $4, ttl_seconds = $5, expires_at = $7
-    RETURNING *)
-  SELECT u.*, b.host AS before_host, b.ports AS before_ports, b.expires_at AS before_expires_at, ${boundServices("$1")}
+    RETURNING app, instance_id, host, ports, ttl_seconds, available_since, expires_at, (xmax = 0) AS inserted)
+  SELECT u.app, u.instance_id, u.host, u.ports, u.ttl_seconds, u.available_since, u.expires_at, u.inserted,
+         b.host AS before_host, b.ports AS before_ports, b.expires_at AS before_expires_at, ${boundServices("$1")}
     FROM upserted u LEFT JOIN before b ON true`,
 };
+
+type RegisterRow = InstanceRow &
+  BoundServices & { inserted: boolean; before_host: string | null; before_ports: InstanceRow["ports"] | null; before_expires_at: Date | null };
 
 /** registry_recompute (migration 2): the set's lock, read and write in one round trip. */
 const RECOMPUTE = {
@@ -86,17 +92,19 @@ export class RegistryStore {
    */
   async register(reg: Registration, nowMs: number): Promise<{ instance: Instance; created: boolean; changed: boolean; boundServices: string[] }> {
     const ports = JSON.stringify(reg.ports.map((p) => ({ int_port: p.intPort, port: p.port })));
-    const { rows } = await query<InstanceRow & BoundServices & { before_host: string | null; before_ports: InstanceRow["ports"] | null; before_expires_at: Date | null }>(
+    const { rows } = await query<RegisterRow>(
       this.pool,
       REGISTER,
       [reg.app, reg.instanceId, reg.host, ports, reg.ttlSeconds, new Date(nowMs), new Date(nowMs + reg.ttlSeconds * 1000)],
     );
-    const row = rows[0] as (typeof rows)[number];
+    const row = rows[0] as RegisterRow;
+    // No row before, yet not inserted here: another registration inserted it
+    // meanwhile; what it held is unknown, so this counts as a change.
     const existed = row.before_expires_at !== null;
     // Expired but not swept yet: it was left out of its sets, so coming back is a change.
     const revived = existed && (row.before_expires_at as Date).getTime() <= nowMs;
     const changed = !existed || revived || row.before_host !== row.host || JSON.stringify(row.before_ports) !== JSON.stringify(row.ports);
-    return { instance: instanceFromRow(row), created: !existed, changed, boundServices: row.bound_services };
+    return { instance: instanceFromRow(row), created: row.inserted, changed, boundServices: row.bound_services };
   }
 
   /**
@@ -112,7 +120,10 @@ export class RegistryStore {
        SELECT space FROM claimed UNION ALL SELECT space FROM app_spaces WHERE app = $1 LIMIT 1`,
       [app, space],
     );
-    const owner = rows[0]?.space ?? space;
+    // Nothing: another claim committed while this statement waited, after its
+    // snapshot was taken; a statement of its own sees it.
+    const owner = rows[0]?.space ?? (await query<{ space: string }>(this.pool, "SELECT space FROM app_spaces WHERE app = $1", [app])).rows[0]?.space;
+    if (owner === undefined) throw new Error(`app "${app}" was claimed and is not in app_spaces`);
     if (this.spaceOfApp.size >= MAX_CACHED_APPS) this.spaceOfApp.clear();
     this.spaceOfApp.set(app, owner);
     return owner;
