@@ -89,6 +89,20 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     }
   };
 
+  /**
+   * The heartbeat's lists of listening ports, kept between beats: listeners
+   * change only in a reconcile, which drops them when it ends (a beat during
+   * one reports it half done, as it always did). Rebuilt every beat, at
+   * 10,000 ports they took 2-8 ms of the event loop each time.
+   */
+  let beatPorts: { tcp: number[]; udp: number[] } | undefined;
+  const listeningByProtocol = () => {
+    if (beatPorts) return beatPorts;
+    beatPorts = { tcp: [], udp: [] };
+    for (const l of listeners.values()) if (l.listening) beatPorts[l.protocol].push(l.port);
+    return beatPorts;
+  };
+
   /** Opens, keeps or closes the listeners of one service (`service` undefined: it is gone). */
   const reconcileService = async (id: string, service: ServiceView | undefined, host: string) => {
     const wanted = new Set(service ? protocolsOf(service) : []);
@@ -145,16 +159,20 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     const ids = [...dirty];
     dirtyAll = false;
     dirty.clear();
-    if (host !== listenHost) {
-      if (listenHost !== undefined) logger.info({ from: listenHost, to: host }, "listen-host-changed");
-      await Promise.all([...listeners.values()].map((l) => l.close()));
-      for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
-      listeners.clear();
-      listenHost = host;
-      all = true;
+    try {
+      if (host !== listenHost) {
+        if (listenHost !== undefined) logger.info({ from: listenHost, to: host }, "listen-host-changed");
+        await Promise.all([...listeners.values()].map((l) => l.close()));
+        for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
+        listeners.clear();
+        listenHost = host;
+        all = true;
+      }
+      const todo = all ? new Set([...view.listServices().map((s) => s.id), ...[...listeners.keys()].map(serviceOf)]) : new Set(ids);
+      for (const id of todo) await reconcileService(id, view.service(id), host);
+    } finally {
+      beatPorts = undefined;
     }
-    const todo = all ? new Set([...view.listServices().map((s) => s.id), ...[...listeners.keys()].map(serviceOf)]) : new Set(ids);
-    for (const id of todo) await reconcileService(id, view.service(id), host);
   };
   // Reconciles run one after another, so listeners are never opened twice.
   const scheduleReconcile = (serviceIds?: Iterable<string>) => {
@@ -179,12 +197,13 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   });
 
   const publishHeartbeat = () => {
+    const listening = listeningByProtocol();
     publishMessage(deps.bus, deps.subjects.workerHeartbeat(config.nodeId), WorkerHeartbeat, {
       nodeId: config.nodeId,
       workerId,
       at: timestampFromMs(Date.now()),
-      listeningTcp: [...listeners.values()].filter((l) => l.listening && l.protocol === "tcp").map((l) => l.port),
-      listeningUdp: [...listeners.values()].filter((l) => l.listening && l.protocol === "udp").map((l) => l.port),
+      listeningTcp: listening.tcp,
+      listeningUdp: listening.udp,
       listeners: [...listeners]
         .filter(([, l]) => !l.listening)
         .map(([key, l]) => {
