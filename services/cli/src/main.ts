@@ -355,7 +355,7 @@ export function buildProgram(): Command {
 
   program
     .command("serve")
-    .description("run Harbor: all (one process, as `npm start`), one of allocator, registry, worker, or an app instance's HTTPS container-proxy")
+    .description("run Harbor: all (one process, as `npm start`), control-plane (allocator and registry), one of allocator, registry, worker, or an app instance's HTTPS container-proxy")
     .argument("[target]", SERVE_TARGETS.join(" | "), "all")
     .action(async function (this: Command, target: string) {
       if (!(SERVE_TARGETS as readonly string[]).includes(target)) throw new CliError(`serve target ${JSON.stringify(target)} is not one of ${SERVE_TARGETS.join(", ")}`, 2);
