@@ -29,9 +29,10 @@ const LOCAL = "127.0.0.1";
 
 const MODES = {
   // seconds: length of each timed run; omit: iperf3 warm-up seconds left out;
-  // reps: each workload × target is run this often and the median is kept.
-  smoke: { seconds: 2, omit: 0, reps: 1, abRequests: 10000 },
-  full: { seconds: 6, omit: 1, reps: 3, abRequests: 50000 },
+  // reps: each workload × target is run this often and the median is kept;
+  // idleMs: how long every proxy sits idle, after the last one started, before its idle RSS is read.
+  smoke: { seconds: 2, omit: 0, reps: 1, abRequests: 10000, idleMs: 1_000 },
+  full: { seconds: 6, omit: 1, reps: 3, abRequests: 50000, idleMs: 10_000 },
 };
 const AB_CONCURRENCY = 32;
 const WRK_CONNECTIONS = 32;
@@ -629,7 +630,7 @@ function renderReport(v, startedAt, elapsedS, loadBefore, cpu) {
 - node ${v.node}; ${v.haproxy}; ${v.nginx}; ${v.iperf3}; ${v.wrk}; ${v.ab}
 - nproc: ${v.nproc} (${v.cpu}); kernel ${v.kernel}; load average before the run: ${loadBefore}
 - machine CPU busy during the workloads: ${cpu.busyPct.toFixed(0)} %, of which processes not started by this run: ${cpu.foreignPct.toFixed(1)} % (an estimate; above a few % the numbers are disturbed)
-- each timed run ${CFG.seconds} s${CFG.omit ? ` (TCP iperf3 runs +${CFG.omit} s warm-up, omitted)` : ""}; ${CFG.reps} repetition(s), median shown; ab -n ${CFG.abRequests}
+- each timed run ${CFG.seconds} s${CFG.omit ? ` (TCP iperf3 runs +${CFG.omit} s warm-up, omitted)` : ""}; ${CFG.reps} repetition(s), median shown; ab -n ${CFG.abRequests}; idle RSS read after ${CFG.idleMs / 1000} s idle
 - HAProxy \`nbthread ${PROXY_THREADS}\`, nginx \`worker_processes ${PROXY_THREADS}\`; Harbor's worker is one Node process (\`harbor serve worker\`, beside a \`serve control-plane\`), or that process and its relays (harbor-relays)
 - raw outputs: \`${relative(REPO, RAW_DIR)}/\` (git-ignored)
 
@@ -685,7 +686,8 @@ async function main() {
     }
   }
 
-  await sleep(1_000);
+  // Idle means settled: a process read just after its start still holds its start-up garbage.
+  await sleep(CFG.idleMs);
   for (const target of targets) if (target.pid) slot(results, "rssIdle", target.name).values.push(rssMiB(target.pid));
 
   const foreignCpu = foreignCpuMeter();
