@@ -9,6 +9,18 @@ export interface HealthCheckSpec {
   udpProbe: string;
 }
 
+/** Whether two health checks ask for the same probing (both absent counts as the same). */
+export function sameHealthCheck(a: HealthCheckSpec | undefined, b: HealthCheckSpec | undefined): boolean {
+  if (!a || !b) return a === b;
+  return (
+    a.intervalMs === b.intervalMs &&
+    a.timeoutMs === b.timeoutMs &&
+    a.unhealthyThreshold === b.unhealthyThreshold &&
+    a.healthyThreshold === b.healthyThreshold &&
+    a.udpProbe === b.udpProbe
+  );
+}
+
 /**
  * Fills defaults and checks ranges; undefined when no active check is asked
  * for (interval 0 or no spec).

@@ -41,6 +41,12 @@ const MAX_CACHED_APPS = 100_000;
 const boundServices = (app: string) => `ARRAY(SELECT service_id::text FROM port_bindings WHERE app = ${app}) AS bound_services`;
 type BoundServices = { bound_services: string[] };
 
+/** A stored set as published: its content with its revision. */
+const setFromRow = (row: { revision: string; content: SetContent }): BackendSet => ({ ...row.content, revision: String(row.revision) });
+
+/** An instance gone (deregistered or expired), with the services its app backs. */
+const departureFromRow = (row: InstanceRow & BoundServices) => ({ instance: instanceFromRow(row), boundServices: row.bound_services });
+
 /**
  * A registration or heartbeat: the row as it was, locked (the count makes
  * the insert wait for the lock: a statement's CTEs otherwise run in no set
@@ -142,7 +148,7 @@ export class RegistryStore {
        RETURNING *, ${boundServices("$1")}`,
       [app, instanceId],
     );
-    return rows[0] && { instance: instanceFromRow(rows[0]), boundServices: rows[0].bound_services };
+    return rows[0] && departureFromRow(rows[0]);
   }
 
   /** Removes instances whose TTL ran out, each with the services its app backs; each row goes to exactly one replica. */
@@ -152,7 +158,7 @@ export class RegistryStore {
       `DELETE FROM registry_instances i WHERE expires_at <= $1 RETURNING *, ${boundServices("i.app")}`,
       [new Date(nowMs)],
     );
-    return rows.map((row) => ({ instance: instanceFromRow(row), boundServices: row.bound_services }));
+    return rows.map(departureFromRow);
   }
 
   async listInstances(app?: string): Promise<Instance[]> {
@@ -180,7 +186,7 @@ export class RegistryStore {
    */
   async recompute(serviceId: string, nowMs: number): Promise<BackendSet | undefined> {
     const { rows } = await query<{ revision: string; content: SetContent }>(this.pool, RECOMPUTE, [serviceId, new Date(nowMs)]);
-    return rows[0] && { ...rows[0].content, revision: String(rows[0].revision) };
+    return rows[0] && setFromRow(rows[0]);
   }
 
   async dropSet(serviceId: string): Promise<void> {
@@ -210,7 +216,7 @@ export class RegistryStore {
         ORDER BY service_id`,
       [filter.nodeId ?? null, filter.serviceId ?? null],
     );
-    return rows.map((r) => ({ ...r.content, revision: String(r.revision) }));
+    return rows.map(setFromRow);
   }
 
   /** The allocator's tables exist (it migrates them); the registry reads them. */

@@ -13,7 +13,7 @@ import { HealthChecker } from "./proxy/health.js";
 import { KernelListener } from "./kernel/listener.js";
 import { tableName } from "./kernel/render.js";
 import { KernelTable, kernelModeAvailable } from "./kernel/table.js";
-import { normalizeHealthCheck } from "@harbor/core";
+import { normalizeHealthCheck, sameHealthCheck } from "@harbor/core";
 import { Follower } from "./sync/follower.js";
 
 export interface WorkerDeps {
@@ -48,7 +48,10 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     {
       openConnections: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof TcpListener ? l.connections : 0), 0),
       udpSessions: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof UdpListener ? l.sessionCount : 0), 0),
-      listeningPorts: () => [...listeners.values()].filter((l) => l.listening).length,
+      listeningPorts: () => {
+        const { tcp, udp } = listeningByProtocol();
+        return tcp.length + udp.length;
+      },
       ...(config.mode === "kernel" ? { kernelFlows: () => kernel?.flows() ?? Promise.resolve({ tcp: 0, udp: 0 }) } : {}),
     },
     deps.metrics,
@@ -78,11 +81,14 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const checkers = new Map<string, HealthChecker>();
   const syncChecker = (key: string, service: ServiceView | undefined, listener: PortListener | undefined) => {
     const spec = service ? normalizeHealthCheck(service.healthCheck) : undefined;
-    const existing = checkers.get(key);
-    if (existing && (!spec || !listener)) {
+    let existing = checkers.get(key);
+    // A changed check replaces the running one.
+    if (existing && (!spec || !listener || !sameHealthCheck(existing.spec, spec))) {
       existing.stop();
       checkers.delete(key);
-    } else if (!existing && spec && listener && service) {
+      existing = undefined;
+    }
+    if (!existing && spec && listener && service) {
       const checker = new HealthChecker(listener, spec, () => view.backends(service.id), logger.child({ serviceId: service.id }));
       checkers.set(key, checker);
       checker.start();
@@ -165,6 +171,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         await Promise.all([...listeners.values()].map((l) => l.close()));
         for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
         listeners.clear();
+        bindFailures.clear();
         listenHost = host;
         all = true;
       }
@@ -196,6 +203,13 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     onChange: (serviceIds) => void scheduleReconcile(serviceIds),
   });
 
+  /** Listeners that could not bind: the ones `bindFailures` names, not a pass over every listener. */
+  const unbound = (): Array<[string, PortListener]> =>
+    [...bindFailures].flatMap((key) => {
+      const listener = listeners.get(key);
+      return listener && !listener.listening ? [[key, listener] as [string, PortListener]] : [];
+    });
+
   const publishHeartbeat = () => {
     const listening = listeningByProtocol();
     publishMessage(deps.bus, deps.subjects.workerHeartbeat(config.nodeId), WorkerHeartbeat, {
@@ -204,27 +218,28 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       at: timestampFromMs(Date.now()),
       listeningTcp: listening.tcp,
       listeningUdp: listening.udp,
-      listeners: [...listeners]
-        .filter(([, l]) => !l.listening)
-        .map(([key, l]) => {
-          const id = serviceOf(key);
-          return {
-            serviceId: id,
-            port: l.port,
-            protocol: l.protocol === "tcp" ? Protocol.PROTOCOL_TCP : Protocol.PROTOCOL_UDP,
-            listening: false,
-            error: l.error ?? "",
-            backends: view.backends(id).length,
-            revision: String(view.revision(id)),
-          };
-        }),
+      listeners: unbound().map(([key, l]) => {
+        const id = serviceOf(key);
+        return {
+          serviceId: id,
+          port: l.port,
+          protocol: l.protocol === "tcp" ? Protocol.PROTOCOL_TCP : Protocol.PROTOCOL_UDP,
+          listening: false,
+          error: l.error ?? "",
+          backends: view.backends(id).length,
+          revision: String(view.revision(id)),
+        };
+      }),
     });
   };
 
   return {
     name: "worker",
     view,
-    listeningPorts: () => [...new Set([...listeners.values()].filter((l) => l.listening).map((l) => l.port))],
+    listeningPorts: () => {
+      const { tcp, udp } = listeningByProtocol();
+      return [...new Set([...tcp, ...udp])];
+    },
     async start() {
       if (kernel) {
         const problem = await kernelModeAvailable();
@@ -238,8 +253,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         publishHeartbeat();
         // Each beat also retries the listeners whose port could not be bound, and only
         // those: a pass over every listener stalled 10,000 ports' traffic for ~30 ms.
-        const unbound = [...listeners].filter(([, l]) => !l.listening).map(([key]) => serviceOf(key));
-        if (unbound.length > 0) void scheduleReconcile(unbound);
+        const retry = unbound().map(([key]) => serviceOf(key));
+        if (retry.length > 0) void scheduleReconcile(retry);
       }, config.heartbeatIntervalMs);
       logger.info({ workerId, listening: listeners.size, mode: config.mode, relays: config.mode === "userspace" ? config.relays : 0 }, "worker-started");
     },

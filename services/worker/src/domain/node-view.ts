@@ -1,3 +1,4 @@
+import { sameHealthCheck } from "@harbor/core";
 import { Protocol, type Backend, type BackendSet, type HealthCheck, type PortService } from "@harbor/proto";
 
 /** What the data plane needs of a port service. */
@@ -16,17 +17,6 @@ export interface BackendView {
 
 export function serviceView(service: PortService): ServiceView {
   return { id: service.name, name: service.serviceName, port: service.port, protocol: service.protocol, healthCheck: service.healthCheck };
-}
-
-function sameHealthCheck(a: HealthCheck | undefined, b: HealthCheck | undefined): boolean {
-  if (!a || !b) return a === b;
-  return (
-    a.intervalMs === b.intervalMs &&
-    a.timeoutMs === b.timeoutMs &&
-    a.unhealthyThreshold === b.unhealthyThreshold &&
-    a.healthyThreshold === b.healthyThreshold &&
-    a.udpProbe === b.udpProbe
-  );
 }
 
 function sameService(a: ServiceView, b: ServiceView): boolean {

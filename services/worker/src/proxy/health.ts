@@ -25,7 +25,7 @@ export class HealthChecker {
 
   constructor(
     private readonly listener: PortListener,
-    private readonly spec: HealthCheckSpec,
+    readonly spec: HealthCheckSpec,
     private readonly backends: () => readonly Backend[],
     private readonly logger: Logger,
   ) {}

@@ -77,8 +77,11 @@ function relay(message: HandOff, client: net.Socket): void {
   client.once("close", () => open.delete(client));
   const rotation = rotations.get(listener);
   if (rotation) dial(client, rotation, message.s, 0, message.any, hooks);
-  // The worker sends a rotation before its first connection: none is a bug, not a reason to guess.
-  else client.destroy();
+  else {
+    // The worker sends a rotation before its first connection: none is a bug, not a reason to guess.
+    logger.error({ listener }, "relay-connection-without-rotation");
+    client.destroy();
+  }
 }
 
 async function stop(deadlineMs: number): Promise<void> {

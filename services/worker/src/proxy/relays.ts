@@ -70,7 +70,7 @@ export class RelayPool {
     const relay = this.nextRelay();
     if (!relay) return false;
     if (relay.rotations.get(listener) !== backends) {
-      relay.child.send({ t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) } satisfies ToRelay);
+      this.send(relay, { t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) });
       relay.rotations.set(listener, backends);
     }
     const message: HandOff = { t: "conn", l: listener, s: start, any: anyBackend };

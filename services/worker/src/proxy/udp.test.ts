@@ -12,7 +12,7 @@ afterEach(async () => {
   for (const c of cleanup.splice(0)) await c();
 });
 
-async function setup(names: string[], options: { sessionIdleMs?: number; maxSessions?: number } = {}) {
+async function setup(names: string[], options: { sessionIdleMs?: number; maxSessions?: number; passiveEjectMs?: number } = {}) {
   const backends: UdpEchoBackend[] = [];
   for (const name of names) {
     const b = await startUdpEchoBackend(name);
@@ -29,7 +29,7 @@ async function setup(names: string[], options: { sessionIdleMs?: number; maxSess
     backends: () => set,
     sessionIdleMs: options.sessionIdleMs ?? 60_000,
     maxSessions: options.maxSessions ?? 100,
-    passiveEjectMs: 5_000,
+    passiveEjectMs: options.passiveEjectMs ?? 5_000,
     counters,
     logger,
   });
@@ -91,12 +91,24 @@ describe("udp listener - sessions", () => {
       await c.ask("lost", 100).catch(() => undefined);
       return counters.udpBackendUnreachable > 0;
     }, "port unreachable seen");
-    listener.backendsChanged(); // as the worker's heartbeat does
+    listener.backendsChanged(); // as the listener's sweep does while a backend is out of rotation
     const back = await startUdpEchoBackend("a-again", port);
     cleanup.push(() => back.close());
     await waitFor(async () => (await c.ask("back", 300).catch(() => undefined))?.text === "a-again:back", "the backend answering again");
     expect(back.lastPeerPort).toBe(before);
     expect(listener.sessionCount).toBe(1);
+  });
+
+  it("a session left where it was because every backend was out of rotation moves once another's ejection runs out", async () => {
+    const { listener, client, backends } = await setup(["a", "b"], { passiveEjectMs: 300 });
+    const c = await client();
+    expect((await c.ask("x")).text).toBe("a:x");
+    listener.ejections.eject(`127.0.0.1:${backends[0]!.port}`, true); // as a failing health check does
+    listener.ejections.eject(`127.0.0.1:${backends[1]!.port}`); // passively, for 300 ms
+    listener.backendsChanged();
+    expect((await c.ask("stays")).text).toBe("a:stays"); // nowhere better: a still answers
+    // Nobody is told when b's ejection runs out; the sweep looks.
+    await waitFor(async () => (await c.ask("later", 300).catch(() => undefined))?.text === "b:later", "the session moving to b", 5_000);
   });
 
   it("keeps at most maxSessions, closing the oldest first", async () => {

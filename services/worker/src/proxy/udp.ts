@@ -164,7 +164,11 @@ export class UdpListener implements PortListener {
           this.ejections.eject(session.backendKey);
           this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
         }
-        if (this.shouldMove(session, this.backendKeys(), this.primary())) this.closeSession(key);
+        // Per datagram while the backend is down (loopback ICMP is not rate-limited):
+        // a session already on the primary has nowhere better to go, and no set is built.
+        const primary = this.primary();
+        if (primary !== undefined && backendKey(primary) === session.backendKey) return;
+        if (this.shouldMove(session, this.backendKeys(), primary)) this.closeSession(key);
         return;
       }
       this.options.logger.debug({ err: err.message, backend: session.backendKey }, "udp-session-error");
@@ -185,9 +189,15 @@ export class UdpListener implements PortListener {
     }
   }
 
+  /**
+   * Ends idle sessions; and while any backend is out of rotation, moves the
+   * sessions that now have somewhere better to go: an ejection that runs out
+   * tells nobody.
+   */
   private sweep(): void {
     const idleBefore = Date.now() - this.options.sessionIdleMs;
     for (const [key, session] of this.sessions) if (session.lastSeen < idleBefore) this.closeSession(key);
+    if (this.ejections.size > 0 && this.sessions.size > 0) this.backendsChanged();
   }
 
   private backendKeys(): Set<string> {

@@ -199,14 +199,7 @@ export class Follower {
       const changed = new Set(services.unchanged ? [] : view.replaceServices(services.services.map(serviceView)));
       for (const set of sets.sets) if (view.applySet(set)) changed.add(set.serviceId);
       this.digests = { services: services.digest, sets: sets.digest };
-      const held = this.held;
-      this.held = undefined;
-      for (const event of held) {
-        if (!this.apply(event)) continue;
-        const id = touched(event);
-        if (id === undefined) all = true;
-        else changed.add(id);
-      }
+      if (this.applyHeld(changed)) all = true;
       this.synced = true;
       logger.info(
         { reason, services: services.services.length, sets: sets.sets.length, unchanged: services.unchanged && sets.unchanged, changed: all ? "all" : changed.size },
@@ -215,13 +208,32 @@ export class Follower {
       if (all) this.o.onChange();
       else if (changed.size > 0) this.o.onChange([...changed]);
     } catch (err) {
-      const held = this.held ?? [];
-      this.held = undefined;
-      for (const event of held) this.apply(event);
+      // Only what the events held meanwhile touched is handed on: this repeats every
+      // second while the control plane is away, and a look at every listener is not free.
+      const changed = new Set<string>();
+      const all = this.applyHeld(changed);
       logger.warn({ reason, err: (err as Error).message }, "worker-sync-failed-keeping-last-state");
       clearTimeout(this.retry);
       if (!this.stopped) this.retry = setTimeout(() => void this.resync("retry"), RETRY_MS);
-      this.o.onChange();
+      if (all) this.o.onChange();
+      else if (changed.size > 0) this.o.onChange([...changed]);
     }
+  }
+
+  /**
+   * Applies the events held while a snapshot was taken, adding the services
+   * they changed to `changed`; true when one changed the whole node (its host).
+   */
+  private applyHeld(changed: Set<string>): boolean {
+    const held = this.held ?? [];
+    this.held = undefined;
+    let all = false;
+    for (const event of held) {
+      if (!this.apply(event)) continue;
+      const id = touched(event);
+      if (id === undefined) all = true;
+      else changed.add(id);
+    }
+    return all;
   }
 }
