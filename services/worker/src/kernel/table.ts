@@ -40,6 +40,8 @@ export class KernelTable {
   /** What the kernel holds now, as far as we know; undefined: write the whole table next time. */
   private installed: { host: string; rules: PortRules } | undefined;
   applied = 0;
+  /** The flow counters as last read. */
+  private lastFlows = { tcp: 0, udp: 0 };
 
   constructor(
     private readonly name: string,
@@ -116,18 +118,22 @@ export class KernelTable {
    * from the last time the table was written whole.
    */
   async flows(): Promise<{ tcp: number; udp: number }> {
-    const totals = { tcp: 0, udp: 0 };
-    const listed = await run("nft", ["-j", "list", "counters", "table", "ip", this.name]);
-    if (listed.code !== 0) return totals;
-    try {
-      const doc = JSON.parse(listed.stdout) as { nftables?: Array<{ counter?: { name: string; packets: number } }> };
-      for (const protocol of ["tcp", "udp"] as const) {
-        totals[protocol] = doc.nftables?.find((item) => item.counter?.name === flowCounter(protocol))?.counter?.packets ?? 0;
+    // A netlink dump is cut short when any table of the host changes meanwhile:
+    // tried a few times, and a read that still fails repeats the last good one
+    // (a counter that dropped to 0 would read as a reset).
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const listed = await run("nft", ["-j", "list", "counters", "table", "ip", this.name]);
+      if (listed.code !== 0) continue;
+      try {
+        const doc = JSON.parse(listed.stdout) as { nftables?: Array<{ counter?: { name: string; packets: number } }> };
+        const packets = (protocol: "tcp" | "udp") => doc.nftables?.find((item) => item.counter?.name === flowCounter(protocol))?.counter?.packets ?? 0;
+        this.lastFlows = { tcp: packets("tcp"), udp: packets("udp") };
+        break;
+      } catch {
+        // Unreadable output: try again.
       }
-    } catch {
-      // Unreadable output: report nothing rather than wrong numbers.
     }
-    return totals;
+    return this.lastFlows;
   }
 
   /** Removes the table. Open connections keep their conntrack entries, so they are not cut. */
