@@ -3,13 +3,13 @@
 // services grow. Drives Harbor through its own gRPC API, run as in production:
 // `harbor serve control-plane` and, apart, `harbor serve worker`.
 //
-//   node bench/control-plane.mjs [--smoke|--full] [--only allocation|propagation] [--cpu-prof DIR]
+//   node bench/control-plane.mjs [--smoke|--full] [--only=allocation|propagation] [--cpu-prof=DIR]
 //
 // --cpu-prof writes a V8 CPU profile of each Harbor process to DIR.
 // Needs the build (npm run build), Postgres on 127.0.0.1:5432 and NATS on
 // 127.0.0.1:4222, as the tests do. Prints Markdown tables; writes them to
 // bench/results/control-plane.md (a run with --only prints its part only).
-import { spawn, execFileSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { dirname, join } from "node:path";
@@ -17,16 +17,28 @@ import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
 import * as grpc from "@grpc/grpc-js";
 import pg from "pg";
-import { fetchMetrics } from "./lib.mjs";
+import { createDatabase, createProcesses, fetchMetrics, freePort, grpcCall, pool, waitFor } from "./lib.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const { PortAllocatorClient, BackendRegistryClient } = await import(join(ROOT, "libs/proto/dist/index.js"));
 
-const full = process.argv.includes("--full");
-const only = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
-if (only !== undefined && only !== "allocation" && only !== "propagation") throw new Error("--only takes allocation or propagation");
-const profileDir = process.argv.includes("--cpu-prof") ? process.argv[process.argv.indexOf("--cpu-prof") + 1] : undefined;
-if (process.argv.includes("--cpu-prof") && !profileDir) throw new Error("--cpu-prof takes a directory");
+const args = process.argv.slice(2);
+const option = (name) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+const full = args.includes("--full");
+const only = option("only");
+const profileDir = option("cpu-prof");
+const unknown = args.filter((a) => a !== "--smoke" && a !== "--full" && !a.startsWith("--only=") && !a.startsWith("--cpu-prof="));
+if (unknown.length > 0 || (full && args.includes("--smoke")) || (only !== undefined && only !== "allocation" && only !== "propagation") || profileDir === "") {
+  process.stderr.write("usage: node bench/control-plane.mjs [--smoke|--full] [--only=allocation|propagation] [--cpu-prof=<dir>]\n");
+  process.exit(2);
+}
+const STAMP = new Date().toISOString().replace(/[:.]/g, "-").replace(/Z$/, "") + `-control-plane-${full ? "full" : "smoke"}`;
+const RAW_DIR = join(ROOT, "bench/results/raw", STAMP);
+mkdirSync(RAW_DIR, { recursive: true });
+const log = (msg) => process.stderr.write(`${msg}\n`);
+const { startProcess, stopProcess, shutdown, installHandlers } = createProcesses({ rawDir: RAW_DIR, log });
+installHandlers();
+const HARBOR_BIN = join(ROOT, "services/cli/bin/harbor.js");
 const SCALES = full ? [0, 10_000, 25_000, 50_000] : [0, 5_000];
 const BATCH = full ? 2_000 : 1_000;
 const WARM_CREATES = 4_000;
@@ -36,30 +48,15 @@ const LATENCY_SAMPLES = full ? 100 : 30;
 const WARM_UP = 10;
 const NODE_RANGE = 2_500; // ports per synthetic node: 20 nodes hold 50,000
 
-const freePort = () =>
-  new Promise((resolve) => {
-    const s = net.createServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
+const call = (client, method, request) => grpcCall(client, method, request, 30_000);
 
-function call(client, method, request, timeoutMs = 30_000) {
-  return new Promise((resolve, reject) =>
-    client[method](request, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res))),
-  );
-}
-
+/** A fresh database for `fn`, dropped afterwards. */
 async function withDatabase(fn) {
-  const name = `harbor_bench_${Date.now().toString(36)}`;
-  const admin = new pg.Client({ connectionString: "postgres://postgres@127.0.0.1:5432/postgres" });
-  await admin.connect();
-  await admin.query(`CREATE DATABASE ${name}`);
+  const database = await createDatabase("harbor_bench");
   try {
-    return await fn(`postgres://postgres@127.0.0.1:5432/${name}`);
+    return await fn(database.url);
   } finally {
-    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-    await admin.end();
+    await database.drop();
   }
 }
 
@@ -71,40 +68,36 @@ async function withDatabase(fn) {
  */
 async function startHarbor(databaseUrl, env = {}) {
   const api = `127.0.0.1:${await freePort()}`;
-  const serve = (target, own = {}) => {
-    const child = spawn(process.execPath, [...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []), join(ROOT, "services/cli/bin/harbor.js"), "serve", target], {
-      env: { ...process.env, DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: prefix, LOG_LEVEL: "warn", ...env, ...own },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    const proc = { child, out: "", exited: new Promise((resolve) => child.once("exit", resolve)) };
-    child.stdout.on("data", (d) => (proc.out = (proc.out + d).slice(-4000)));
-    child.stderr.on("data", (d) => (proc.out = (proc.out + d).slice(-4000)));
-    return proc;
-  };
   const prefix = `bench${Date.now().toString(36)}`;
+  // LOG_LEVEL warn: an info line per registration would be part of what is timed.
+  const common = { DATABASE_URL: databaseUrl, NATS_URL: "nats://127.0.0.1:4222", HARBOR_API: api, HARBOR_NATS_PREFIX: prefix, LOG_LEVEL: "warn", ...env };
+  const serve = (target, own = {}) =>
+    startProcess(`harbor-${target}-${prefix}`, process.execPath, [...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []), HARBOR_BIN, "serve", target], { env: { ...common, ...own } });
   const credentials = grpc.credentials.createInsecure();
   const allocator = new PortAllocatorClient(api, credentials);
-  const controlPlane = serve("control-plane");
-  const started = performance.now();
-  while (!(await call(allocator, "listNodes", {}, 1_000).then(() => true, () => false))) {
-    if (controlPlane.child.exitCode !== null || performance.now() - started > 60_000) throw new Error(`harbor serve control-plane did not come up: ${controlPlane.out}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  const controlPlane = await serve("control-plane");
   const metrics = `127.0.0.1:${await freePort()}`;
-  const worker = serve("worker", { HARBOR_METRICS_ADDRESS: metrics });
-  const stop = async (proc) => {
-    if (proc.child.exitCode === null) proc.child.kill("SIGTERM");
-    await proc.exited;
-  };
+  let worker;
+  try {
+    let exited = false;
+    controlPlane.exited.then(() => (exited = true));
+    await waitFor("harbor serve control-plane answering", async () => {
+      if (exited) throw new Error(`it exited; see ${RAW_DIR}`);
+      return grpcCall(allocator, "listNodes", {}, 1_000).then(() => true, () => false);
+    }, 60_000, 50);
+    worker = await serve("worker", { HARBOR_METRICS_ADDRESS: metrics });
+  } catch (err) {
+    await stopProcess(controlPlane);
+    throw err;
+  }
   return {
-    api,
     allocator,
     registry: new BackendRegistryClient(api, credentials),
     /** The worker's `harbor_worker_propagation_seconds` buckets now: upper bound (s) → cumulative count. */
     propagationBuckets: () => propagationBuckets(metrics),
     stop: async () => {
-      await stop(worker);
-      await stop(controlPlane);
+      await stopProcess(worker);
+      await stopProcess(controlPlane);
     },
   };
 }
@@ -126,20 +119,16 @@ function bucketPercentile(before, after, p) {
   const count = (after.get(Infinity) ?? 0) - (before.get(Infinity) ?? 0);
   if (count === 0) return "—";
   const bound = bounds.find((le) => (after.get(le) ?? 0) - (before.get(le) ?? 0) >= (p / 100) * count);
-  return bound === Infinity ? "> 5 s" : `≤ ${+(bound * 1000).toFixed(1)}`;
+  return bound === Infinity ? `> ${+(bounds.at(-2) * 1000).toFixed(1)}` : `≤ ${+(bound * 1000).toFixed(1)}`;
 }
 
-const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+/** Nearest rank: the smallest sample with at least p % of the samples at or below it; NaN with none. */
+const percentile = (sorted, p) => (sorted.length === 0 ? Number.NaN : sorted[Math.max(0, Math.ceil((p / 100) * sorted.length) - 1)]);
 
 /** Runs `each(i)` for i < count, CONCURRENCY at a time; returns calls per second. */
 async function concurrently(count, each) {
-  let next = 0;
   const started = performance.now();
-  await Promise.all(
-    Array.from({ length: CONCURRENCY }, async () => {
-      for (let i = next++; i < count; i = next++) await each(i);
-    }),
-  );
+  await pool(count, CONCURRENCY, each);
   return count / ((performance.now() - started) / 1000);
 }
 
@@ -165,7 +154,7 @@ async function allocationThroughput() {
       // table). Measured apart; then warmed up to WARM_CREATES and emptied,
       // so the steps measure the number of existing allocations alone.
       const cold = await createMany(harbor.allocator, "cold", BATCH);
-      process.stderr.write(`allocations: a fresh process's first ${BATCH} → ${cold.toFixed(0)} creates/s\n`);
+      log(`allocations: a fresh process's first ${BATCH} → ${cold.toFixed(0)} creates/s`);
       await createMany(harbor.allocator, "warm", WARM_CREATES);
       await concurrently(BATCH, (i) => call(harbor.allocator, "deletePortService", { name: `cold-${i}` }));
       await concurrently(WARM_CREATES, (i) => call(harbor.allocator, "deletePortService", { name: `warm-${i}` }));
@@ -178,7 +167,7 @@ async function allocationThroughput() {
         const rate = await createMany(harbor.allocator, `batch-${scale}`, BATCH);
         existing += BATCH;
         rows.push({ existing: scale, rate });
-        process.stderr.write(`allocations: ${scale} existing → ${rate.toFixed(0)} creates/s\n`);
+        log(`allocations: ${scale} existing → ${rate.toFixed(0)} creates/s`);
       }
       const client = new pg.Client({ connectionString: url });
       await client.connect();
@@ -240,11 +229,7 @@ async function propagation() {
         const steady = await greeter("steady");
         const moving = await greeter("moving");
         await call(harbor.registry, "registerInstance", { app: "timed", instanceId: "steady", host: "127.0.0.1", ports: [{ intPort: 4100, port: steady.port }], ttlSeconds: 600 });
-        const since = performance.now();
-        while ((await greeting(service.port)) !== "steady") {
-          if (performance.now() - since > 30_000) throw new Error("the worker never put the first instance in rotation");
-          await new Promise((r) => setTimeout(r, 20));
-        }
+        await waitFor("the worker putting the first instance in rotation", async () => (await greeting(service.port)) === "steady", 30_000, 20);
         const up = [];
         const down = [];
         // The first WARM_UP rounds of each fresh Harbor are run and not counted: they time
@@ -267,10 +252,11 @@ async function propagation() {
           const sorted = (xs) => xs.filter(Number.isFinite).sort((a, b) => a - b);
           const total = sorted(samples.map((x) => x.total));
           const rpc = sorted(samples.map((x) => x.rpc));
-          return { p50: percentile(total, 50), p99: percentile(total, 99), rpcP50: percentile(rpc, 50), rpcP99: percentile(rpc, 99), lost: samples.length - total.length };
+          return { p50: percentile(total, 50), p99: percentile(total, 99), rpcP50: percentile(rpc, 50), rpcP99: percentile(rpc, 99) };
         };
-        rows.push({ services, reconciling, up: stats(up), down: stats(down), inWorker });
-        process.stderr.write(`propagation: ${services} services${reconciling ? " (registry reconciling)" : ""} → up p99 ${stats(up).p99.toFixed(1)} ms, down p99 ${stats(down).p99.toFixed(1)} ms\n`);
+        const row = { services, reconciling, up: stats(up), down: stats(down), inWorker };
+        rows.push(row);
+        log(`propagation: ${services} services${reconciling ? " (registry reconciling)" : ""} → up p99 ${row.up.p99.toFixed(1)} ms, down p99 ${row.down.p99.toFixed(1)} ms`);
       } finally {
         await harbor.stop();
       }
@@ -279,8 +265,15 @@ async function propagation() {
   return rows;
 }
 
-const allocation = only === "propagation" ? undefined : await allocationThroughput();
-const latency = only === "allocation" ? undefined : await propagation();
+let allocation, latency;
+try {
+  allocation = only === "propagation" ? undefined : await allocationThroughput();
+  latency = only === "allocation" ? undefined : await propagation();
+} catch (err) {
+  log(`fatal: ${err?.stack ?? err}`);
+  await shutdown();
+  process.exit(1);
+}
 const allocationLines = allocation && [
   `## Allocation throughput (${CONCURRENCY} concurrent gRPC clients, ${BATCH} creates per step)`,
   "",
@@ -300,7 +293,7 @@ const latencyLines = latency && [
   "| services | in rotation p50 ms | p99 ms | … of which the RPC, p50 / p99 | out of rotation p50 ms | p99 ms | … of which the RPC, p50 / p99 | registry → worker (worker's histogram), p50 / p99 ms |",
   "|---:|---:|---:|---:|---:|---:|---:|---:|",
   ...latency.map((r) => {
-    const ms = (x) => x.toFixed(1);
+    const ms = (x) => (Number.isNaN(x) ? "—" : x.toFixed(1));
     const side = (d) => `${ms(d.p50)} | ${ms(d.p99)} | ${ms(d.rpcP50)} / ${ms(d.rpcP99)}`;
     return `| ${r.services.toLocaleString("en")}${r.reconciling ? ", registry reconciling every set each second" : ""} | ${side(r.up)} | ${side(r.down)} | ${r.inWorker.p50} / ${r.inWorker.p99} |`;
   }),
@@ -311,7 +304,7 @@ const latencyLines = latency && [
 const lines = [
   `# Control plane — ${new Date().toISOString()}`,
   "",
-  `\`node bench/control-plane.mjs ${full ? "--full" : "--smoke"}${only ? ` --only ${only}` : ""}\` on ${execFileSync("nproc").toString().trim()} cores, node ${process.version}, \`harbor serve control-plane\` and, apart, \`harbor serve worker\` (as in production), with the machine's Postgres and NATS.`,
+  `\`node bench/control-plane.mjs ${full ? "--full" : "--smoke"}${only ? ` --only=${only}` : ""}\` on ${execFileSync("nproc").toString().trim()} cores, node ${process.version}, \`harbor serve control-plane\` and, apart, \`harbor serve worker\` (as in production), with the machine's Postgres and NATS.`,
   "",
   ...(allocationLines ?? []),
   ...(latencyLines ?? []),
@@ -322,4 +315,5 @@ if (!only) {
   writeFileSync(join(ROOT, "bench/results/control-plane.md"), lines.join("\n"));
 }
 process.stdout.write(lines.join("\n"));
+await shutdown();
 process.exit(0);

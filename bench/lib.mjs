@@ -3,6 +3,7 @@
 import { spawn, spawnSync } from "node:child_process";
 import { createWriteStream, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import http from "node:http";
+import net from "node:net";
 import { join } from "node:path";
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -22,6 +23,66 @@ export function fetchMetrics(address, timeoutMs = 5_000) {
 }
 
 export const oneLine = (err, max = 120) => String(err?.message ?? err).split("\n").map((s) => s.trim()).filter(Boolean).join(" ").slice(0, max);
+
+/** Polls `probe` until it answers truthy; throws, naming `what` and the last error, after timeoutMs. */
+export async function waitFor(what, probe, timeoutMs = 60_000, everyMs = 100) {
+  const until = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < until) {
+    try {
+      if (await probe()) return;
+    } catch (err) {
+      last = err;
+    }
+    await sleep(everyMs);
+  }
+  throw new Error(`${what}: not within ${timeoutMs / 1000} s${last ? ` (${oneLine(last)})` : ""}`);
+}
+
+/** A TCP port on `host` that was free a moment ago. */
+export const freePort = (host = "127.0.0.1") =>
+  new Promise((resolve) => {
+    const s = net.createServer().listen(0, host, () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+
+export const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+};
+
+/** Runs `fn(i)` for every i < count, `concurrency` at a time. */
+export async function pool(count, concurrency, fn) {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      for (let i = next++; i < count; i = next++) await fn(i);
+    }),
+  );
+}
+
+/** A unary call of a grpc-js client, as a promise. */
+export const grpcCall = (client, method, request, timeoutMs = 60_000) =>
+  new Promise((resolve, reject) => client[method](request, { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res))));
+
+/** A fresh database `<prefix>_<stamp>` on the machine's Postgres; `drop()` removes it. */
+export async function createDatabase(prefix) {
+  const { default: pg } = await import("pg");
+  const name = `${prefix}_${Date.now().toString(36)}`;
+  const admin = new pg.Client({ connectionString: "postgres://postgres@127.0.0.1:5432/postgres" });
+  await admin.connect();
+  await admin.query(`CREATE DATABASE ${name}`);
+  return {
+    url: `postgres://postgres@127.0.0.1:5432/${name}`,
+    drop: async () => {
+      await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+      await admin.end();
+    },
+  };
+}
 
 // ---------------------------------------------------------------- /proc
 
@@ -227,5 +288,8 @@ export function createProcesses({ rawDir, log, shutdownGraceMs = 5_000, stopGrac
     }
   }
 
-  return { live, cleanups, track, killGroup, startProcess, stopProcess, runCommand, shutdown, installHandlers };
+  /** Whether shutdown has begun (an error then is the shutdown's doing, not the bench's). */
+  const isShuttingDown = () => shuttingDown !== undefined;
+
+  return { live, cleanups, track, killGroup, startProcess, stopProcess, runCommand, shutdown, isShuttingDown, installHandlers };
 }

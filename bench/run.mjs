@@ -17,7 +17,7 @@ import http from "node:http";
 import os from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { CLK_TCK, createProcesses, deadline, oneLine, processTree, readStat, sleep, treeCpuTicks, treeRssKiB } from "./lib.mjs";
+import { CLK_TCK, createProcesses, median, oneLine, processTree, readStat, sleep, treeCpuTicks, treeRssKiB, waitFor as waitUntil } from "./lib.mjs";
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const REPO = resolve(BENCH_DIR, "..");
@@ -58,8 +58,10 @@ const PROFILE_DIR = option("cpu-prof");
 const PICKED = option("targets")?.split(",");
 const unknown = args.filter((a) => a !== "--smoke" && a !== "--full" && !a.startsWith("--only=") && !a.startsWith("--targets=") && !a.startsWith("--cpu-prof="));
 const badTarget = PICKED?.find((tg) => !ALL_TARGETS.includes(tg));
-if (unknown.length > 0 || (args.includes("--smoke") && args.includes("--full")) || ONLY === "" || badTarget !== undefined) {
+const twice = PICKED?.find((tg, i) => PICKED.indexOf(tg) !== i);
+if (unknown.length > 0 || (args.includes("--smoke") && args.includes("--full")) || ONLY === "" || PROFILE_DIR === "" || badTarget !== undefined || twice !== undefined) {
   if (badTarget !== undefined) process.stderr.write(`unknown target "${badTarget}"; targets here: ${ALL_TARGETS.join(", ")}\n`);
+  if (twice !== undefined) process.stderr.write(`target "${twice}" is named twice\n`);
   process.stderr.write("usage: node bench/run.mjs [--smoke|--full] [--only=<workload name text>] [--targets=<target>,...] [--cpu-prof=<dir>]\n");
   process.exit(2);
 }
@@ -180,19 +182,7 @@ async function withProxyCpu(target, fn) {
 
 // ---------------------------------------------------------------- waiting and probes
 
-async function waitFor(what, probe, timeoutMs = 30_000) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < deadline) {
-    try {
-      if (await probe()) return;
-    } catch (err) {
-      last = err;
-    }
-    await sleep(300);
-  }
-  throw new Error(`${what}: not reachable within ${timeoutMs / 1000} s${last ? ` (${oneLine(last)})` : ""}`);
-}
+const waitFor = (what, probe) => waitUntil(`${what} reachable`, probe, 30_000, 300);
 
 function httpGetOk(port) {
   return new Promise((res, rej) => {
@@ -537,11 +527,6 @@ const PER_CORE_ROWS = [
   { key: "udpFixedKpps", label: `UDP at ${UDP_FIXED_PPS / 1000} kpps, delivered (kpps per core)`, peer: "nginx", digits: 1 },
 ];
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
-};
 const fmt = (v, digits) => v.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
 const cellText = (s) => String(s).replace(/\|/g, "\\|");
 
@@ -731,9 +716,11 @@ async function main() {
   writeFileSync(join(RAW_DIR, "results.json"), JSON.stringify({ mode: MODE, command: COMMAND, machineCpu: cpu, results, perCore }, null, 2));
   mkdirSync(RESULTS_DIR, { recursive: true });
   writeFileSync(join(RESULTS_DIR, "latest.md"), report);
-  if (MODE === "full" && !ONLY) writeFileSync(join(RESULTS_DIR, "full.md"), report);
+  // full.md keeps the last whole full run: every workload, every target.
+  const whole = MODE === "full" && !ONLY && !PICKED;
+  if (whole) writeFileSync(join(RESULTS_DIR, "full.md"), report);
   process.stdout.write(report.slice(report.indexOf("## Results")));
-  log(`wrote ${relative(REPO, join(RESULTS_DIR, "latest.md"))}${MODE === "full" && !ONLY ? " and full.md" : ""} in ${Math.round(elapsedS)} s`);
+  log(`wrote ${relative(REPO, join(RESULTS_DIR, "latest.md"))}${whole ? " and full.md" : ""} in ${Math.round(elapsedS)} s`);
 }
 
 try {

@@ -24,7 +24,7 @@ import os from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
-import { CLK_TCK, createProcesses, deadline, fetchMetrics, oneLine as oneLineOf, sleep, treeCpuTicks, treeRssKiB } from "./lib.mjs";
+import { CLK_TCK, createDatabase, createProcesses, fetchMetrics, freePort as freePortOn, grpcCall, median, oneLine as oneLineOf, pool, sleep, treeCpuTicks, treeRssKiB, waitFor } from "./lib.mjs";
 
 const SELF = fileURLToPath(import.meta.url);
 const REPO = resolve(dirname(SELF), "..");
@@ -50,17 +50,15 @@ function serveRole(handlers) {
 /** Echo backends: one server; every accepted socket echoes what it reads. */
 function backendsRole() {
   let open = 0;
-  let accepted = 0;
   const server = net.createServer((s) => {
     open++;
-    accepted++;
     s.on("data", (d) => s.write(d));
     s.on("error", () => undefined);
     s.once("close", () => open--);
   });
   serveRole({
     start: () => new Promise((res) => server.listen({ port: 0, host: LOCAL, backlog: 4096 }, () => res({ port: server.address().port }))),
-    stats: async () => ({ open, accepted }),
+    stats: async () => ({ open }),
   });
 }
 
@@ -194,7 +192,6 @@ async function benchmark() {
     if (spawnSync("npm", ["run", "build", "--silent"], { cwd: REPO, stdio: ["ignore", 2, 2] }).status !== 0) throw new Error("npm run build failed");
   }
   const grpc = await import("@grpc/grpc-js");
-  const { default: pg } = await import("pg");
   const { PortAllocatorClient, BackendRegistryClient } = await import(join(REPO, "libs/proto/dist/index.js"));
   mkdirSync(RAW_DIR, { recursive: true });
 
@@ -202,7 +199,7 @@ async function benchmark() {
   // Every process runs in its own process group and is tracked in `live`; on
   // exit, Ctrl-C or an error all get SIGTERM, then SIGKILL, then the database goes.
 
-  const { cleanups, track, startProcess, stopProcess, shutdown, installHandlers } = createProcesses({ rawDir: RAW_DIR, log, shutdownGraceMs: 15_000, stopGraceMs: 15_000 });
+  const { cleanups, track, startProcess, stopProcess, shutdown, isShuttingDown, installHandlers } = createProcesses({ rawDir: RAW_DIR, log, shutdownGraceMs: 15_000, stopGraceMs: 15_000 });
   installHandlers();
 
   /** A `harbor` verb as a long-running process; resolves once its output holds readyText. */
@@ -298,27 +295,7 @@ async function benchmark() {
     throw new Error(`no ${size} free consecutive ports in ${PORT_POOL.min}-${PORT_POOL.max}`);
   }
 
-  const freePort = () =>
-    new Promise((res) => {
-      const s = net.createServer().listen(0, LOCAL, () => {
-        const { port } = s.address();
-        s.close(() => res(port));
-      });
-    });
-
-  async function waitFor(what, probe, timeoutMs = 60_000, everyMs = 100) {
-    const until = Date.now() + timeoutMs;
-    let last;
-    while (Date.now() < until) {
-      try {
-        if (await probe()) return;
-      } catch (err) {
-        last = err;
-      }
-      await sleep(everyMs);
-    }
-    throw new Error(`${what}: not within ${timeoutMs / 1000} s${last ? ` (${oneLine(last)})` : ""}`);
-  }
+  const freePort = () => freePortOn(LOCAL);
 
   /** A few series from the worker's /metrics (Prometheus text). */
   async function scrape(address) {
@@ -336,20 +313,7 @@ async function benchmark() {
 
   // ---------------------------------------------------------------- Harbor's API
 
-  function call(client, method, request, timeoutMs = 60_000) {
-    return new Promise((res, rej) =>
-      client[method](request, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, r) => (err ? rej(err) : res(r))),
-    );
-  }
-
-  async function pool(items, concurrency, fn) {
-    let next = 0;
-    await Promise.all(
-      Array.from({ length: concurrency }, async () => {
-        for (let i = next++; i < items.length; i = next++) await fn(items[i], i);
-      }),
-    );
-  }
+  const call = (client, method, request) => grpcCall(client, method, request, 60_000);
 
   function cli(api, ...argv) {
     const r = spawnSync(process.execPath, [HARBOR_BIN, "--api", api, ...argv], { encoding: "utf8", env: { ...process.env, HARBOR_API: api } });
@@ -385,7 +349,7 @@ async function benchmark() {
     const before = series.filter(([t]) => t < at).map(([, k]) => k).sort((a, b) => a - b);
     const after = series.filter(([t]) => t >= at).map(([, k]) => k).sort((a, b) => a - b);
     if (before.length === 0 || after.length === 0) return undefined;
-    return { before: before[Math.floor(before.length / 2)], after: after[Math.floor(after.length / 2)], peak: after.at(-1) };
+    return { before: median(before), after: median(after), peak: after.at(-1) };
   }
   /** Settles, then averages the worker's CPU over the window and takes the median of its RSS samples. */
   async function reading(worker, fields) {
@@ -403,7 +367,7 @@ async function benchmark() {
     const samples = series.map(([, k]) => k);
     const restPct = (100 * (treeCpuTicks(worker.pid) - t0)) / CLK_TCK / ((performance.now() - w0) / 1000);
     samples.sort((a, b) => a - b);
-    const rss = samples[Math.floor(samples.length / 2)];
+    const rss = median(samples);
     const m = await scrape(worker.metrics);
     worker.lastTicks = treeCpuTicks(worker.pid);
     const r = { worker: worker.label, ...fields, resync: aroundResync(worker, series), series, rssKiB: rss, rssMin: samples[0], rssMax: samples.at(-1), heapUsed: m.heapUsed, heapTotal: m.heapTotal, newSpace: m.newSpace, cpuToHere: sinceTicks / CLK_TCK, restPct, listening: m.listening, open: m.open };
@@ -488,14 +452,8 @@ async function benchmark() {
     log(`mode ${MODE}; logs in ${relative(REPO, RAW_DIR)}`);
 
     // A fresh database, dropped at the end.
-    const dbName = `harbor_scale_${Date.now().toString(36)}`;
-    const admin = new pg.Client({ connectionString: "postgres://postgres@127.0.0.1:5432/postgres" });
-    await admin.connect();
-    await admin.query(`CREATE DATABASE ${dbName}`);
-    cleanups.push(async () => {
-      await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`);
-      await admin.end();
-    });
+    const database = await createDatabase("harbor_scale");
+    cleanups.push(database.drop);
 
     const defaultRange = freeBlock(10);
     const api = `${LOCAL}:${await freePort()}`;
@@ -505,7 +463,7 @@ async function benchmark() {
     const control = await startHarbor(
       "harbor-control-plane",
       ["serve", "control-plane"],
-      { ...common, DATABASE_URL: `postgres://postgres@127.0.0.1:5432/${dbName}`, HARBOR_PORT_RANGE: `${defaultRange.min}-${defaultRange.max}`, LOG_LEVEL: "info" },
+      { ...common, DATABASE_URL: database.url, HARBOR_PORT_RANGE: `${defaultRange.min}-${defaultRange.max}`, LOG_LEVEL: "info" },
       '"msg":"ready"',
     );
     const credentials = grpc.credentials.createInsecure();
@@ -528,7 +486,7 @@ async function benchmark() {
     await startHelpers();
 
     /** A `serve worker` process for the node `nodeId` (made beforehand with `harbor set-node`). */
-    async function startWorker(label, nodeId, range) {
+    async function startWorker(label, nodeId) {
       const metrics = `${LOCAL}:${await freePort()}`;
       const spawnedAt = performance.now();
       const proc = await startHarbor(
@@ -537,9 +495,8 @@ async function benchmark() {
         { ...workerEnv, HARBOR_NODE_ID: nodeId, HARBOR_METRICS_ADDRESS: metrics, LOG_LEVEL: "info" },
         '"msg":"ready"',
       );
-      const worker = { ...proc, label, nodeId, range, metrics, spawnedAt, readyAfterS: (performance.now() - spawnedAt) / 1000, lastTicks: 0, services: [], apps: new Map() };
-      worker.lastTicks = treeCpuTicks(worker.pid);
-      return worker;
+      // lastTicks 0: the first reading's "CPU to get here" is the process's start-up too.
+      return { ...proc, label, nodeId, metrics, spawnedAt, readyAfterS: (performance.now() - spawnedAt) / 1000, lastTicks: 0, services: [], apps: new Map() };
     }
 
     /** Creates services on the worker's node up to `total` (bound to apps, whose instances are the echo backend); waits until all listen. */
@@ -549,9 +506,10 @@ async function benchmark() {
       const appCount = worker.appCount;
       const touched = new Set();
       await pool(
-        Array.from({ length: total - from }, (_, k) => from + k),
+        total - from,
         CREATE_CONCURRENCY,
-        async (i) => {
+        async (k) => {
+          const i = from + k;
           const app = `${worker.nodeId}-app${i % appCount}`;
           const { service } = await call(allocator, "createPortService", { name: `${worker.nodeId}-${i}`, nodeId: worker.nodeId, port: 0, app });
           worker.services.push(service.port);
@@ -560,8 +518,9 @@ async function benchmark() {
           touched.add(app);
         },
       );
-      await pool([...touched], 8, (app) =>
-        call(registry, "registerInstance", { app, instanceId: `${app}-0`, host: LOCAL, ports: worker.apps.get(app), ttlSeconds: 3600 }),
+      const apps = [...touched];
+      await pool(apps.length, 8, (k) =>
+        call(registry, "registerInstance", { app: apps[k], instanceId: `${apps[k]}-0`, host: LOCAL, ports: worker.apps.get(apps[k]), ttlSeconds: 3600 }),
       );
       const created = performance.now();
       const want = worker.services;
@@ -611,7 +570,7 @@ async function benchmark() {
     const maxPorts = CFG.ports.at(-1);
     const portsRange = freeBlock(Math.ceil(maxPorts * 1.4));
     cli(api, "set-node", "scale-ports", "--range", `${portsRange.min}-${portsRange.max}`, "--host", LOCAL);
-    let worker = await startWorker("ports worker", "scale-ports", portsRange);
+    let worker = await startWorker("ports worker", "scale-ports");
     worker.appCount = Math.ceil(maxPorts / SERVICES_PER_APP);
     log(`ports worker up (pid ${worker.pid}, node range ${portsRange.min}-${portsRange.max})`);
     const portsIdle = await reading(worker, { step: "idle", ports: 0, connections: 0 });
@@ -631,9 +590,8 @@ async function benchmark() {
     await stopProcess(worker);
     // Cold start: a new worker process for the same node, spawn → every port listening.
     const coldPorts = worker.services;
-    worker = await startWorker("ports worker (restarted)", "scale-ports", portsRange);
+    worker = await startWorker("ports worker (restarted)", "scale-ports");
     worker.services = coldPorts;
-    worker.lastTicks = 0; // CPU to get here: its whole start-up
     const missing = await untilListening("cold start: ports listening", coldPorts, 20);
     const listeningAfter = missing === 0 ? (performance.now() - worker.spawnedAt) / 1000 : Number.NaN;
     notes.push(
@@ -648,7 +606,7 @@ async function benchmark() {
     // Part 2: connections. A fresh worker with CONNECTION_PORTS services; idle connections spread over them.
     const connRange = freeBlock(CONNECTION_PORTS * 2);
     cli(api, "set-node", "scale-conns", "--range", `${connRange.min}-${connRange.max}`, "--host", LOCAL);
-    worker = await startWorker("connections worker", "scale-conns", connRange);
+    worker = await startWorker("connections worker", "scale-conns");
     worker.appCount = Math.ceil(CONNECTION_PORTS / SERVICES_PER_APP);
     log(`connections worker up (pid ${worker.pid}, node range ${connRange.min}-${connRange.max})`);
     await growServices(worker, CONNECTION_PORTS);
@@ -673,7 +631,7 @@ async function benchmark() {
     process.exit(echoOk ? 0 : 1);
   } catch (err) {
     // Ctrl-C takes the processes away under a reading: that is not the error to report.
-    if (shuttingDown) return void (await shuttingDown);
+    if (isShuttingDown()) return void (await shutdown());
     log(`fatal: ${err?.stack ?? err}`);
     await shutdown();
     process.exit(1);
