@@ -22,12 +22,26 @@ export function createPool(options: PoolOptions): Pool {
     idleTimeoutMillis: 30_000,
     application_name: "harbor",
   });
-  pool.on("error", (err) => options.logger.warn({ err }, "db-idle-client-error"));
+  // pg-pool hangs the whole client (its prepared statements included) on an
+  // idle client's error: only what an operator needs is logged. A client that
+  // is closing because the pool is ending (shutdown) may see Postgres stop
+  // first; that is expected, not a warning.
+  pool.on("error", (err) => {
+    if (pool.ending) options.logger.debug({ err: describeDbError(err) }, "db-idle-client-error-while-ending");
+    else options.logger.warn({ err: describeDbError(err) }, "db-idle-client-error");
+  });
   // The pool listens on idle clients only: a client checked out when Postgres
   // goes away would otherwise throw its error at the process. The query in
   // flight fails on its own and is answered UNAVAILABLE.
-  pool.on("connect", (client) => client.on("error", (err) => options.logger.warn({ err }, "db-client-error")));
+  pool.on("connect", (client) => client.on("error", (err) => options.logger.warn({ err: describeDbError(err) }, "db-client-error")));
   return pool;
+}
+
+/** An error of pg as a log field: its message and codes, never the client it carries. */
+export function describeDbError(err: unknown): { message: string; code?: string; severity?: string } {
+  if (!(err instanceof Error)) return { message: String(err) };
+  const { code, severity } = err as { code?: string; severity?: string };
+  return { message: err.message, ...(code ? { code } : {}), ...(severity ? { severity } : {}) };
 }
 
 const CONNECTION_ERRORS = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENOTFOUND", "EPIPE", "57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004"]);
