@@ -1,0 +1,216 @@
+import { randomUUID } from "node:crypto";
+import pino from "pino";
+import { afterEach, describe, expect, it } from "vitest";
+import { createSubjects, encodeMessage, InProcessBus } from "@harbor/bus";
+import {
+  BackendSet,
+  Node,
+  PortService,
+  PortServiceEvent,
+  Protocol,
+  type BackendRegistryClient,
+  type ListBackendsRequest,
+  type ListBackendsResponse,
+  type ListPortServicesRequest,
+  type ListPortServicesResponse,
+  type PortAllocatorClient,
+} from "@harbor/proto";
+import { NodeView } from "../domain/node-view.js";
+import { Follower } from "./follower.js";
+
+const NODE = "n1";
+const subjects = createSubjects();
+
+const service = (id: string, port: number): PortService => PortService.fromPartial({ name: id, serviceName: `svc-${port}`, nodeId: NODE, port, protocol: Protocol.PROTOCOL_TCP, host: "127.0.0.1" });
+const set = (serviceId: string, revision: string, ...ports: number[]): BackendSet =>
+  BackendSet.fromPartial({
+    serviceId,
+    nodeId: NODE,
+    revision,
+    protocol: Protocol.PROTOCOL_TCP,
+    backends: ports.map((port, i) => ({ instanceId: `i${i}`, app: "demo", host: "127.0.0.1", port })),
+  });
+
+/**
+ * The control plane as the follower sees it: what it answers, and every
+ * request it got. It answers `unchanged` when the digest asked with matches,
+ * as the allocator and registry do. `gate`, when set, holds answers until
+ * released, so events can arrive mid-snapshot.
+ */
+class FakeControlPlane {
+  services: PortService[] = [];
+  sets: BackendSet[] = [];
+  servicesDigest = "d1";
+  setsDigest = "e1";
+  fail = false;
+  gate: Promise<void> | undefined;
+  servicesAsked: ListPortServicesRequest[] = [];
+  setsAsked: ListBackendsRequest[] = [];
+
+  private answer<T>(cb: (err: Error | null, res?: T) => void, res: () => T): object {
+    void (this.gate ?? Promise.resolve()).then(() => (this.fail ? cb(new Error("control plane away")) : cb(null, res())));
+    return {};
+  }
+
+  readonly allocator = {
+    listNodes: (_req: unknown, _m: unknown, _o: unknown, cb: (err: Error | null, res?: unknown) => void) =>
+      this.answer(cb, () => ({ nodes: [Node.fromPartial({ nodeId: NODE, host: "127.0.0.1" })] })),
+    listPortServices: (req: ListPortServicesRequest, _m: unknown, _o: unknown, cb: (err: Error | null, res?: ListPortServicesResponse) => void) => {
+      this.servicesAsked.push(req);
+      return this.answer(cb, () =>
+        req.unlessDigest === this.servicesDigest
+          ? { services: [], digest: this.servicesDigest, unchanged: true }
+          : { services: this.services, digest: this.servicesDigest, unchanged: false },
+      );
+    },
+  } as unknown as PortAllocatorClient;
+
+  readonly registry = {
+    listBackends: (req: ListBackendsRequest, _m: unknown, _o: unknown, cb: (err: Error | null, res?: ListBackendsResponse) => void) => {
+      this.setsAsked.push(req);
+      return this.answer(cb, () =>
+        req.unlessDigest === this.setsDigest ? { sets: [], digest: this.setsDigest, unchanged: true } : { sets: this.sets, digest: this.setsDigest, unchanged: false },
+      );
+    },
+  } as unknown as BackendRegistryClient;
+}
+
+describe("Follower: snapshots and events", () => {
+  let follower: Follower | undefined;
+  afterEach(() => follower?.stop());
+
+  function follow(plane: FakeControlPlane) {
+    const bus = new InProcessBus();
+    const view = new NodeView();
+    const changes: Array<readonly string[] | "all"> = [];
+    follower = new Follower({
+      nodeId: NODE,
+      view,
+      bus,
+      subjects,
+      allocator: plane.allocator,
+      registry: plane.registry,
+      resyncIntervalMs: 3_600_000,
+      logger: pino({ level: "silent" }),
+      onChange: (ids) => changes.push(ids ?? "all"),
+    });
+    return { follower, bus, view, changes };
+  }
+
+  it("reads everything at the first snapshot and every tenth after it, and by digest in between", async () => {
+    const plane = new FakeControlPlane();
+    const s1 = randomUUID();
+    plane.services = [service(s1, 30001)];
+    plane.sets = [set(s1, "1", 4001)];
+    const { follower: f, view } = follow(plane);
+    await f.start();
+    for (let i = 0; i < 20; i++) await f.resync("timer");
+
+    const asked = plane.servicesAsked.map((r) => r.unlessDigest);
+    expect(asked).toEqual(["", ...Array(9).fill("d1"), "", ...Array(9).fill("d1"), ""]);
+    expect(plane.setsAsked.map((r) => r.unlessDigest)).toEqual(asked.map((d) => (d === "" ? "" : "e1")));
+    // An `unchanged` answer leaves the view as it was.
+    expect(view.service(s1)?.port).toBe(30001);
+    expect(view.backends(s1).map((b) => b.port)).toEqual([4001]);
+  });
+
+  it("hands on only the services a periodic snapshot changed", async () => {
+    const plane = new FakeControlPlane();
+    const [s1, s2] = [randomUUID(), randomUUID()];
+    plane.services = [service(s1, 30001), service(s2, 30002)];
+    plane.sets = [set(s1, "1", 4001), set(s2, "1", 4002)];
+    const { follower: f, changes } = follow(plane);
+    await f.start();
+    expect(changes).toEqual(["all"]);
+
+    plane.sets = [set(s1, "1", 4001), set(s2, "2", 4003)];
+    plane.setsDigest = "e2";
+    await f.resync("timer");
+    expect(changes.at(-1)).toEqual([s2]);
+  });
+
+  it("holds events that arrive during a snapshot and applies them after it", async () => {
+    const plane = new FakeControlPlane();
+    const [s1, s2] = [randomUUID(), randomUUID()];
+    plane.services = [service(s1, 30001)];
+    plane.sets = [set(s1, "1", 4001)];
+    const { follower: f, bus, view } = follow(plane);
+    await f.start();
+
+    // The snapshot's answers were read before s2 was created; its event comes first.
+    let release = () => undefined as void;
+    plane.gate = new Promise<void>((r) => (release = r));
+    plane.servicesDigest = "d2";
+    const snapshot = f.resync("timer");
+    bus.publish(subjects.serviceCreated(NODE), encodeMessage(PortServiceEvent, { service: service(s2, 30002), sequence: "1" }));
+    await new Promise((r) => setImmediate(r));
+    expect(view.service(s2)).toBeUndefined();
+    release();
+    await snapshot;
+    // Applied before the snapshot, the snapshot would have dropped it again.
+    expect(view.service(s2)?.port).toBe(30002);
+    expect(view.service(s1)?.port).toBe(30001);
+  });
+
+  it("keeps its view when a snapshot fails, applies what was held, and retries", async () => {
+    const plane = new FakeControlPlane();
+    const s1 = randomUUID();
+    plane.services = [service(s1, 30001)];
+    plane.sets = [set(s1, "1", 4001)];
+    const { follower: f, bus, view, changes } = follow(plane);
+    await f.start();
+
+    let release = () => undefined as void;
+    plane.gate = new Promise<void>((r) => (release = r));
+    plane.fail = true;
+    const snapshot = f.resync("timer");
+    bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, set(s1, "2", 4002)));
+    release();
+    await snapshot;
+    expect(view.service(s1)?.port).toBe(30001);
+    expect(view.backends(s1).map((b) => b.port)).toEqual([4002]);
+    // Only the held event's service is handed on, not a look at every listener.
+    expect(changes.at(-1)).toEqual([s1]);
+
+    plane.fail = false;
+    plane.gate = undefined;
+    const asked = plane.servicesAsked.length;
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect(plane.servicesAsked.length).toBeGreaterThan(asked);
+  });
+
+  it("drops a malformed set and a set of another node, and changes nothing", async () => {
+    const plane = new FakeControlPlane();
+    const s1 = randomUUID();
+    plane.services = [service(s1, 30001)];
+    plane.sets = [set(s1, "1", 4001)];
+    const { follower: f, bus, view, changes } = follow(plane);
+    await f.start();
+    const before = changes.length;
+
+    bus.publish(subjects.backendsOfNode(NODE), "{not json");
+    bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, { ...set(s1, "2", 4002), revision: "-1" }));
+    bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, { ...set(s1, "2", 70000) }));
+    bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, { ...set(s1, "2", 4002), nodeId: "n2" }));
+    await new Promise((r) => setImmediate(r));
+    expect(view.backends(s1).map((b) => b.port)).toEqual([4001]);
+    expect(changes.length).toBe(before);
+  });
+
+  it("takes a snapshot when a set's revision jumps (events were missed)", async () => {
+    const plane = new FakeControlPlane();
+    const s1 = randomUUID();
+    plane.services = [service(s1, 30001)];
+    plane.sets = [set(s1, "1", 4001)];
+    const { follower: f, bus } = follow(plane);
+    await f.start();
+    const asked = plane.servicesAsked.length;
+
+    bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, set(s1, "2", 4002)));
+    await new Promise((r) => setImmediate(r));
+    expect(plane.servicesAsked.length).toBe(asked);
+    bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, set(s1, "5", 4005)));
+    await f.resync("test");
+    expect(plane.servicesAsked.length).toBe(asked + 1);
+  });
+});
