@@ -45,6 +45,8 @@ export class RelayPool {
     private readonly connectTimeoutMs: number,
     private readonly counters: DataPlaneCounters,
     private readonly logger: Logger,
+    /** The relay's entry point; tests running from source pass the built one. */
+    private readonly relayMain = RELAY_MAIN,
   ) {}
 
   async start(): Promise<void> {
@@ -119,7 +121,7 @@ export class RelayPool {
 
   private spawn(index: number): Promise<void> {
     const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs) };
-    const child = fork(RELAY_MAIN, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
+    const child = fork(this.relayMain, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
     const relay: Relay = { index, child, open: new Map(), rotations: new Map(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
     this.relays[index] = relay;
     child.on("message", (message: FromRelay) => this.receive(relay, message));

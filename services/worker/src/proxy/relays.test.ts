@@ -1,0 +1,107 @@
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { afterEach, beforeAll, describe, expect, it } from "vitest";
+import type { Backend } from "@harbor/proto";
+import { createLogger } from "@harbor/runtime";
+import { connectLines, freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
+import { DataPlaneCounters } from "../metrics.js";
+import { RelayPool } from "./relays.js";
+import { TcpListener } from "./tcp.js";
+
+// Relays are forked from the built entry point (`npm test` builds first).
+const RELAY_MAIN = fileURLToPath(new URL("../../dist/proxy/relay-main.js", import.meta.url));
+const logger = createLogger("test", "silent");
+const cleanup: Array<() => unknown> = [];
+
+afterEach(async () => {
+  for (const c of cleanup.splice(0).reverse()) await c();
+});
+
+async function backends(...names: string[]): Promise<EchoBackend[]> {
+  const started: EchoBackend[] = [];
+  for (const name of names) {
+    const b = await startEchoBackend(name);
+    started.push(b);
+    cleanup.push(() => b.close());
+  }
+  return started;
+}
+
+const asSet = (bs: EchoBackend[]): Backend[] => bs.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
+
+async function relayedListener(set: () => readonly Backend[]) {
+  const counters = new DataPlaneCounters();
+  const relays = new RelayPool(2, 1_000, counters, logger, RELAY_MAIN);
+  await relays.start();
+  cleanup.push(() => relays.stop(2_000));
+  const listener = new TcpListener({
+    serviceId: "s",
+    host: "127.0.0.1",
+    port: await freePort(),
+    backends: set,
+    connectTimeoutMs: 1_000,
+    maxConnections: 100,
+    passiveEjectMs: 60_000,
+    counters,
+    logger,
+    relays,
+  });
+  expect(await listener.listen()).toBe(true);
+  cleanup.push(() => listener.close());
+  return { listener, counters };
+}
+
+/** Opens `count` connections one after another; which backend greeted each, and that each echoes. */
+async function reach(port: number, count: number): Promise<Record<string, number>> {
+  const reached: Record<string, number> = {};
+  for (let i = 0; i < count; i++) {
+    const client = await connectLines(port);
+    const name = await client.nextLine();
+    reached[name] = (reached[name] ?? 0) + 1;
+    expect(await client.roundTrip(`hello ${i}`)).toBe(`hello ${i}`);
+    client.close();
+  }
+  return reached;
+}
+
+describe("tcp listener with two relay processes", () => {
+  beforeAll(() => {
+    if (!existsSync(RELAY_MAIN)) throw new Error(`${RELAY_MAIN} is missing: build first (npm run build)`);
+    // The relays inherit this process's environment.
+    process.env.LOG_LEVEL = "silent";
+  });
+
+  it("keeps round-robin exact across the relays, and accounts for every connection", async () => {
+    const set = asSet(await backends("r0", "r1", "r2"));
+    const { listener, counters } = await relayedListener(() => set);
+
+    expect(await reach(listener.port, 9)).toEqual({ r0: 3, r1: 3, r2: 3 });
+    // The relays report what they carried, and that each connection ended.
+    await waitFor(() => counters.tcpProxied === 9 && listener.connections === 0, "the relays' reports");
+    expect(counters.tcpBytesToBackend).toBeGreaterThan(0);
+  });
+
+  it("sends a changed set to every relay before the next connection", async () => {
+    const [a, b, c, d] = await backends("a", "b", "c", "d");
+    let set = asSet([a as EchoBackend, b as EchoBackend]);
+    const { listener } = await relayedListener(() => set);
+    // Both relays have the first rotation (connections alternate between them).
+    expect(await reach(listener.port, 4)).toEqual({ a: 2, b: 2 });
+
+    set = asSet([c as EchoBackend, d as EchoBackend]);
+    expect(await reach(listener.port, 4)).toEqual({ c: 2, d: 2 });
+  });
+
+  it("takes a backend a relay found refusing out of rotation for every relay", async () => {
+    const [up, down] = await backends("up", "down");
+    const set = asSet([up as EchoBackend, down as EchoBackend]);
+    await (down as EchoBackend).close();
+    const { listener, counters } = await relayedListener(() => set);
+
+    // The relay that met the refusal went on to the next backend; the client never saw it.
+    expect(await reach(listener.port, 6)).toEqual({ up: 6 });
+    expect(listener.ejections.isEjected(`127.0.0.1:${(down as EchoBackend).port}`)).toBe(true);
+    // Once ejected, no relay tries it again: one refusal in all.
+    expect(counters.tcpBackendFailures).toBe(1);
+  });
+});
