@@ -9,10 +9,12 @@ export interface Subjects {
   /** PortServiceEvent. */
   serviceCreated(nodeId: string): string;
   serviceDeleted(nodeId: string): string;
+  /** PortServiceEvent: the service as it is after a change of its health check. */
+  serviceUpdated(nodeId: string): string;
   /** BindingEvent. */
   serviceBound(nodeId: string): string;
   serviceUnbound(nodeId: string): string;
-  /** Every port-service event of one node (created, deleted, bound, unbound). */
+  /** Every port-service event of one node (created, deleted, updated, bound, unbound). */
   servicesOfNode(nodeId: string): string;
   /** NodeEvent. */
   nodeUpdated(nodeId: string): string;
@@ -57,6 +59,7 @@ export function createSubjects(prefix: string = DEFAULT_NATS_PREFIX): Subjects {
     prefix,
     serviceCreated: (node) => `${base}.services.${token(node)}.created`,
     serviceDeleted: (node) => `${base}.services.${token(node)}.deleted`,
+    serviceUpdated: (node) => `${base}.services.${token(node)}.updated`,
     serviceBound: (node) => `${base}.services.${token(node)}.bound`,
     serviceUnbound: (node) => `${base}.services.${token(node)}.unbound`,
     servicesOfNode: (node) => `${base}.services.${token(node)}.*`,

@@ -193,6 +193,47 @@ describe("allocator - events", () => {
   });
 });
 
+describe("allocator - changing a service's health check", () => {
+  const check = { intervalMs: 1000, timeoutMs: 0, unhealthyThreshold: 0, healthyThreshold: 0, udpProbe: "" };
+
+  it("replaces the check, answers the service as it is now, and tells its node on services.<node>.updated", async () => {
+    const { service: created } = await invoke(client, "createPortService", { name: "checked-later", app: "", nodeId: "", port: 0 });
+    const seen: BusMessage[] = [];
+    // Only updates: the created event may still be on its way.
+    const sub = bus.subscribe(subjects.serviceUpdated("n1"), (m) => seen.push(m));
+    await bus.flush();
+
+    const { service } = await invoke(client, "setHealthCheck", { name: "CHECKED-LATER", healthCheck: check });
+    // Defaults filled in as at creation.
+    expect(service!.healthCheck).toEqual({ intervalMs: 1000, timeoutMs: 500, unhealthyThreshold: 2, healthyThreshold: 2, udpProbe: "" });
+    expect(service!.port).toBe(created!.port);
+    expect((await invoke(client, "getPortService", { name: "checked-later", app: "" })).service!.healthCheck).toEqual(service!.healthCheck);
+    await waitFor(() => seen.length >= 1, "the updated event");
+    expect(seen[0]!.subject).toBe(`${subjects.prefix}.v1.services.n1.updated`);
+    expect(PortServiceEvent.fromJSON(JSON.parse(seen[0]!.data)).service).toEqual(service);
+
+    // The same check again changes nothing and tells nobody.
+    await invoke(client, "setHealthCheck", { name: "checked-later", healthCheck: { ...check, timeoutMs: 500 } });
+    // Removed: passive checks only.
+    const { service: passive } = await invoke(client, "setHealthCheck", { name: "checked-later", healthCheck: undefined });
+    expect(passive!.healthCheck).toBeUndefined();
+    await waitFor(() => seen.length >= 2, "the second updated event");
+    await new Promise((r) => setTimeout(r, 300));
+    sub.unsubscribe();
+    expect(seen.map((m) => m.subject)).toEqual([`${subjects.prefix}.v1.services.n1.updated`, `${subjects.prefix}.v1.services.n1.updated`]);
+    expect(PortServiceEvent.fromJSON(JSON.parse(seen[1]!.data)).service!.healthCheck).toBeUndefined();
+  });
+
+  it("a bad check or an unknown service is a clear error and changes nothing", async () => {
+    await invoke(client, "createPortService", { name: "checked-bad", app: "", nodeId: "", port: 0, healthCheck: check });
+    await expectCode(invoke(client, "setHealthCheck", { name: "checked-bad", healthCheck: { ...check, intervalMs: 5 } }), grpc.status.INVALID_ARGUMENT, /health check: interval 5 ms is not valid/);
+    await expectCode(invoke(client, "setHealthCheck", { name: "checked-bad", healthCheck: { ...check, unhealthyThreshold: 500 } }), grpc.status.INVALID_ARGUMENT, /unhealthy threshold 500/);
+    await expectCode(invoke(client, "setHealthCheck", { name: "no such", healthCheck: check }), grpc.status.INVALID_ARGUMENT, /service name "no such" is not valid/);
+    await expectCode(invoke(client, "setHealthCheck", { name: "missing-one", healthCheck: check }), grpc.status.NOT_FOUND, /no port service named "missing-one"/);
+    expect((await invoke(client, "getPortService", { name: "checked-bad", app: "" })).service!.healthCheck).toMatchObject({ intervalMs: 1000, unhealthyThreshold: 2 });
+  });
+});
+
 const node = (nodeId: string, portMin: number, portMax: number, blocked: Node["blocked"] = []): Node => ({
   nodeId,
   hostname: "",

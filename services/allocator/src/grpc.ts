@@ -125,6 +125,14 @@ export function createAllocatorGrpc(
       return {};
     }),
 
+    setHealthCheck: unary(logger, auth, "SetHealthCheck", async (req, caller) => {
+      const name = validateServiceName(req.name);
+      const healthCheck = normalizeHealthCheck(req.healthCheck);
+      const { service, changed } = await store.setHealthCheck(name, healthCheck, scopeOf(caller));
+      if (changed) logger.info({ serviceId: service.id, serviceName: service.serviceName, healthCheck: healthCheck ?? "passive" }, "port-service-health-check-set");
+      return { service: toPortService(service) };
+    }),
+
     getAppEnvironment: unary(logger, auth, "GetAppEnvironment", async (req, caller) => {
       const app = validateAppName(req.app);
       const scope = scopeOf(caller);

@@ -103,6 +103,8 @@ export class OutboxRelay implements Component {
         return this.subjects.serviceCreated(row.node_id);
       case "service.deleted":
         return this.subjects.serviceDeleted(row.node_id);
+      case "service.updated":
+        return this.subjects.serviceUpdated(row.node_id);
       case "service.bound":
         return this.subjects.serviceBound(row.node_id);
       case "service.unbound":

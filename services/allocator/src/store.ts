@@ -62,7 +62,7 @@ export interface ServiceRecord {
 }
 
 /** What the outbox relay publishes; the payload is built by the caller in the same transaction. */
-export type OutboxEvent = "service.created" | "service.deleted" | "service.bound" | "service.unbound" | "node.updated";
+export type OutboxEvent = "service.created" | "service.deleted" | "service.updated" | "service.bound" | "service.unbound" | "node.updated";
 
 export interface NewService {
   serviceName: string;
@@ -236,7 +236,7 @@ export class PortStore {
       const created = serviceFromRow(row);
       if (app) {
         created.bindings.push(await bind(tx, created.id, app));
-        await writeCreatedEvent(tx, created.id);
+        await writeServiceSnapshot(tx, "service.created", created.id);
       }
       await onCreated(tx, created);
       return created;
@@ -297,6 +297,23 @@ export class PortStore {
       );
       await onDeleted(tx, service);
       return service;
+    });
+  }
+
+  /**
+   * Replaces a service's active health check (undefined: passive checks
+   * only) and writes its service.updated event, a snapshot of the service.
+   * Unchanged when the check is the same: no event, nothing for a worker to restart.
+   */
+  async setHealthCheck(name: string, healthCheck: HealthCheckSpec | undefined, scope: Scope): Promise<{ service: ServiceRecord; changed: boolean }> {
+    return this.change(async (tx) => {
+      const service = await findServiceByName(tx, name, true);
+      if (!service || !visible(service.space, scope)) throw notFound(name);
+      const value = healthCheck ? JSON.stringify(healthCheck) : null;
+      const { rowCount } = await tx.query("UPDATE port_services SET health_check = $2::jsonb WHERE id = $1 AND health_check IS DISTINCT FROM $2::jsonb", [service.id, value]);
+      if (rowCount === 0) return { service, changed: false };
+      await writeServiceSnapshot(tx, "service.updated", service.id);
+      return { service: (await findServiceById(tx, service.id)) as ServiceRecord, changed: true };
     });
   }
 
@@ -581,14 +598,15 @@ function claimStatement(name: string, candidates: string): { name: string; text:
 }
 
 /**
- * The service.created event of a service whose claim did not write it
- * (more changes followed in its transaction): a snapshot of it now.
+ * An event carrying a snapshot of the service as it is now: service.created
+ * for a service whose claim did not write it (more changes followed in its
+ * transaction), service.updated after a change of its health check.
  */
-async function writeCreatedEvent(tx: PoolClient, id: string): Promise<void> {
+async function writeServiceSnapshot(tx: PoolClient, event: "service.created" | "service.updated", id: string): Promise<void> {
   await tx.query(
     `INSERT INTO outbox (event, node_id, service)
-     SELECT 'service.created', node_id, to_jsonb(x) FROM (${SERVICE_SELECT} WHERE s.id = $1${SERVICE_GROUP}) x`,
-    [id],
+     SELECT $2, node_id, to_jsonb(x) FROM (${SERVICE_SELECT} WHERE s.id = $1${SERVICE_GROUP}) x`,
+    [id, event],
   );
 }
 

@@ -87,6 +87,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       existing.stop();
       checkers.delete(key);
       existing = undefined;
+      if (listener) logger.info({ serviceId: service?.id, protocol: listener.protocol, healthCheck: spec ?? "passive" }, spec ? "health-check-replaced" : "health-check-removed");
     }
     if (!existing && spec && listener && service) {
       const checker = new HealthChecker(listener, spec, () => view.backends(service.id), logger.child({ serviceId: service.id }));

@@ -22,6 +22,8 @@ export class HealthChecker {
   private timer: NodeJS.Timeout | undefined;
   private readonly streaks = new Map<string, Streak>();
   private running = false;
+  /** A round still in flight when stopped must not eject anything: nobody would restore it. */
+  private stopped = false;
 
   constructor(
     private readonly listener: PortListener,
@@ -36,8 +38,22 @@ export class HealthChecker {
     void this.round();
   }
 
+  /**
+   * Stops checking. Backends this checker took out come back: its
+   * ejections last until it says otherwise, and a checker that replaces it
+   * starts from healthy, so it would never restore them.
+   */
   stop(): void {
     clearInterval(this.timer);
+    this.stopped = true;
+    let restored = false;
+    for (const [key, streak] of this.streaks) {
+      if (streak.healthy) continue;
+      this.listener.ejections.restore(key);
+      restored = true;
+    }
+    this.streaks.clear();
+    if (restored) this.listener.backendsChanged();
   }
 
   private async round(): Promise<void> {
@@ -65,6 +81,7 @@ export class HealthChecker {
   }
 
   private record(key: string, ok: boolean): void {
+    if (this.stopped) return;
     const streak = this.streaks.get(key) ?? { failures: 0, successes: 0, healthy: true };
     this.streaks.set(key, streak);
     if (ok) {

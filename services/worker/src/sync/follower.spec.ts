@@ -179,6 +179,20 @@ describe("Follower: snapshots and events", () => {
     expect(plane.servicesAsked.length).toBeGreaterThan(asked);
   });
 
+  it("applies a service's changed health check from services.<node>.updated", async () => {
+    const plane = new FakeControlPlane();
+    const s1 = randomUUID();
+    plane.services = [service(s1, 30001)];
+    const { follower: f, bus, view, changes } = follow(plane);
+    await f.start();
+
+    const healthCheck = { intervalMs: 1000, timeoutMs: 500, unhealthyThreshold: 2, healthyThreshold: 2, udpProbe: "" };
+    bus.publish(subjects.serviceUpdated(NODE), encodeMessage(PortServiceEvent, { service: { ...service(s1, 30001), healthCheck }, sequence: "7" }));
+    await new Promise((r) => setImmediate(r));
+    expect(view.service(s1)?.healthCheck).toEqual(healthCheck);
+    expect(changes.at(-1)).toEqual([s1]);
+  });
+
   it("drops a malformed set and a set of another node, and changes nothing", async () => {
     const plane = new FakeControlPlane();
     const s1 = randomUUID();

@@ -31,7 +31,7 @@ export interface FollowerOptions {
   onChange: (serviceIds?: readonly string[]) => void;
 }
 
-type Event = { kind: "created" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet } | { kind: "node"; event: NodeEvent };
+type Event = { kind: "created" | "updated" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet } | { kind: "node"; event: NodeEvent };
 
 const RETRY_MS = 1_000;
 /**
@@ -55,6 +55,7 @@ function touched(e: Event): string | undefined {
 function problemOf(e: Event): string | undefined {
   switch (e.kind) {
     case "created":
+    case "updated":
     case "bound":
     case "deleted":
       return serviceProblem(e.event.service);
@@ -99,6 +100,8 @@ export class Follower {
     this.subscriptions = [
       subscribeMessages(bus, subjects.serviceCreated(nodeId), PortServiceEvent, logger, (event) => this.receive({ kind: "created", event })),
       subscribeMessages(bus, subjects.serviceDeleted(nodeId), PortServiceEvent, logger, (event) => this.receive({ kind: "deleted", event })),
+      // A changed health check: the service's checker is replaced, its listener and connections stay.
+      subscribeMessages(bus, subjects.serviceUpdated(nodeId), PortServiceEvent, logger, (event) => this.receive({ kind: "updated", event })),
       // A bind to a service created before this worker knew it; also makes sure the service is known.
       subscribeMessages(bus, subjects.serviceBound(nodeId), BindingEvent, logger, (event) => this.receive({ kind: "bound", event })),
       subscribeMessages(bus, subjects.backendsOfNode(nodeId), BackendSet, logger, (set) => this.receive({ kind: "set", set })),
@@ -135,6 +138,7 @@ export class Follower {
     const { view, nodeId } = this.o;
     switch (e.kind) {
       case "created":
+      case "updated":
       case "bound": {
         const service = e.event.service;
         if (!service || service.nodeId !== nodeId) return false;
