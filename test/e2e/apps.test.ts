@@ -106,11 +106,11 @@ describe("e2e https", () => {
     // `harbor run` applies the manifest first: the service appears.
     const service = await waitFor(() => harbor.json<ServiceJson>("service", "custom-cert-https").catch(() => undefined), "the service to be created");
     expect(service.https_proxy).toBe(true);
-    // Until the app listens on PORT the proxy closes connections: wait for an answer.
+    // Until the app listens on PORT the proxy answers 502: wait for the app's answer.
     const answer = await waitFor(async () => {
       const a = await tlsExchange(service.port, "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").catch(() => undefined);
-      return a?.received ? a : undefined;
-    }, "an HTTPS answer through the port");
+      return a?.received.startsWith("HTTP/1.1 200") ? a : undefined;
+    }, "an HTTPS answer from the app through the port");
     expect(answer.commonName).toBe("named.example");
     expect(answer.received).toMatch(/^HTTP\/1\.1 200 OK/);
     expect(answer.received).toMatch(/plain http behind \/hello$/);
@@ -133,6 +133,19 @@ describe("e2e https", () => {
     // Port 1 needs privileges it may or may not have; what matters is that the certificate was found.
     await waitFor(() => /container-proxy-listening|EACCES|EADDRINUSE/.test(fine.output()), "the proxy starting");
     expect(fine.output()).not.toMatch(/no certificate/);
+  });
+
+  it("harbor run with a certificate missing for its second HTTPS service exits with the error, leaving nothing listening", async () => {
+    const dir = appDir("name: twocerts\nservices:\n  first-https: harbor\n  second-https: harbor\n");
+    makeCertificate(join(dir, "certs"), "first-https", "first.example");
+    writeFileSync(join(dir, "server.mjs"), "setInterval(() => {}, 1000);\n");
+    const run = harbor.spawnCli(["run", "--", process.execPath, "server.mjs"], { cwd: dir });
+    background.push(run);
+    // The first proxy was listening when the second failed: it used to keep `harbor run` alive for good.
+    const code = await Promise.race([run.stop("SIGCONT"), new Promise<"still running">((r) => setTimeout(() => r("still running"), 20_000))]);
+    expect(code).not.toBe("still running");
+    expect(code).not.toBe(0);
+    expect(run.output()).toMatch(/no certificate for HTTPS service "second-https"/);
   });
 
   it("HTTPS pass-through: an app serving TLS itself is reached unchanged", async () => {

@@ -73,7 +73,9 @@ export async function runInstances(clients: Clients, options: RunOptions): Promi
       instances.push(await startInstance(index, app, services, web, options, logger));
     }
   } catch (err) {
+    // What did start is stopped, listening proxies included: else this process would never exit.
     await stopAll("SIGTERM");
+    await Promise.all(instances.flatMap((i) => i.proxies.map((p) => p.stop())));
     throw err;
   }
 
@@ -124,22 +126,28 @@ async function startInstance(index: number, app: string, services: PortService[]
   );
   const id = `${hostname().split(".")[0]}-${process.pid}-${index}`;
   const proxies: ContainerProxy[] = [];
-  for (const s of services.filter((x) => x.httpsProxy)) {
-    if (webPort === undefined) throw new CliError(`HTTPS service ${s.serviceName} forwards to the app's web port, but the manifest has no web process`, 2);
-    const proxy = createContainerProxy(
-      {
-        serviceName: s.serviceName,
-        listenHost: "127.0.0.1",
-        listenPort: ports.get(s.intPort) as number,
-        appHost: "127.0.0.1",
-        appPort: webPort,
-        appRoot: resolve("."),
-        handshakeTimeoutMs: 10_000,
-      },
-      { logger },
-    );
-    await proxy.start();
-    proxies.push(proxy);
+  try {
+    for (const s of services.filter((x) => x.httpsProxy)) {
+      if (webPort === undefined) throw new CliError(`HTTPS service ${s.serviceName} forwards to the app's web port, but the manifest has no web process`, 2);
+      const proxy = createContainerProxy(
+        {
+          serviceName: s.serviceName,
+          listenHost: "127.0.0.1",
+          listenPort: ports.get(s.intPort) as number,
+          appHost: "127.0.0.1",
+          appPort: webPort,
+          appRoot: resolve("."),
+          handshakeTimeoutMs: 10_000,
+        },
+        { logger },
+      );
+      await proxy.start();
+      proxies.push(proxy);
+    }
+  } catch (err) {
+    // This instance's proxies that did start must not keep the process alive.
+    await Promise.all(proxies.map((p) => p.stop()));
+    throw err;
   }
   const [command, ...args] = options.command;
   const child = spawn(command as string, args, {

@@ -1,8 +1,9 @@
-import { chmodSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir, userInfo } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { findCertificate } from "./certs.js";
+import { checkCertificatePair, findCertificate } from "./certs.js";
 
 function root(files: Record<string, string>): string {
   const dir = mkdtempSync(join(tmpdir(), "harbor-certs-"));
@@ -11,6 +12,15 @@ function root(files: Record<string, string>): string {
     writeFileSync(join(dir, path), content);
   }
   return dir;
+}
+
+/** A self-signed certificate and its key, PEM (openssl, from the OS). */
+function selfSigned(commonName: string): { crt: string; key: string } {
+  const dir = mkdtempSync(join(tmpdir(), "harbor-pem-"));
+  execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", `/CN=${commonName}`, "-keyout", join(dir, "k"), "-out", join(dir, "c")], {
+    stdio: "ignore",
+  });
+  return { crt: readFileSync(join(dir, "c"), "utf8"), key: readFileSync(join(dir, "k"), "utf8") };
 }
 
 describe("container proxy - certificate lookup", () => {
@@ -39,5 +49,46 @@ describe("container proxy - certificate lookup", () => {
     const dir = root({ "certs/harbor.crt": "A", "certs/harbor.key": "a" });
     chmodSync(join(dir, "certs/harbor.key"), 0o000);
     expect(() => findCertificate(dir, "x-https")).toThrow(/cannot read .*harbor\.key/);
+  });
+
+  it("a directory where a file should be is an error naming it", () => {
+    const dir = root({ "certs/harbor.crt": "A", "certs/harbor.key/x": "a" });
+    expect(() => findCertificate(dir, "x-https")).toThrow(/cannot read .*certs\/harbor\.key/);
+  });
+});
+
+describe("container proxy - certificate contents", () => {
+  const one = selfSigned("one.example");
+  const two = selfSigned("two.example");
+
+  it("a matching pair is used", () => {
+    const dir = root({ "certs/harbor.crt": one.crt, "certs/harbor.key": one.key });
+    expect(checkCertificatePair(findCertificate(dir, "x-https")).cert.toString()).toBe(one.crt);
+  });
+
+  it("a key that is not the certificate's key is an error naming both files", () => {
+    const dir = root({ "certs/harbor.crt": one.crt, "certs/harbor.key": two.key });
+    expect(() => checkCertificatePair(findCertificate(dir, "x-https"))).toThrow(/.*certs\/harbor\.key is not the private key of .*certs\/harbor\.crt/);
+  });
+
+  it("a certificate file that is not a PEM certificate is an error naming it", () => {
+    const dir = root({ "certs/harbor.crt": "not a certificate\n", "certs/harbor.key": one.key });
+    expect(() => checkCertificatePair(findCertificate(dir, "x-https"))).toThrow(/.*certs\/harbor\.crt is not a PEM certificate/);
+  });
+
+  it("a key file that is not a PEM private key is an error naming it", () => {
+    const dir = root({ "certs/harbor.crt": one.crt, "certs/harbor.key": one.crt });
+    expect(() => checkCertificatePair(findCertificate(dir, "x-https"))).toThrow(/.*certs\/harbor\.key is not a usable PEM private key/);
+  });
+
+  it("a key with a passphrase is an error naming it and saying how to remove the passphrase", () => {
+    const dir = root({ "certs/harbor.crt": one.crt });
+    execFileSync("openssl", ["pkey", "-aes256", "-passout", "pass:secret", "-out", join(dir, "certs/harbor.key")], { input: one.key, stdio: ["pipe", "ignore", "ignore"] });
+    expect(() => checkCertificatePair(findCertificate(dir, "x-https"))).toThrow(/certs\/harbor\.key is protected by a passphrase.*openssl pkey/);
+  });
+
+  it("errors are one line", () => {
+    const dir = root({ "certs/harbor.crt": one.crt, "certs/harbor.key": two.key });
+    expect(() => checkCertificatePair(findCertificate(dir, "x-https"))).toThrow(/^[^\n]+$/);
   });
 });

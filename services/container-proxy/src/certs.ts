@@ -1,5 +1,7 @@
-import { accessSync, constants, existsSync, readFileSync } from "node:fs";
+import { X509Certificate, createPrivateKey } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import tls from "node:tls";
 import { FailedPreconditionError } from "@harbor/core";
 
 export interface CertificatePair {
@@ -35,16 +37,54 @@ export function findCertificate(appRoot: string, serviceName: string): Certifica
     if (!hasCert || !hasKey) {
       throw new FailedPreconditionError(`found ${hasCert ? certPath : keyPath} but not ${hasCert ? keyPath : certPath}; a certificate needs both files`);
     }
-    for (const path of [certPath, keyPath]) {
-      try {
-        accessSync(path, constants.R_OK);
-      } catch (err) {
-        throw new FailedPreconditionError(`cannot read ${path}: ${(err as Error).message}`, { cause: err });
-      }
-    }
-    return { certPath, keyPath, cert: readFileSync(certPath), key: readFileSync(keyPath) };
+    return { certPath, keyPath, cert: readFile(certPath), key: readFile(keyPath) };
   }
   throw new FailedPreconditionError(
     `no certificate for HTTPS service "${serviceName}": looked for ${candidates.map((c) => `${c.certPath} + .key`).join(", ")}`,
   );
+}
+
+/** Reads a file or says which one could not be read (unreadable, a directory, gone since it was seen). */
+function readFile(path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw new FailedPreconditionError(`cannot read ${path}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/**
+ * Checks that a pair can serve TLS: the certificate file is PEM, the key
+ * file a PEM private key (without a passphrase: nobody could type it), and
+ * the key is the certificate's. Each failure names the file to fix, in one
+ * line, instead of OpenSSL's "key values mismatch".
+ */
+export function checkCertificatePair(pair: CertificatePair): CertificatePair {
+  const { certPath, keyPath } = pair;
+  try {
+    new X509Certificate(pair.cert);
+  } catch (err) {
+    throw new FailedPreconditionError(`${certPath} is not a PEM certificate (-----BEGIN CERTIFICATE-----): ${oneLine(err)}`, { cause: err });
+  }
+  if (/-----BEGIN (?:ENCRYPTED PRIVATE KEY|[A-Z ]*PRIVATE KEY-----\r?\nProc-Type: 4,ENCRYPTED)/.test(pair.key.toString("latin1"))) {
+    throw new FailedPreconditionError(`${keyPath} is protected by a passphrase, which nobody is there to type: remove it (openssl pkey -in ${keyPath} -out ${keyPath})`);
+  }
+  try {
+    createPrivateKey(pair.key);
+  } catch (err) {
+    throw new FailedPreconditionError(`${keyPath} is not a usable PEM private key (one without a passphrase): ${oneLine(err)}`, { cause: err });
+  }
+  try {
+    tls.createSecureContext({ cert: pair.cert, key: pair.key });
+  } catch (err) {
+    if (/key values mismatch/i.test(String((err as Error).message))) {
+      throw new FailedPreconditionError(`${keyPath} is not the private key of ${certPath}: put the key made with that certificate beside it`, { cause: err });
+    }
+    throw new FailedPreconditionError(`${certPath} with ${keyPath} cannot serve TLS: ${oneLine(err)}`, { cause: err });
+  }
+  return pair;
+}
+
+function oneLine(err: unknown): string {
+  return String((err as Error)?.message ?? err).replace(/\s*\n\s*/g, " ");
 }

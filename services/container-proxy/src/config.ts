@@ -1,4 +1,4 @@
-import { validatePort, validateServiceName } from "@harbor/core";
+import { validateServiceName } from "@harbor/core";
 import { EnvReader } from "@harbor/runtime";
 
 export interface ContainerProxyConfig {
@@ -12,23 +12,38 @@ export interface ContainerProxyConfig {
   /** The app's root folder, holding certs/ (or cert/). */
   appRoot: string;
   handshakeTimeoutMs: number;
+  /** On stop, how long open connections may finish before they are cut (default 10 s). */
+  drainTimeoutMs?: number;
 }
 
 export function loadContainerProxyConfig(env: Record<string, string | undefined> = process.env, cwd = process.cwd()): ContainerProxyConfig {
   const reader = new EnvReader(env);
+  const given = (name: string) => reader.optional(name) !== undefined;
+
   const serviceName = reader.string("HARBOR_PROXY_SERVICE", "");
-  const listenPort = reader.int("HARBOR_PROXY_LISTEN_PORT", 0, 0, 65535);
-  const appPort = reader.int("HARBOR_PROXY_APP_PORT", reader.int("PORT", 0, 0, 65535), 0, 65535);
-  const check = (fn: () => unknown, name: string) => {
+  if (!given("HARBOR_PROXY_SERVICE")) {
+    reader.problem("HARBOR_PROXY_SERVICE: required (the harbor service's name, e.g. custom-cert-https; it picks certs/<name>.crt)");
+  } else {
     try {
-      fn();
+      validateServiceName(serviceName);
     } catch (err) {
-      reader.problem(`${name}: ${(err as Error).message}`);
+      reader.problem(`HARBOR_PROXY_SERVICE=${serviceName}: ${(err as Error).message}`);
     }
+  }
+
+  // A port that is missing is "required"; a malformed one is reported once, by the reader, with its value.
+  const port = (name: string, what: string, label = name): number => {
+    if (!given(name)) {
+      reader.problem(`${label}: required (${what})`);
+      return 0;
+    }
+    return reader.int(name, 0, 1, 65535);
   };
-  check(() => validateServiceName(serviceName), "HARBOR_PROXY_SERVICE (the harbor service's name)");
-  check(() => validatePort(listenPort, "listen port"), "HARBOR_PROXY_LISTEN_PORT (the instance's int_port)");
-  check(() => validatePort(appPort, "app port"), "HARBOR_PROXY_APP_PORT or PORT (the app's web port)");
+  const listenPort = port("HARBOR_PROXY_LISTEN_PORT", "the instance's int_port, where the proxy listens with TLS");
+  const appPort = given("HARBOR_PROXY_APP_PORT")
+    ? port("HARBOR_PROXY_APP_PORT", "the app's web port")
+    : port("PORT", "the app's web port, where the proxy forwards plain HTTP", "HARBOR_PROXY_APP_PORT or PORT");
+
   const config: ContainerProxyConfig = {
     serviceName,
     listenHost: reader.string("HARBOR_PROXY_LISTEN_HOST", "0.0.0.0"),
@@ -37,7 +52,20 @@ export function loadContainerProxyConfig(env: Record<string, string | undefined>
     appPort,
     appRoot: reader.string("HARBOR_APP_ROOT", cwd),
     handshakeTimeoutMs: reader.int("HARBOR_PROXY_HANDSHAKE_TIMEOUT_MS", 10_000, 100, 120_000),
+    drainTimeoutMs: reader.int("HARBOR_DRAIN_TIMEOUT_MS", 10_000, 0, 600_000),
   };
+  const sameHost = config.appHost === config.listenHost || (isLocal(config.appHost) && isLocal(config.listenHost));
+  if (listenPort !== 0 && listenPort === appPort && sameHost) {
+    reader.problem(
+      `HARBOR_PROXY_LISTEN_PORT and the app's web port are both ${listenPort}: the proxy would forward to itself; ` +
+        `the app must serve plain HTTP on another port (PORT)`,
+    );
+  }
   reader.finish();
   return config;
+}
+
+/** Loopback or the wildcard: an address where this machine's own ports are. */
+function isLocal(host: string): boolean {
+  return host === "localhost" || host === "::1" || host === "0.0.0.0" || host === "::" || host.startsWith("127.");
 }
