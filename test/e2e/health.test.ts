@@ -1,6 +1,6 @@
 import dgram from "node:dgram";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { freePort, startEchoBackend, startUdpEchoBackend, udpClient, waitFor, type EchoBackend } from "@harbor/testkit";
+import { connectLines, freePort, startEchoBackend, startUdpEchoBackend, udpClient, waitFor, type EchoBackend } from "@harbor/testkit";
 import { spread, type ServiceJson } from "./cluster.js";
 import { startHarbor, type Harbor } from "./harbor.js";
 
@@ -53,6 +53,35 @@ describe("e2e health - backends out of rotation and back", () => {
     await echo("later", laterPort);
     await waitFor(() => new RegExp(`"backend":"127.0.0.1:${laterPort}"[^\\n]*"msg":"backend-healthy"`).test(harbor.logs()), "the check marking it healthy");
     expect(await spread(service.port, 4)).toEqual({ good: 2, later: 2 });
+  });
+
+  it("a check set, then removed, on a running service takes effect at once; open connections carry on", async () => {
+    const service = await harbor.json<ServiceJson>("create-service", "rechecked-port", "--app", "rechecked");
+    const good = await echo("kept");
+    await register("rechecked", "r-good", good.port);
+    const deadPort = await freePort();
+    await register("rechecked", "r-dead", deadPort);
+    const held = await waitFor(async () => {
+      const c = await connectLines(service.port).catch(() => undefined);
+      return c && (await c.nextLine()) === "kept" ? c : (c?.close(), undefined);
+    }, "a connection through the port");
+    cleanup.push(() => held.close());
+
+    const set = await harbor.cli("set-health-check", "rechecked-port", "--check-interval", "200", "--check-unhealthy", "1", "--check-healthy", "1");
+    expect(set.code, set.stderr).toBe(0);
+    await waitFor(() => new RegExp(`"backend":"127.0.0.1:${deadPort}"[^\\n]*"msg":"backend-unhealthy"`).test(harbor.logs()), "the new check taking the dead backend out");
+    expect(await held.roundTrip("still here")).toBe("still here");
+
+    // Removed: the backend the check had taken out is back in rotation, so a connection meets its refusal again.
+    const ejectedBefore = harbor.logs().match(new RegExp(`"backend":"127.0.0.1:${deadPort}"[^\\n]*"msg":"backend-ejected"`, "g"))?.length ?? 0;
+    const removed = await harbor.cli("set-health-check", "rechecked-port", "--none");
+    expect(removed.code, removed.stderr).toBe(0);
+    await waitFor(async () => {
+      await spread(service.port, 2);
+      return (harbor.logs().match(new RegExp(`"backend":"127.0.0.1:${deadPort}"[^\\n]*"msg":"backend-ejected"`, "g"))?.length ?? 0) > ejectedBefore;
+    }, "the dead backend back in rotation, ejected passively again");
+    expect(harbor.logs()).toMatch(/"msg":"health-check-removed"/);
+    expect(await held.roundTrip("and still")).toBe("and still");
   });
 
   it("UDP: when the primary stops answering the probe, the next takes over", async () => {

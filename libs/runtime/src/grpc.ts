@@ -181,6 +181,9 @@ export function isServiceError(err: unknown): err is grpc.ServiceError {
 /** One line a person can read for a failed call: the server's message, or what went wrong reaching it. */
 export function describeServiceError(err: unknown, address: string): string {
   if (!isServiceError(err)) return err instanceof Error ? err.message : String(err);
+  if (err.code === grpc.status.UNAVAILABLE && /Name resolution failed/i.test(err.details)) {
+    return `cannot reach harbor at ${address} (its host name does not resolve); is the address right? (set HARBOR_API or --api)`;
+  }
   if (err.code === grpc.status.UNAVAILABLE && /ECONNREFUSED|No connection established|connect/i.test(err.details)) {
     const cause = /ECONNREFUSED/.test(err.details) ? "connection refused" : "no connection";
     return `cannot reach harbor at ${address} (${cause}); is \`harbor serve\` running? (set HARBOR_API or --api)`;

@@ -1,5 +1,5 @@
 import { BackendRegistryClient, PortAllocatorClient } from "@harbor/proto";
-import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, isServiceError, tokenMetadata, type RequestOf, type ResponseOf } from "@harbor/runtime";
+import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, isServiceError, parseAddress, tokenMetadata, type RequestOf, type ResponseOf } from "@harbor/runtime";
 
 /** A failure to report as one line on stderr; exit code 2 for usage, 1 otherwise. */
 export class CliError extends Error {
@@ -22,6 +22,8 @@ export interface Clients {
 }
 
 export function createClients(address = DEFAULT_API_ADDRESS, token?: string): Clients {
+  // Checked here, not by gRPC: "nohost" would quietly mean port 443, "a b" a resolver's message.
+  if (!parseAddress(address)) throw new CliError(`the API address ${JSON.stringify(address)} is not HOST:PORT (from --api or HARBOR_API), e.g. ${DEFAULT_API_ADDRESS}`, 2);
   const credentials = grpc.credentials.createInsecure();
   const allocator = new PortAllocatorClient(address, credentials);
   const registry = new BackendRegistryClient(address, credentials);

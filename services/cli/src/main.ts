@@ -1,8 +1,19 @@
 import { Command, CommanderError, Option } from "commander";
 import { parseRange } from "@harbor/runtime";
 import { createClients, CliError, type Clients } from "./client.js";
-import { instanceOutput, keyValues, nodeOutput, serviceOutput, table } from "./output.js";
+import { inline, instanceOutput, keyValues, nodeOutput, serviceOutput, table } from "./output.js";
 import { SERVE_TARGETS, type ServeTarget } from "./targets.js";
+
+/** Where a run of the CLI writes: the process's streams, or a test's buffers. */
+export interface CliIo {
+  out(text: string): void;
+  err(text: string): void;
+}
+
+const processIo: CliIo = {
+  out: (text) => void process.stdout.write(text),
+  err: (text) => void process.stderr.write(text),
+};
 
 interface GlobalOptions {
   api?: string;
@@ -12,8 +23,19 @@ interface GlobalOptions {
 
 const WORKER_LIVE_WITHIN_MS = 15_000;
 
-function print(json: boolean | undefined, value: unknown, human: () => string): void {
-  process.stdout.write(json ? JSON.stringify(value, null, 2) + "\n" : human());
+/** Errors are one line on stderr: whatever a message carries after a newline joins the line. */
+function oneLine(message: string): string {
+  return message.trim().replace(/\s*\n\s*/g, " ");
+}
+
+/**
+ * A whole number written in decimal digits, from min to max. (`Number()` alone
+ * would take "", " ", "0x10" and "1e3".)
+ */
+function parseWhole(value: string, flag: string, min: number, max: number, unit = ""): number {
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || n < min || n > max) throw new CliError(`${flag} ${JSON.stringify(value)} is not valid: use a whole number${unit} from ${min} to ${max}`, 2);
+  return n;
 }
 
 function parsePort(value: string, what = "port"): number {
@@ -41,59 +63,84 @@ function withClients(program: Command, action: (clients: Clients, opts: GlobalOp
   };
 }
 
-export function buildProgram(): Command {
+/** The active health check flags, shared by create-service and set-health-check. */
+interface CheckFlags {
+  checkInterval?: string;
+  checkTimeout?: string;
+  checkUnhealthy?: string;
+  checkHealthy?: string;
+  udpProbe?: string;
+}
+
+function withCheckOptions(command: Command): Command {
+  return command
+    .option("--check-interval <ms>", "actively check each backend this often (TCP connect; UDP with --udp-probe)")
+    .option("--check-timeout <ms>", "how long a check may take (default: half the interval)")
+    .option("--check-unhealthy <n>", "failed checks in a row that take a backend out (default 2)")
+    .option("--check-healthy <n>", "passed checks in a row that bring it back (default 2)")
+    .option("--udp-probe <text>", "UDP: a datagram to send as the check; any answer passes");
+}
+
+/**
+ * The health check the flags ask for; undefined without --check-interval.
+ * Every check flag is read, and goes with --check-interval: none is dropped unread.
+ */
+function healthCheckFrom(local: CheckFlags) {
+  const flag = (key: string) => `--${key.replace(/[A-Z]/g, (ch) => `-${ch.toLowerCase()}`)}`;
+  const checkFlags = ["checkTimeout", "checkUnhealthy", "checkHealthy", "udpProbe"] as const;
+  const lone = checkFlags.find((key) => local[key] !== undefined);
+  if (local.checkInterval === undefined && lone) throw new CliError(`${flag(lone)} goes with --check-interval MS (how often to check)`, 2);
+  if (local.checkInterval === undefined) return undefined;
+  // 0 is "off" for the interval (as the server reads it); an explicit 0 elsewhere would silently mean the default.
+  const count = (key: Exclude<keyof CheckFlags, "udpProbe">, min: number, max: number) => {
+    const value = local[key];
+    return value === undefined ? 0 : parseWhole(value, flag(key), min, max);
+  };
+  return {
+    intervalMs: count("checkInterval", 0, 3_600_000),
+    timeoutMs: count("checkTimeout", 1, 3_600_000),
+    unhealthyThreshold: count("checkUnhealthy", 1, 100),
+    healthyThreshold: count("checkHealthy", 1, 100),
+    udpProbe: local.udpProbe ?? "",
+  };
+}
+
+export function buildProgram(io: CliIo = processIo): Command {
+  const print = (json: boolean | undefined, value: unknown, human: () => string): void => io.out(json ? JSON.stringify(value, null, 2) + "\n" : human());
   const program = new Command("harbor")
     .description("Harbor: extra TCP and UDP ports for your apps, carried to whichever instances are alive.")
     .option("--api <host:port>", "where the Harbor API listens (env HARBOR_API, default 127.0.0.1:7300)")
     .option("--token <token>", "bearer token, when the API needs one (env HARBOR_TOKEN)")
     .showSuggestionAfterError(true)
-    .configureOutput({ outputError: (str, write) => write(`harbor: ${str.replace(/^error: /, "")}`) })
+    // Commander's own errors (unknown command, bad option, …) are one line too, its suggestion included.
+    .configureOutput({ writeOut: io.out, writeErr: io.err, outputError: (str, write) => write(`harbor: ${oneLine(str.replace(/^error: /, ""))}\n`) })
     .exitOverride();
 
   const json = () => new Option("--json", "print exactly one JSON document on stdout");
 
-  program
+  withCheckOptions(program
     .command("create-service")
     .description("allocate a port service (Stackato's `create-service harbor NAME [APP]` is accepted too)")
     .argument("<name>", "service name: udp… for UDP, both…/multi… for TCP+UDP, …https for the HTTPS container proxy")
     .argument("[more...]")
     .option("--app <app>", "bind it to this app")
     .option("--node <node_id>", "allocate on this harbor node")
-    .option("--port <n>", "ask for this port")
-    .option("--check-interval <ms>", "actively check each backend this often (TCP connect; UDP with --udp-probe)")
-    .option("--check-timeout <ms>", "how long a check may take (default: half the interval)")
-    .option("--check-unhealthy <n>", "failed checks in a row that take a backend out (default 2)")
-    .option("--check-healthy <n>", "passed checks in a row that bring it back (default 2)")
-    .option("--udp-probe <text>", "UDP: a datagram to send as the check; any answer passes")
+    .option("--port <n>", "ask for this port"))
     .addOption(json())
     .action(
-      withClients(program, async (c, opts, first: string, more: string[], local: { app?: string; node?: string; port?: string; json?: boolean } & Record<string, string | undefined>) => {
+      withClients(program, async (c, opts, first: string, more: string[], local: { app?: string; node?: string; port?: string; json?: boolean } & CheckFlags) => {
         let name = first;
         let app = local.app;
         if (first === "harbor" && more.length > 0) {
           name = more[0] as string;
-          app ??= more[1];
           if (more.length > 2) throw new CliError(`unexpected argument ${JSON.stringify(more[2])}`, 2);
+          if (more[1] !== undefined && app !== undefined && more[1] !== app) throw new CliError(`two apps given: ${JSON.stringify(more[1])} and --app ${JSON.stringify(app)}; give one`, 2);
+          app ??= more[1];
         } else if (more.length > 0) {
           throw new CliError(`unexpected argument ${JSON.stringify(more[0])}; use --app APP to bind`, 2);
         }
         const port = local.port === undefined ? 0 : parsePort(local.port);
-        const count = (key: string) => {
-          const value = local[key];
-          if (value === undefined) return 0;
-          if (!/^\d+$/.test(value)) throw new CliError(`--${key.replace(/[A-Z]/g, (ch) => `-${ch.toLowerCase()}`)} ${JSON.stringify(value)}: use a whole number`, 2);
-          return Number(value);
-        };
-        const healthCheck =
-          local.checkInterval === undefined
-            ? undefined
-            : {
-                intervalMs: count("checkInterval"),
-                timeoutMs: count("checkTimeout"),
-                unhealthyThreshold: count("checkUnhealthy"),
-                healthyThreshold: count("checkHealthy"),
-                udpProbe: local.udpProbe ?? "",
-              };
+        const healthCheck = healthCheckFrom(local);
         const { service } = await c.call(c.allocator, "createPortService", { name, app: app ?? "", nodeId: local.node ?? "", port, healthCheck });
         const out = serviceOutput(service!);
         print(local.json ?? opts.json, out, () => `Created ${out.protocol.toUpperCase()} port service ${name}: port ${out.port} on ${out.node_id}${app ? `, bound to ${app} (int_port ${out.int_port})` : ""}\n` + keyValues(out));
@@ -107,7 +154,24 @@ export function buildProgram(): Command {
     .action(
       withClients(program, async (c, _opts, name: string) => {
         await c.call(c.allocator, "deletePortService", { name });
-        process.stderr.write(`Deleted port service ${name}\n`);
+        io.err(`Deleted port service ${name}\n`);
+      }),
+    );
+
+  withCheckOptions(program
+    .command("set-health-check")
+    .description("change a port service's active health check, or remove it with --none; open connections stay")
+    .argument("<name>")
+    .option("--none", "no active check: passive checks only"))
+    .addOption(json())
+    .action(
+      withClients(program, async (c, opts, name: string, local: { none?: boolean; json?: boolean } & CheckFlags) => {
+        const healthCheck = healthCheckFrom(local);
+        if (local.none && healthCheck) throw new CliError("--none removes the check: give it or --check-interval, not both", 2);
+        if (!local.none && !healthCheck) throw new CliError("give the new check (--check-interval MS …) or --none to remove it", 2);
+        const { service } = await c.call(c.allocator, "setHealthCheck", { name, healthCheck });
+        const out = serviceOutput(service!);
+        print(local.json ?? opts.json, out, () => `Health check of ${name}: ${out.health_check ? inline(out.health_check) : "none (passive checks only)"}\n`);
       }),
     );
 
@@ -241,14 +305,15 @@ export function buildProgram(): Command {
       withClients(program, async (c, opts, nodeId: string, local: Record<string, string | boolean | string[] | undefined>) => {
         const range = typeof local.range === "string" ? parseRange(local.range) : undefined;
         if (typeof local.range === "string" && !range) throw new CliError(`--range ${JSON.stringify(local.range)} is not valid: use MIN-MAX, e.g. 30000-32767`, 2);
-        const { nodes } = await c.call(c.allocator, "listNodes", {});
-        const current = nodes.find((n) => n.nodeId === nodeId);
         const str = (key: string) => (typeof local[key] === "string" ? (local[key] as string) : undefined);
         const reservations = ((local.reserve as string[] | undefined) ?? []).map((value) => {
           const r = value.includes("-") ? parseRange(value) : parseRange(`${value}-${value}`);
           if (!r) throw new CliError(`--reserve ${JSON.stringify(value)} is not valid: use MIN-MAX or a port, e.g. 30000-30010`, 2);
           return { portMin: r.min, portMax: r.max, reason: "reserved" };
         });
+        if (local.private && (str("extHostname") !== undefined || str("extHost") !== undefined)) throw new CliError("--private clears the public hostname and address: give it or --ext-*, not both", 2);
+        const { nodes } = await c.call(c.allocator, "listNodes", {});
+        const current = nodes.find((n) => n.nodeId === nodeId);
         const kept = local.clearReserved ? [] : (current?.blocked ?? []).filter((b) => !b.reason.startsWith("bind failed"));
         const node = {
           nodeId,
@@ -283,8 +348,7 @@ export function buildProgram(): Command {
       withClients(program, async (c, opts, app: string, instanceId: string, local: { host: string; port?: string; map?: string[]; ttl?: string; json?: boolean }) => {
         const ports = (local.map ?? []).map(parseMapping);
         if (local.port !== undefined) ports.unshift({ intPort: 4100, port: parsePort(local.port) });
-        const ttl = local.ttl === undefined ? 0 : Number(local.ttl);
-        if (!Number.isInteger(ttl) || ttl < 0) throw new CliError(`--ttl ${JSON.stringify(local.ttl)} is not valid: use whole seconds`, 2);
+        const ttl = local.ttl === undefined ? 0 : parseWhole(local.ttl, "--ttl", 0, 86_400, " of seconds");
         const res = await c.call(c.registry, "registerInstance", { app, instanceId, host: local.host, ports, ttlSeconds: ttl });
         const out = { ...instanceOutput(res.instance!), created: res.created };
         print(local.json ?? opts.json, out, () => `${res.created ? "Registered" : "Heartbeat for"} ${app}/${instanceId} (expires ${out.expires_at})\n`);
@@ -299,7 +363,7 @@ export function buildProgram(): Command {
     .action(
       withClients(program, async (c, _opts, app: string, instanceId: string) => {
         await c.call(c.registry, "deregisterInstance", { app, instanceId });
-        process.stderr.write(`Deregistered ${app}/${instanceId}\n`);
+        io.err(`Deregistered ${app}/${instanceId}\n`);
       }),
     );
 
@@ -334,10 +398,8 @@ export function buildProgram(): Command {
     .argument("<command...>", "the app's command, after --")
     .action(
       withClients(program, async (c, _opts, command: string[], local: { app?: string; instances: string; file?: string; ttl: string }) => {
-        const instances = Number(local.instances);
-        const ttl = Number(local.ttl);
-        if (!Number.isInteger(instances) || instances < 1 || instances > 64) throw new CliError(`--instances ${JSON.stringify(local.instances)}: use 1 to 64`, 2);
-        if (!Number.isInteger(ttl) || ttl < 3) throw new CliError(`--ttl ${JSON.stringify(local.ttl)}: use whole seconds, at least 3`, 2);
+        const instances = parseWhole(local.instances, "--instances", 1, 64);
+        const ttl = parseWhole(local.ttl, "--ttl", 3, 86_400, " of seconds");
         const { runInstances } = await import("./run.js");
         process.exitCode = await runInstances(c, { app: local.app, instances, manifestFile: local.file, command, ttlSeconds: ttl });
       }),
@@ -372,24 +434,32 @@ function shellQuote(value: string): string {
   return /^[A-Za-z0-9_./:@-]*$/.test(value) ? value : `'${value.replace(/'/g, `'\\''`)}'`;
 }
 
-async function main(argv: string[]): Promise<void> {
-  const program = buildProgram();
+/**
+ * Runs the `harbor` command line and answers its exit code: 0 done, 1 the
+ * request failed, 2 bad usage. Every failure is one line on io.err.
+ */
+export async function runCli(argv: string[], io: CliIo = processIo): Promise<number> {
+  const program = buildProgram(io);
   try {
     await program.parseAsync(argv);
+    return 0;
   } catch (err) {
     if (err instanceof CommanderError) {
       // Commander has printed its message (or the help) already.
-      process.exitCode = err.exitCode === 0 ? 0 : 2;
-      return;
+      return err.exitCode === 0 ? 0 : 2;
     }
     if (err instanceof CliError) {
-      process.stderr.write(`harbor: ${err.message}\n`);
-      process.exitCode = err.exitCode;
-      return;
+      io.err(`harbor: ${oneLine(err.message)}\n`);
+      return err.exitCode;
     }
-    process.stderr.write(`harbor: ${(err as Error).message ?? String(err)}\n`);
-    process.exitCode = 1;
+    io.err(`harbor: ${oneLine((err as Error).message ?? String(err))}\n`);
+    return 1;
   }
 }
 
-await main(process.argv);
+// Run as the `harbor` command. Only the test runner loads this file from source (main.ts, not main.js);
+// it calls runCli itself, with its own buffers.
+if (!import.meta.url.endsWith(".ts")) {
+  const code = await runCli(process.argv);
+  if (code !== 0) process.exitCode = code;
+}

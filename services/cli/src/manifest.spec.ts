@@ -25,4 +25,14 @@ describe("manifest - stackato.yml", () => {
     expect(() => resolveManifest(parseManifest("services:\n  x: harbor\n", "m.yml"))).toThrow(/no name: given/);
     expect(() => resolveManifest(parseManifest("name: a\nservices:\n  bad_name: harbor\n", "m.yml"))).toThrow(/service name "bad_name" is not valid/);
   });
+
+  it("refuses harbor written another way, a name that is not a string, and two entries that are one service", () => {
+    expect(() => parseManifest("name: a\nservices:\n  p: Harbor\n", "m.yml")).toThrow(/^m\.yml:3: service p: type "Harbor" is not harbor/);
+    expect(() => parseManifest("name: a\nservices:\n  p: { vendor: harbor }\n", "m.yml")).toThrow(/^m\.yml:3: service p: give the vendor as type: harbor/);
+    expect(() => parseManifest("name: a\nservices:\n  true: harbor\n", "m.yml")).toThrow(/^m\.yml:3: a service name must be a string/);
+    // Other vendors, and entries with no vendor, are not Harbor's to judge.
+    expect(parseManifest("name: a\nservices:\n  db: mysql\n  cache: { type: redis }\n  x: ~\n  7: harbor\n", "m.yml").harborServices).toEqual(["7"]);
+    expect(() => resolveManifest(parseManifest("name: a\nservices:\n  my-port: harbor\n  MY-PORT: harbor\n", "m.yml"))).toThrow(/^m\.yml: services my-port and MY-PORT are one service/);
+    expect(() => resolveManifest(parseManifest("name: a\nservices:\n  tcp-${name}: harbor\n  tcp-a: harbor\n", "m.yml"))).toThrow(/services tcp-\$\{name\} and tcp-a are one service, tcp-a/);
+  });
 });

@@ -44,10 +44,22 @@ export function parseManifest(text: string, file: string): Manifest {
   if (services !== undefined && services !== null && !(isScalar(services) && services.value === null)) {
     if (!isMap(services)) throw new CliError(`${file}${lineOf(text, services)}: services must be a mapping of name: type`, 2);
     for (const pair of services.items) {
-      const key = isScalar(pair.key) ? String(pair.key.value) : "";
+      const where = `${file}${lineOf(text, pair.key)}`;
+      const key = isScalar(pair.key) && (typeof pair.key.value === "string" || typeof pair.key.value === "number") ? String(pair.key.value) : undefined;
       const value = pair.value;
       const type = isScalar(value) ? value.value : isMap(value) ? (value.get("type") as unknown) : undefined;
-      if (type === "harbor") harborServices.push(key);
+      const label = key === undefined ? "a service" : `service ${key}`;
+      // Harbor's vendor is `harbor`, written so. Anything that says harbor some other way is refused,
+      // not skipped: skipped, the app would quietly go without its port. Other vendors are left alone.
+      if (typeof type === "string" && type !== "harbor" && type.toLowerCase() === "harbor") {
+        throw new CliError(`${where}: ${label}: type ${JSON.stringify(type)} is not harbor: Harbor's vendor is written in lower case`, 2);
+      }
+      if (type === undefined && isMap(value) && value.items.some((item) => isScalar(item.value) && String(item.value.value).toLowerCase() === "harbor")) {
+        throw new CliError(`${where}: ${label}: give the vendor as type: harbor (or write ${key ?? "NAME"}: harbor)`, 2);
+      }
+      if (type !== "harbor") continue;
+      if (key === undefined) throw new CliError(`${where}: a service name must be a string, e.g. my-port: harbor`, 2);
+      harborServices.push(key);
     }
   }
   const processes = root.get("processes", true);
@@ -76,6 +88,17 @@ export function resolveManifest(manifest: Manifest, appOverride?: string): { app
   try {
     validateAppName(app);
     const services = manifest.harborServices.map((s) => validateServiceName(expandAppName(s, app)));
+    // Names are unique ignoring case (their STACKATO_HARBOR_<NAME> forms would collide): two entries
+    // that come to one name are one service, which the manifest cannot have meant.
+    const seen = new Map<string, number>();
+    services.forEach((name, i) => {
+      const first = seen.get(name.toLowerCase());
+      if (first !== undefined) {
+        const [a, b] = [manifest.harborServices[first], manifest.harborServices[i]];
+        throw new Error(`services ${a} and ${b} are one service, ${services[first]} (names are unique ignoring case); keep one`);
+      }
+      seen.set(name.toLowerCase(), i);
+    });
     return { app, services };
   } catch (err) {
     throw new CliError(`${manifest.file}: ${(err as Error).message}`, 2);

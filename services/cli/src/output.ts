@@ -82,12 +82,23 @@ export function table(headers: string[], rows: string[][]): string {
   return [line(headers), ...rows.map(line)].join("\n") + "\n";
 }
 
+/** A value on one line: arrays comma-separated, objects as `key=value` pairs. */
+export function inline(value: unknown): string {
+  if (Array.isArray(value)) return value.map(inline).join(", ");
+  if (value !== null && typeof value === "object") {
+    return Object.entries(value)
+      .map(([k, v]) => `${k}=${inline(v)}`)
+      .join(" ");
+  }
+  return String(value);
+}
+
 /** Key: value lines, for one object. */
 export function keyValues(record: object): string {
   const width = Math.max(...Object.keys(record).map((k) => k.length));
   return (
     Object.entries(record)
-      .map(([k, v]) => `${(k + ":").padEnd(width + 1)} ${Array.isArray(v) ? v.join(", ") : String(v)}`)
+      .map(([k, v]) => `${(k + ":").padEnd(width + 1)} ${inline(v)}`)
       .join("\n") + "\n"
   );
 }
