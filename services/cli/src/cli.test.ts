@@ -191,6 +191,15 @@ describe("cli - output", () => {
     expect((await harbor("delete-service", "checked")).code).toBe(0);
   });
 
+  it("create-service names the protocols as the name asked for them", async () => {
+    const both = await harbor("create-service", "both-names");
+    expect(both.code, both.stderr).toBe(0);
+    expect(both.stdout).toMatch(/^Created TCP\+UDP port service both-names: port \d+ on n1\n/);
+    const udp = await harbor("create-service", "udp-names");
+    expect(udp.stdout).toMatch(/^Created UDP port service udp-names/);
+    for (const name of ["both-names", "udp-names"]) expect((await harbor("delete-service", name)).code).toBe(0);
+  });
+
   it("env names the variables as the seed does: STACKATO_HARBOR for one service, STACKATO_HARBOR_<NAME> for several", async () => {
     const file = manifest("name: port-test\nservices:\n  udp-${name}: harbor\n  tcp-${name}: harbor\n  my-db: mysql\n");
     const one = await harbor("create-service", "debug-port", "--app", "solo-app");

@@ -143,7 +143,7 @@ export function buildProgram(io: CliIo = processIo): Command {
         const healthCheck = healthCheckFrom(local);
         const { service } = await c.call(c.allocator, "createPortService", { name, app: app ?? "", nodeId: local.node ?? "", port, healthCheck });
         const out = serviceOutput(service!);
-        print(local.json ?? opts.json, out, () => `Created ${out.protocol.toUpperCase()} port service ${name}: port ${out.port} on ${out.node_id}${app ? `, bound to ${app} (int_port ${out.int_port})` : ""}\n` + keyValues(out));
+        print(local.json ?? opts.json, out, () => `Created ${out.protocol === "both" ? "TCP+UDP" : out.protocol.toUpperCase()} port service ${name}: port ${out.port} on ${out.node_id}${app ? `, bound to ${app} (int_port ${out.int_port})` : ""}\n` + keyValues(out));
       }),
     );
 
