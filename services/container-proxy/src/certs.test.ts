@@ -3,7 +3,7 @@ import { chmodSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "
 import { tmpdir, userInfo } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { checkCertificatePair, findCertificate } from "./certs.js";
+import { certificateValidityProblem, checkCertificatePair, findCertificate } from "./certs.js";
 
 function root(files: Record<string, string>): string {
   const dir = mkdtempSync(join(tmpdir(), "harbor-certs-"));
@@ -15,9 +15,9 @@ function root(files: Record<string, string>): string {
 }
 
 /** A self-signed certificate and its key, PEM (openssl, from the OS). */
-function selfSigned(commonName: string): { crt: string; key: string } {
+function selfSigned(commonName: string, days = 2): { crt: string; key: string } {
   const dir = mkdtempSync(join(tmpdir(), "harbor-pem-"));
-  execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", `/CN=${commonName}`, "-keyout", join(dir, "k"), "-out", join(dir, "c")], {
+  execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", String(days), "-subj", `/CN=${commonName}`, "-keyout", join(dir, "k"), "-out", join(dir, "c")], {
     stdio: "ignore",
   });
   return { crt: readFileSync(join(dir, "c"), "utf8"), key: readFileSync(join(dir, "k"), "utf8") };
@@ -90,5 +90,22 @@ describe("container proxy - certificate contents", () => {
   it("errors are one line", () => {
     const dir = root({ "certs/harbor.crt": one.crt, "certs/harbor.key": two.key });
     expect(() => checkCertificatePair(findCertificate(dir, "x-https"))).toThrow(/^[^\n]+$/);
+  });
+});
+
+describe("container proxy - certificate validity", () => {
+  const { crt, key } = selfSigned("dates.example");
+  const pair = { certPath: "/app/certs/harbor.crt", keyPath: "/app/certs/harbor.key", cert: Buffer.from(crt), key: Buffer.from(key) };
+  const day = 86_400_000;
+
+  it("says nothing of a certificate with weeks to go; names one not valid yet", () => {
+    const long = selfSigned("long.example", 60);
+    expect(certificateValidityProblem({ ...pair, cert: Buffer.from(long.crt), key: Buffer.from(long.key) })).toBeUndefined();
+    expect(certificateValidityProblem(pair, Date.now() - 30 * day)).toMatch(/is not valid until .*is this machine's clock right/);
+  });
+
+  it("names an expired certificate, and one about to expire, with its date", () => {
+    expect(certificateValidityProblem(pair, Date.now() + 3 * day)).toMatch(/^\/app\/certs\/harbor\.crt expired on \d{4}-\d\d-\d\dT.*clients will refuse it/);
+    expect(certificateValidityProblem(pair)).toMatch(/^\/app\/certs\/harbor\.crt expires on .*, in 1 day: replace it before then$/);
   });
 });

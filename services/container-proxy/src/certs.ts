@@ -88,3 +88,22 @@ export function checkCertificatePair(pair: CertificatePair): CertificatePair {
 function oneLine(err: unknown): string {
   return String((err as Error)?.message ?? err).replace(/\s*\n\s*/g, " ");
 }
+
+/** Warn this long before a certificate expires. */
+export const EXPIRY_WARNING_DAYS = 14;
+
+/**
+ * Why clients will refuse or soon refuse the certificate, if they will:
+ * expired, not valid yet, or expiring within EXPIRY_WARNING_DAYS. The proxy
+ * still serves it (the app's owner may be replacing it), and says so.
+ */
+export function certificateValidityProblem(pair: CertificatePair, now = Date.now()): string | undefined {
+  const certificate = new X509Certificate(pair.cert);
+  const from = Date.parse(certificate.validFrom);
+  const to = Date.parse(certificate.validTo);
+  if (now > to) return `${pair.certPath} expired on ${new Date(to).toISOString()}: clients will refuse it; replace it`;
+  if (now < from) return `${pair.certPath} is not valid until ${new Date(from).toISOString()}: clients will refuse it until then (is this machine's clock right?)`;
+  const days = Math.floor((to - now) / 86_400_000);
+  if (days < EXPIRY_WARNING_DAYS) return `${pair.certPath} expires on ${new Date(to).toISOString()}, in ${days} day${days === 1 ? "" : "s"}: replace it before then`;
+  return undefined;
+}

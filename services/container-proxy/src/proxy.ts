@@ -2,7 +2,7 @@ import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
 import { spliceSockets, type Component } from "@harbor/runtime";
-import { checkCertificatePair, findCertificate } from "./certs.js";
+import { certificateValidityProblem, checkCertificatePair, findCertificate } from "./certs.js";
 import type { ContainerProxyConfig } from "./config.js";
 
 export interface ContainerProxy extends Component {
@@ -131,6 +131,8 @@ export function createContainerProxy(config: ContainerProxyConfig, deps: { logge
       listening = true;
       port = (server.address() as net.AddressInfo).port;
       logger.info({ port, app: appAddress, cert: certificate.certPath }, "container-proxy-listening");
+      const validity = certificateValidityProblem(certificate);
+      if (validity) logger.warn({ cert: certificate.certPath, problem: validity }, "container-proxy-certificate-validity");
     },
     stop() {
       if (!listening) return stopping ?? Promise.resolve();
