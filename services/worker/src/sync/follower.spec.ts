@@ -97,13 +97,19 @@ describe("Follower: snapshots and events", () => {
     return { follower, bus, view, changes };
   }
 
-  it("reads everything at the first snapshot and every tenth after it, and by digest in between", async () => {
+  /** A started follower whose control plane holds one service (port 30001) with one backend (4001). */
+  async function followOneService() {
     const plane = new FakeControlPlane();
     const s1 = randomUUID();
     plane.services = [service(s1, 30001)];
     plane.sets = [set(s1, "1", 4001)];
-    const { follower: f, view } = follow(plane);
-    await f.start();
+    const followed = follow(plane);
+    await followed.follower.start();
+    return { ...followed, plane, s1, f: followed.follower };
+  }
+
+  it("reads everything at the first snapshot and every tenth after it, and by digest in between", async () => {
+    const { plane, s1, f, view } = await followOneService();
     for (let i = 0; i < 20; i++) await f.resync("timer");
 
     const asked = plane.servicesAsked.map((r) => r.unlessDigest);
@@ -130,12 +136,8 @@ describe("Follower: snapshots and events", () => {
   });
 
   it("holds events that arrive during a snapshot and applies them after it", async () => {
-    const plane = new FakeControlPlane();
-    const [s1, s2] = [randomUUID(), randomUUID()];
-    plane.services = [service(s1, 30001)];
-    plane.sets = [set(s1, "1", 4001)];
-    const { follower: f, bus, view } = follow(plane);
-    await f.start();
+    const { plane, s1, f, bus, view } = await followOneService();
+    const s2 = randomUUID();
 
     // The snapshot's answers were read before s2 was created; its event comes first.
     let release = () => undefined as void;
@@ -153,12 +155,7 @@ describe("Follower: snapshots and events", () => {
   });
 
   it("keeps its view when a snapshot fails, applies what was held, and retries", async () => {
-    const plane = new FakeControlPlane();
-    const s1 = randomUUID();
-    plane.services = [service(s1, 30001)];
-    plane.sets = [set(s1, "1", 4001)];
-    const { follower: f, bus, view, changes } = follow(plane);
-    await f.start();
+    const { plane, s1, f, bus, view, changes } = await followOneService();
 
     let release = () => undefined as void;
     plane.gate = new Promise<void>((r) => (release = r));
@@ -180,11 +177,7 @@ describe("Follower: snapshots and events", () => {
   });
 
   it("applies a service's changed health check from services.<node>.updated", async () => {
-    const plane = new FakeControlPlane();
-    const s1 = randomUUID();
-    plane.services = [service(s1, 30001)];
-    const { follower: f, bus, view, changes } = follow(plane);
-    await f.start();
+    const { s1, bus, view, changes } = await followOneService();
 
     const healthCheck = { intervalMs: 1000, timeoutMs: 500, unhealthyThreshold: 2, healthyThreshold: 2, udpProbe: "" };
     bus.publish(subjects.serviceUpdated(NODE), encodeMessage(PortServiceEvent, { service: { ...service(s1, 30001), healthCheck }, sequence: "7" }));
@@ -194,12 +187,7 @@ describe("Follower: snapshots and events", () => {
   });
 
   it("drops a malformed set and a set of another node, and changes nothing", async () => {
-    const plane = new FakeControlPlane();
-    const s1 = randomUUID();
-    plane.services = [service(s1, 30001)];
-    plane.sets = [set(s1, "1", 4001)];
-    const { follower: f, bus, view, changes } = follow(plane);
-    await f.start();
+    const { s1, bus, view, changes } = await followOneService();
     const before = changes.length;
 
     bus.publish(subjects.backendsOfNode(NODE), "{not json");
@@ -212,12 +200,7 @@ describe("Follower: snapshots and events", () => {
   });
 
   it("takes a snapshot when a set's revision jumps (events were missed)", async () => {
-    const plane = new FakeControlPlane();
-    const s1 = randomUUID();
-    plane.services = [service(s1, 30001)];
-    plane.sets = [set(s1, "1", 4001)];
-    const { follower: f, bus } = follow(plane);
-    await f.start();
+    const { plane, s1, f, bus } = await followOneService();
     const asked = plane.servicesAsked.length;
 
     bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, set(s1, "2", 4002)));
