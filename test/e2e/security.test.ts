@@ -3,6 +3,8 @@ import { freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/t
 import { reach, type ServiceJson } from "./cluster.js";
 import { HARBOR_BIN, startHarbor, type Harbor } from "./harbor.js";
 import { spawnSync } from "node:child_process";
+import { pino } from "pino";
+import { NatsBus, createSubjects } from "@harbor/bus";
 
 const OPERATOR = "op-token-0123456789abcdef";
 const BLUE = "blue-token-0123456789abcdef";
@@ -11,18 +13,22 @@ const BLUE_AGENT = "blue-agent-0123456789abcdef";
 
 let harbor: Harbor;
 let backend: EchoBackend | undefined;
+let intruder: EchoBackend | undefined;
 
 beforeAll(async () => {
   harbor = await startHarbor({
     env: {
       HARBOR_TOKENS: `${OPERATOR}=operator,${BLUE}=space:blue,${RED}=space:red,${BLUE_AGENT}=agent:blue`,
       HARBOR_SPACE_PORT_QUOTA: "2",
+      // The echo backends listen on loopback; with tokens on, only a named loopback is a backend network.
+      HARBOR_BACKEND_NETWORKS: "127.0.0.0/8",
     },
   });
 });
 
 afterAll(async () => {
   await backend?.close();
+  await intruder?.close();
   await harbor?.stop();
 });
 
@@ -80,8 +86,56 @@ describe("e2e security - tokens and roles", () => {
     expect((await json<Array<{ app: string }>>(BLUE_AGENT, "instances")).map((i) => i.app).sort()).toEqual(["blue-app", "red-app-x"]);
   });
 
+  it("with tokens on, NATS registrations are refused: nobody with NATS access registers or deregisters another space's instances", async () => {
+    const service = await json<ServiceJson>(OPERATOR, "service", "blue-port");
+    await waitFor(async () => (await reach(service.port).catch(() => "")) === "blue-0", "blue's own backend");
+    intruder = await startEchoBackend("intruder-0");
+    const bus = await NatsBus.connect({ url: harbor.env.NATS_URL!, logger: pino({ level: "silent" }) });
+    try {
+      const s = createSubjects(harbor.env.HARBOR_NATS_PREFIX);
+      const ask = async (subject: string, body: unknown) => JSON.parse(await bus.request(subject, JSON.stringify(body), 5_000)) as Record<string, unknown>;
+      const hijack = await ask(s.registerInstance(), { app: "blue-app", instanceId: "intruder-0", host: "127.0.0.1", ports: [{ intPort: 4100, port: intruder.port }] });
+      expect(hijack.error).toMatch(/registration over NATS is off.*HARBOR_NATS_REGISTRATION/);
+      const squat = await ask(s.registerInstance(), { app: "unclaimed-app", instanceId: "u-0", host: "127.0.0.1", ports: [] });
+      expect(squat.error).toMatch(/registration over NATS is off/);
+      const evict = await ask(s.deregisterInstance(), { app: "blue-app", instanceId: "blue-app-0" });
+      expect(evict.error).toMatch(/registration over NATS is off/);
+    } finally {
+      await bus.close();
+    }
+    const instances = await json<Array<{ app: string; instance_id: string }>>(OPERATOR, "instances");
+    expect(instances.map((i) => `${i.app}/${i.instance_id}`).sort()).toEqual(["blue-app/blue-app-0", "red-app-x/red-app-x-0"]);
+    const seen = new Set<string>();
+    for (let i = 0; i < 6; i++) seen.add(await reach(service.port));
+    expect([...seen]).toEqual(["blue-0"]);
+  });
+
   it("never logs a token", () => {
     for (const token of [OPERATOR, BLUE, RED, BLUE_AGENT]) expect(harbor.logs()).not.toContain(token);
+  });
+});
+
+describe("e2e security - the node's loopback with tokens on", () => {
+  it("is no backend network by default: a space cannot carry its port to the node's own Postgres", async () => {
+    const RED_AGENT = "red-agent-0123456789abcdef";
+    const other = await startHarbor({ env: { HARBOR_TOKENS: `${OPERATOR}=operator,${RED}=space:red,${RED_AGENT}=agent:red` } });
+    try {
+      const cli = (token: string, ...args: string[]) => other.cli("--token", token, ...args);
+      const created = await cli(RED, "create-service", "red-port", "--app", "red-app", "--json");
+      expect(created.code, created.stderr).toBe(0);
+      const service = JSON.parse(created.stdout) as ServiceJson;
+      const postgres = new URL(other.env.DATABASE_URL!).port || "5432";
+      for (const host of ["127.0.0.1", "localhost"]) {
+        const refused = await cli(RED_AGENT, "register-instance", "red-app", "red-0", "--host", host, "--port", postgres);
+        expect(refused.code).toBe(1);
+        expect(refused.stderr).toMatch(/is outside the backend networks \(10\.0\.0\.0\/8, .*\); an operator sets HARBOR_BACKEND_NETWORKS/);
+      }
+      expect(await other.json<unknown[]>("--token", OPERATOR, "instances")).toEqual([]);
+      // No backend: the port closes the connection at once.
+      expect(await reach(service.port).catch(() => "")).toBe("");
+    } finally {
+      await other.stop();
+    }
   });
 });
 

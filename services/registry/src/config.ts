@@ -11,6 +11,17 @@ export interface RegistryConfig {
   reconcileIntervalMs: number;
   /** Backends may only be registered at addresses inside these networks. */
   backendNetworks: Network[];
+  /**
+   * Whether HARBOR_BACKEND_NETWORKS set them. The default holds loopback, for
+   * one machine without tokens; with tokens on it is left out (see createRegistry).
+   */
+  backendNetworksGiven: boolean;
+  /**
+   * Whether instance agents may register and deregister over NATS. A NATS
+   * message carries no Harbor token, so whoever may publish there acts as an
+   * operator: undefined means on only while API tokens are off.
+   */
+  natsRegistration?: boolean;
 }
 
 export const DEFAULT_TTL_SECONDS = 30;
@@ -23,6 +34,8 @@ export function loadRegistryConfig(env: Record<string, string | undefined> = pro
     sweepIntervalMs: reader.int("HARBOR_EXPIRY_SWEEP_MS", 1_000, 50, 60_000),
     reconcileIntervalMs: reader.int("HARBOR_RECONCILE_INTERVAL_MS", 30_000, 1_000, 3_600_000),
     backendNetworks: [],
+    backendNetworksGiven: reader.optional("HARBOR_BACKEND_NETWORKS") !== undefined,
+    natsRegistration: reader.optional("HARBOR_NATS_REGISTRATION") === undefined ? undefined : reader.bool("HARBOR_NATS_REGISTRATION", false),
   };
   const networks = reader.string("HARBOR_BACKEND_NETWORKS", [...LOOPBACK_NETWORKS, ...PRIVATE_NETWORKS].join(","));
   for (const cidr of networks.split(",").filter((n) => n.trim() !== "")) {

@@ -1,5 +1,5 @@
 import { ANY, subscribeMessages, encodeMessage, type Bus, type BusSubscription, type Subjects } from "@harbor/bus";
-import { Authenticator, errorMessage, systemClock, validateAppName, validateInstanceId, type Clock } from "@harbor/core";
+import { Authenticator, LOOPBACK_NETWORKS, PermissionDeniedError, errorMessage, systemClock, validateAppName, validateInstanceId, type Clock } from "@harbor/core";
 import { migrate, type Pool } from "@harbor/db";
 import {
   BindingEvent,
@@ -34,13 +34,21 @@ export interface RegistryService extends Component {
 
 const SCHEMA_WAIT_MS = 60_000;
 
+const NATS_REGISTRATION_OFF =
+  "registration over NATS is off: this Harbor requires API tokens and a NATS message carries none; register with RegisterInstance over gRPC and an agent token, or an operator sets HARBOR_NATS_REGISTRATION=true to let every NATS client register as an operator";
+
 /**
  * The registry: instances over gRPC and NATS, expiry, and backend sets kept
  * published. Follows the allocator's binding events and reconciles all sets
  * at start and on a timer.
  */
-export function createRegistry(config: RegistryConfig, deps: RegistryDeps): RegistryService {
+export function createRegistry(given: RegistryConfig, deps: RegistryDeps): RegistryService {
   const logger = deps.logger.child({ component: "registry" });
+  const auth = deps.auth ?? new Authenticator(new Map());
+  // With tokens on, a space's agent must not reach the node's own loopback services (the embedded
+  // Postgres with trust auth, NATS, the API) through its port: loopback only where the operator says so.
+  const withoutLoopback = auth.enabled && !given.backendNetworksGiven;
+  const config = withoutLoopback ? { ...given, backendNetworks: given.backendNetworks.filter((n) => !LOOPBACK_NETWORKS.includes(n.cidr)) } : given;
   const store = new RegistryStore(deps.pool);
   const registry = new Registry(store, deps.bus, deps.subjects, deps.clock ?? systemClock, logger, registryMetrics(store, deps.metrics));
   const subscriptions: BusSubscription[] = [];
@@ -65,12 +73,20 @@ export function createRegistry(config: RegistryConfig, deps: RegistryDeps): Regi
 
   return {
     name: "registry",
-    grpc: createRegistryGrpc(registry, store, deps.bus, deps.subjects, config, deps.auth ?? new Authenticator(new Map()), logger),
+    grpc: createRegistryGrpc(registry, store, deps.bus, deps.subjects, config, auth, logger),
     registry,
     async start() {
       await waitForAllocatorSchema(store, logger);
       await migrate(deps.pool, "registry", registryMigrations, logger);
       const s = deps.subjects;
+      // A NATS message carries no Harbor token: with tokens on, registering over NATS would let
+      // anyone who may publish there add backends to, or take them from, any space's apps.
+      const natsRegistration = config.natsRegistration ?? !auth.enabled;
+      if (natsRegistration && auth.enabled) logger.warn("nats-registration-unauthenticated");
+      if (withoutLoopback) logger.info({ backendNetworks: config.backendNetworks.map((n) => n.cidr) }, "backend-networks-without-loopback");
+      const refuseOverNats = () => {
+        if (!natsRegistration) throw new PermissionDeniedError(NATS_REGISTRATION_OFF);
+      };
       const onBinding = (event: BindingEvent) => (event.service ? registry.recompute(event.service.name) : undefined);
       subscriptions.push(
         subscribeMessages(deps.bus, s.serviceBound(ANY), BindingEvent, logger, onBinding),
@@ -84,8 +100,9 @@ export function createRegistry(config: RegistryConfig, deps: RegistryDeps): Regi
           (msg) => {
             void (async () => {
               try {
+                refuseOverNats();
                 const req = RegisterInstanceRequest.fromJSON(JSON.parse(msg.data));
-                // NATS credentials are the authentication here; the backend networks still apply.
+                // Only NATS's own credentials stand here (an operator's choice); the backend networks still apply.
                 const result = await registry.register(await toRegistration(req, config));
                 msg.respond(encodeMessage(RegisterInstanceResponse, result));
               } catch (err) {
@@ -101,6 +118,7 @@ export function createRegistry(config: RegistryConfig, deps: RegistryDeps): Regi
           (msg) => {
             void (async () => {
               try {
+                refuseOverNats();
                 const req = DeregisterInstanceRequest.fromJSON(JSON.parse(msg.data));
                 const gone = await registry.deregister(validateAppName(req.app), validateInstanceId(req.instanceId));
                 msg.respond(JSON.stringify({ deregistered: gone !== undefined }));
