@@ -126,4 +126,13 @@ export const allocatorMigrations: Migration[] = [
       ALTER TABLE outbox ADD CONSTRAINT outbox_payload_or_service CHECK ((payload IS NULL) <> (service IS NULL));
     `,
   },
+  {
+    version: 6,
+    name: "released-ports-space",
+    sql: `
+      -- A released port is kept for its name within its space: another space
+      -- re-creating the name must not inherit the port its clients still use.
+      ALTER TABLE released_ports ADD COLUMN space text NOT NULL DEFAULT '';
+    `,
+  },
 ];

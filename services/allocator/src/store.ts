@@ -217,7 +217,7 @@ export class PortStore {
       const values = serviceValues(randomUUID(), input, scope.space ?? "", !app);
       let row: ServiceRow | undefined;
       if (input.port !== undefined) {
-        row = await claimFixedPort(tx, values, await chooseNode(tx, input), input.port, this.cooldownSeconds);
+        row = await claimFixedPort(tx, values, await chooseNode(tx, input), input.port, this.cooldownSeconds, scope.space === undefined);
       } else {
         const guessed = input.nodeId === undefined;
         let node = guessed ? await this.leastLoadedNode(tx, input) : await chooseNode(tx, input);
@@ -291,9 +291,9 @@ export class PortStore {
       if (!service || !visible(service.space, scope)) throw notFound(name);
       await tx.query("DELETE FROM port_services WHERE id = $1", [service.id]);
       await tx.query(
-        `INSERT INTO released_ports (node_id, port, service_name) VALUES ($1, $2, $3)
-         ON CONFLICT (node_id, port) DO UPDATE SET service_name = $3, released_at = now()`,
-        [service.nodeId, service.port, service.serviceName],
+        `INSERT INTO released_ports (node_id, port, service_name, space) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (node_id, port) DO UPDATE SET service_name = $3, space = $4, released_at = now()`,
+        [service.nodeId, service.port, service.serviceName, service.space],
       );
       await onDeleted(tx, service);
       return service;
@@ -591,7 +591,7 @@ function claimStatement(name: string, candidates: string): { name: string; text:
     ON CONFLICT (node_id, port) DO NOTHING
     RETURNING *),
   claimed AS (SELECT ${SERVICE_COLUMNS}, '[]'::json AS bindings FROM inserted s JOIN nodes n ON n.node_id = s.node_id),
-  unclaimed AS (DELETE FROM released_ports WHERE lower(service_name) = lower($2::text) AND EXISTS (SELECT 1 FROM inserted)),
+  unclaimed AS (DELETE FROM released_ports WHERE lower(service_name) = lower($2::text) AND space = $5::text AND EXISTS (SELECT 1 FROM inserted)),
   evented AS (INSERT INTO outbox (event, node_id, service) SELECT 'service.created', node_id, to_jsonb(claimed) FROM claimed WHERE $7::boolean)
   SELECT claimed.* FROM chosen LEFT JOIN claimed ON true`,
   };
@@ -610,12 +610,13 @@ async function writeServiceSnapshot(tx: PoolClient, event: "service.created" | "
   );
 }
 
-/** Free for the new service (`$2`): not allocated, not blocked, not cooling down after another's release. */
+/** Free for the new service (`$2`, of space `$5`): not allocated, not blocked, not cooling down after another's release. */
 const free = (node: string, port: string, cooldown: string) => `
   NOT EXISTS (SELECT 1 FROM port_services s WHERE s.node_id = ${node} AND s.port = ${port})
   AND NOT EXISTS (SELECT 1 FROM blocked_ports b WHERE b.node_id = ${node} AND ${port} BETWEEN b.port_min AND b.port_max)
   AND NOT EXISTS (SELECT 1 FROM released_ports r WHERE r.node_id = ${node} AND r.port = ${port}
-                     AND r.released_at > now() - make_interval(secs => ${cooldown}) AND lower(r.service_name) <> lower($2::text))`;
+                     AND r.released_at > now() - make_interval(secs => ${cooldown})
+                     AND (lower(r.service_name) <> lower($2::text) OR r.space <> $5::text))`;
 
 /** Ports picked at random before scanning the whole range: at 90 % allocated, about 1 claim in 850 scans. */
 const SAMPLES = 64;
@@ -633,7 +634,7 @@ const CLAIM_SAMPLED = claimStatement(
   `picks AS MATERIALIZED (SELECT $10::int + floor(random() * ($11::int - $10::int + 1))::int AS p FROM generate_series(1, ${SAMPLES})),
   candidates AS (
     (SELECT r.node_id, r.port FROM released_ports r JOIN nodes n ON n.node_id = r.node_id
-      WHERE $12::boolean AND lower(r.service_name) = lower($2::text) AND r.port BETWEEN n.port_min AND n.port_max
+      WHERE $12::boolean AND lower(r.service_name) = lower($2::text) AND r.space = $5::text AND r.port BETWEEN n.port_min AND n.port_max
         AND NOT EXISTS (SELECT 1 FROM blocked_ports b WHERE b.node_id = r.node_id AND r.port BETWEEN b.port_min AND b.port_max)
         AND NOT EXISTS (SELECT 1 FROM port_services s WHERE s.node_id = r.node_id AND s.port = r.port)
       ORDER BY r.released_at DESC LIMIT 1)
@@ -685,28 +686,33 @@ async function claimFreePort(tx: PoolClient, values: unknown[], node: ChosenNode
   }
 }
 
-/** Why a port may not be handed to this service now, if it may not: reserved, or cooling down for another. */
-async function refusal(tx: PoolClient, node: ChosenNode, port: number, serviceName: string, cooldownSeconds: number): Promise<string | undefined> {
+/**
+ * Why a port may not be handed to this service now, if it may not: reserved,
+ * or cooling down for another (named only to its own space, or to operators).
+ */
+async function refusal(tx: PoolClient, node: ChosenNode, port: number, serviceName: string, space: string, operator: boolean, cooldownSeconds: number): Promise<string | undefined> {
   const { rows: blocked } = await tx.query<{ reason: string }>(
     "SELECT reason FROM blocked_ports WHERE node_id = $1 AND $2 BETWEEN port_min AND port_max LIMIT 1",
     [node.node_id, port],
   );
   if (blocked[0]) return `port ${port} on node ${node.node_id} is not offered (${blocked[0].reason})`;
-  const { rows: cooling } = await tx.query<{ service_name: string; until: Date }>(
-    `SELECT service_name, released_at + make_interval(secs => $3) AS until FROM released_ports
-      WHERE node_id = $1 AND port = $2 AND released_at > now() - make_interval(secs => $3) AND lower(service_name) <> lower($4)`,
-    [node.node_id, port, cooldownSeconds, serviceName],
+  const { rows: cooling } = await tx.query<{ service_name: string; space: string; until: Date }>(
+    `SELECT service_name, space, released_at + make_interval(secs => $3) AS until FROM released_ports
+      WHERE node_id = $1 AND port = $2 AND released_at > now() - make_interval(secs => $3) AND (lower(service_name) <> lower($4) OR space <> $5)`,
+    [node.node_id, port, cooldownSeconds, serviceName, space],
   );
-  if (cooling[0]) {
-    return `port ${port} on node ${node.node_id} was released by "${cooling[0].service_name}" and is kept for it until ${cooling[0].until.toISOString()}`;
+  const held = cooling[0];
+  if (held) {
+    const by = operator || held.space === space ? `"${held.service_name}"` : "another space's service";
+    return `port ${port} on node ${node.node_id} was released by ${by} and is kept for it until ${held.until.toISOString()}`;
   }
   return undefined;
 }
 
 /** Claims the port asked for, unless it is refused or held. */
-async function claimFixedPort(tx: PoolClient, values: unknown[], node: ChosenNode, port: number, cooldownSeconds: number): Promise<ServiceRow> {
+async function claimFixedPort(tx: PoolClient, values: unknown[], node: ChosenNode, port: number, cooldownSeconds: number, operator: boolean): Promise<ServiceRow> {
   const name = values[1] as string;
-  const refused = await refusal(tx, node, port, name, cooldownSeconds);
+  const refused = await refusal(tx, node, port, name, values[4] as string, operator, cooldownSeconds);
   if (refused) throw new FailedPreconditionError(refused);
   const row = await claim(tx, CLAIM_FIXED, [...values, node.node_id, port], name);
   if (!inserted(row)) throw new AlreadyExistsError(`port ${port} on node ${node.node_id} is already allocated to another service`);
