@@ -2,7 +2,8 @@ import net from "node:net";
 import { afterAll, describe, expect, it } from "vitest";
 import { connectLines, createTestDatabase, freePort, freePortBlock, startEchoBackend, startNatsServer, waitFor, type EchoBackend, type NatsServer, type TestDatabase } from "@harbor/testkit";
 import { reach, spread, type ServiceJson } from "./cluster.js";
-import { startHarbor, type Background, type Harbor } from "./harbor.js";
+import { spawn } from "node:child_process";
+import { HARBOR_BIN, startHarbor, type Background, type Harbor } from "./harbor.js";
 
 const stoppers: Array<() => Promise<unknown>> = [];
 afterAll(async () => {
@@ -125,6 +126,27 @@ describe("e2e faults - a port taken by another process", () => {
     await new Promise((r) => squatter.close(r));
     await waitFor(async () => (await harbor.json<Array<{ blocked: unknown[] }>>("nodes"))[0]!.blocked.length === 0, "the port offered again");
     expect(harbor.logs()).toMatch(new RegExp(`"port":${port}[^\\n]*"msg":"tcp-listener-opened"`));
+  });
+});
+
+describe("e2e faults - NATS unreachable at start", () => {
+  it("a worker still waiting for its NATS_URL stops at SIGTERM, cleanly, instead of waiting for NATS", async () => {
+    const worker = spawn(process.execPath, [HARBOR_BIN, "serve", "worker"], {
+      env: { ...process.env, NATS_URL: `nats://127.0.0.1:${await freePort()}`, HARBOR_NODE_ID: "lonely", HARBOR_API: `127.0.0.1:${await freePort()}` },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let output = "";
+    worker.stdout.on("data", (c: Buffer) => (output += c.toString()));
+    worker.stderr.on("data", (c: Buffer) => (output += c.toString()));
+    const exited = new Promise<number | null>((r) => worker.once("exit", (code) => r(code)));
+    stoppers.push(async () => void worker.kill("SIGKILL"));
+    await waitFor(() => output.includes("nats-connect-failed-retrying"), "the worker retrying NATS");
+    worker.kill("SIGTERM");
+    // Before, only a second signal ended it (exit 1): the first waited for the start, which waited for NATS.
+    const code = await Promise.race([exited, new Promise<"still running">((r) => setTimeout(() => r("still running"), 10_000))]);
+    expect(code).toBe(0);
+    expect(output).toMatch(/"msg":"shutdown-complete"/);
+    expect(output).not.toMatch(/"level":50/);
   });
 });
 

@@ -1,3 +1,4 @@
+import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import { subjectMatches } from "./bus.js";
 import { InProcessBus } from "./memory.js";
@@ -39,5 +40,24 @@ describe("bus - in-process", () => {
     await bus.flush();
     expect(seen).toEqual(["x.1=a"]);
     await expect(bus.request("nobody", "hi", 50)).rejects.toThrow(/no answer/);
+  });
+});
+
+describe("bus - in-process, as over NATS", () => {
+  it("a handler that throws is reported; the other subscribers and later messages still arrive", async () => {
+    const lines: string[] = [];
+    const bus = new InProcessBus(pino({ level: "info" }, { write: (line: string) => lines.push(line) }));
+    const first: string[] = [];
+    const second: string[] = [];
+    bus.subscribe("x.*", (m) => {
+      first.push(m.data);
+      if (m.data === "boom") throw new Error("a handler bug");
+    });
+    bus.subscribe("x.>", (m) => second.push(m.data));
+    for (const data of ["1", "boom", "2"]) bus.publish("x.y", data);
+    await bus.flush();
+    expect(first).toEqual(["1", "boom", "2"]);
+    expect(second).toEqual(["1", "boom", "2"]);
+    expect(lines.some((l) => l.includes('"msg":"bus-handler-failed"') && l.includes('"subject":"x.y"'))).toBe(true);
   });
 });

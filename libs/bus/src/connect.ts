@@ -1,4 +1,5 @@
 import type { Logger } from "pino";
+import { redactUrl } from "@harbor/core";
 import type { Bus } from "./bus.js";
 import { InProcessBus } from "./memory.js";
 import { NatsBus } from "./nats.js";
@@ -11,6 +12,11 @@ export interface BusConnectOptions {
   /** Without a url: try the local server, else use the in-process bus. */
   fallbackToInProcess: boolean;
   logger: Logger;
+  /**
+   * Stops the waiting for an explicit URL (a shutdown signalled while NATS
+   * is away): connectBus then rejects instead of retrying for ever.
+   */
+  signal?: AbortSignal;
   token?: string;
   user?: string;
   pass?: string;
@@ -25,12 +31,20 @@ export async function connectBus(options: BusConnectOptions): Promise<Bus> {
   const { logger } = options;
   const auth = { token: options.token, user: options.user, pass: options.pass };
   if (options.url) {
+    const { signal } = options;
     for (let attempt = 1; ; attempt++) {
+      signal?.throwIfAborted();
       try {
-        return await NatsBus.connect({ url: options.url, logger, ...definedOnly(auth) });
+        const bus = await NatsBus.connect({ url: options.url, logger, ...definedOnly(auth) });
+        if (signal?.aborted) {
+          await bus.close();
+          signal.throwIfAborted();
+        }
+        return bus;
       } catch (err) {
-        logger.warn({ err, url: options.url, attempt }, "nats-connect-failed-retrying");
-        await new Promise((resolve) => setTimeout(resolve, Math.min(5_000, 250 * attempt)));
+        if (signal?.aborted) throw signal.reason;
+        logger.warn({ err, url: redactUrl(options.url, { user: true }), attempt }, "nats-connect-failed-retrying");
+        await pause(Math.min(5_000, 250 * attempt), signal);
       }
     }
   }
@@ -41,8 +55,21 @@ export async function connectBus(options: BusConnectOptions): Promise<Bus> {
     return await NatsBus.connect({ url: LOCAL_NATS_URL, logger, connectTimeoutMs: 1_000, ...definedOnly(auth) });
   } catch {
     logger.info({ tried: LOCAL_NATS_URL }, "nats-not-found-using-in-process-bus");
-    return new InProcessBus();
+    return new InProcessBus(logger);
   }
+}
+
+/** Resolves after `ms`, or at once when `signal` is aborted (the loop then throws). */
+function pause(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener("abort", done, { once: true });
+  });
 }
 
 function definedOnly<T extends Record<string, unknown>>(value: T): Partial<T> {

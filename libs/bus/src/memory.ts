@@ -1,3 +1,4 @@
+import type { Logger } from "pino";
 import type { Bus, BusMessage, BusSubscription } from "./bus.js";
 import { subjectMatches } from "./bus.js";
 
@@ -16,6 +17,9 @@ export class InProcessBus implements Bus {
   private entries = new Set<Entry>();
   private inbox = 0;
 
+  /** Where a handler that throws is reported (as NatsBus does); without one, on stderr. */
+  constructor(private readonly logger?: Logger) {}
+
   publish(subject: string, data: string, replyTo?: string): void {
     const matching = [...this.entries].filter((e) => subjectMatches(e.pattern, subject));
     queueMicrotask(() => {
@@ -28,7 +32,14 @@ export class InProcessBus implements Bus {
             if (replyTo) this.publish(replyTo, answer);
           },
         };
-        entry.handler(msg);
+        // As over NATS, a handler that throws is reported and the others still get
+        // the message: thrown from this microtask, it would end the process.
+        try {
+          entry.handler(msg);
+        } catch (err) {
+          if (this.logger) this.logger.error({ subject, err }, "bus-handler-failed");
+          else process.stderr.write(`bus-handler-failed on ${subject}: ${(err as Error)?.stack ?? String(err)}\n`);
+        }
       }
     });
   }

@@ -7,3 +7,4 @@ export * from "./auth.js";
 export * from "./networks.js";
 export * from "./ejections.js";
 export * from "./health.js";
+export * from "./urls.js";

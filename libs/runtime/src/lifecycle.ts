@@ -27,7 +27,9 @@ export class ComponentGroup implements Component {
       try {
         await component.start();
       } catch (err) {
-        this.logger.error({ err, component: component.name }, "component-start-failed");
+        // A shutdown signalled while a component waited (on NATS, say) is no failure of it.
+        if ((err as Error)?.name === "AbortError") this.logger.info({ component: component.name }, "component-start-interrupted");
+        else this.logger.error({ err, component: component.name }, "component-start-failed");
         await this.stop();
         throw err;
       }
@@ -64,10 +66,12 @@ export class ComponentGroup implements Component {
  * Runs a component until SIGTERM or SIGINT, then stops it and resolves. The
  * handlers are in place before it starts: a signal during a slow start (the
  * embedded Postgres's first initdb) stops it as soon as it is up, instead of
- * killing the process and orphaning what it started. A second signal exits
+ * killing the process and orphaning what it started; `shutdown` is aborted
+ * at the signal, so a start that waits on something that may never come (a
+ * NATS_URL that does not answer) can give up instead. A second signal exits
  * at once.
  */
-export async function runUntilSignalled(component: Component, logger: Logger): Promise<void> {
+export async function runUntilSignalled(component: Component, logger: Logger, shutdown = new AbortController()): Promise<void> {
   let signalled = false;
   let wake = () => undefined as void;
   const stopping = new Promise<void>((resolve) => (wake = resolve));
@@ -78,11 +82,17 @@ export async function runUntilSignalled(component: Component, logger: Logger): P
     }
     signalled = true;
     logger.info({ signal }, "shutdown-started");
+    shutdown.abort();
     wake();
   };
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
-  await component.start();
+  try {
+    await component.start();
+  } catch (err) {
+    // What waits on `shutdown.signal` gives up when signalled: that start ends the run, not in failure.
+    if (!signalled || (err as Error)?.name !== "AbortError") throw err;
+  }
   if (!signalled) logger.info("ready");
   await stopping;
   await component.stop();

@@ -23,13 +23,4 @@ export function createLogger(name: string, level = process.env.LOG_LEVEL ?? "inf
   );
 }
 
-/** Hides the password of a connection URL before it is logged or printed. */
-export function redactUrl(url: string): string {
-  try {
-    const parsed = new URL(url);
-    if (parsed.password) parsed.password = "***";
-    return parsed.toString();
-  } catch {
-    return "[unparsable url]";
-  }
-}
+export { redactUrl } from "@harbor/core";

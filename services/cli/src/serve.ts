@@ -123,6 +123,8 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     const subjects = createSubjects(shared.natsPrefix);
     const metrics = createMetricsRegistry();
     const components: Component[] = [];
+    // Aborted at SIGTERM/SIGINT: a start still waiting for NATS gives up.
+    const shutdown = new AbortController();
     if (shared.metricsAddress) components.push(createMetricsServer(shared.metricsAddress, metrics, logger));
     let pool: Pool | undefined;
     let bus: Bus | undefined;
@@ -155,6 +157,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
         "bus",
         async () => {
           bus = await connectBus({
+            signal: shutdown.signal,
             url: shared.natsUrl,
             fallbackToInProcess: target === "all",
             logger: logger.child({ component: "bus" }),
@@ -260,6 +263,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
         stop: () => group.stop(),
       },
       logger,
+      shutdown,
     );
     return 0;
   } catch (err) {

@@ -1,5 +1,5 @@
 import { createSubjects, DEFAULT_NATS_PREFIX, LOCAL_NATS_URL, NatsBus } from "@harbor/bus";
-import { createLogger } from "@harbor/runtime";
+import { createLogger, redactUrl } from "@harbor/runtime";
 import { CliError } from "./client.js";
 
 /** A subject NATS takes for a subscription: non-empty tokens without spaces, `*` a whole token, `>` the whole last one. */
@@ -32,7 +32,7 @@ export async function watchEvents(subject: string | undefined, json: boolean, en
     // One attempt: a person is waiting (connectBus would retry an explicit NATS_URL for ever, logging each try).
     bus = await NatsBus.connect({ url, logger, connectTimeoutMs: 5_000, token: env.NATS_TOKEN, user: env.NATS_USER, pass: env.NATS_PASSWORD });
   } catch (err) {
-    throw new CliError(`cannot reach NATS at ${url}: ${(err as Error).message} (watch needs the NATS that Harbor uses; set NATS_URL)`);
+    throw new CliError(`cannot reach NATS at ${redactUrl(url, { user: true })}: ${(err as Error).message} (watch needs the NATS that Harbor uses; set NATS_URL)`);
   }
   try {
     bus.subscribe(pattern, (msg) => {
