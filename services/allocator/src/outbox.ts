@@ -29,6 +29,14 @@ export class OutboxRelay implements Component {
   private running: Promise<void> | undefined;
   private again = false;
   private stopped = false;
+  private stopping: Promise<void> | undefined;
+  /**
+   * Set when NATS did not confirm a batch. The batch stays in the outbox, but
+   * it may still reach NATS (a network that held it, then came back): until
+   * NATS answers a flush, nothing more is published, or every pass would add
+   * another copy of the batch behind the unanswered one.
+   */
+  private unconfirmed = false;
 
   constructor(
     private readonly pool: Pool,
@@ -63,6 +71,11 @@ export class OutboxRelay implements Component {
 
   private async drain(): Promise<void> {
     try {
+      if (this.unconfirmed) {
+        if (!this.bus.isConnected()) return;
+        await withTimeout(this.bus.flush(), FLUSH_TIMEOUT_MS, "NATS has not answered since it left an outbox batch unconfirmed");
+        this.unconfirmed = false;
+      }
       while (this.bus.isConnected() && (await this.relayBatch()) === BATCH) {
         // a full batch: there may be more
       }
@@ -91,7 +104,12 @@ export class OutboxRelay implements Component {
         const payload = row.payload ?? this.renderSnapshot(row.service as ServiceRow);
         this.bus.publish(this.subjectOf(row), JSON.stringify({ ...payload, sequence: row.id }));
       }
-      await withTimeout(this.bus.flush(), FLUSH_TIMEOUT_MS, "NATS did not confirm the outbox batch");
+      try {
+        await withTimeout(this.bus.flush(), FLUSH_TIMEOUT_MS, "NATS did not confirm the outbox batch");
+      } catch (err) {
+        this.unconfirmed = true;
+        throw err;
+      }
       this.logger.debug({ count: rows.length, last: rows[rows.length - 1]?.id }, "outbox-relayed");
       return rows.length;
     });
@@ -114,13 +132,20 @@ export class OutboxRelay implements Component {
     }
   }
 
-  /** Stops the timer and makes one last pass, so a clean shutdown leaves nothing behind that NATS can take. */
-  async stop(): Promise<void> {
-    if (this.stopped) return;
-    clearInterval(this.timer);
-    await this.running;
-    this.stopped = true;
-    await this.drain();
+  /**
+   * Stops the timer and makes one last pass, so a clean shutdown leaves
+   * nothing behind that NATS can take. Marked stopped first: a pass asked for
+   * while the running one finishes would otherwise start after it and
+   * outlive stop(), still holding its rows while the bus and the pool close.
+   */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      this.stopped = true;
+      clearInterval(this.timer);
+      await this.running;
+      await this.drain();
+    })();
+    return this.stopping;
   }
 }
 

@@ -1,0 +1,194 @@
+import net from "node:net";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { NatsBus, createSubjects, type Bus } from "@harbor/bus";
+import { createPool, migrate, type Pool } from "@harbor/db";
+import { createLogger } from "@harbor/runtime";
+import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
+import { allocatorMigrations } from "./migrations.js";
+import { OutboxRelay } from "./outbox.js";
+
+const logger = createLogger("test", "silent");
+let db: TestDatabase;
+let pool: Pool;
+let observer: Bus;
+
+/**
+ * A TCP proxy in front of the machine's NATS that a test can break without
+ * stopping that NATS. `cut`: every connection closed, new ones refused (NATS
+ * down). `stall`: connections stay open and what is sent is held, as a
+ * network that drops packets holds it in TCP's retransmissions; `heal` passes
+ * on what was held (the network came back before the client gave up).
+ */
+async function startNatsProxy() {
+  type Pair = { client: net.Socket; upstream: net.Socket; held: Buffer[] };
+  const pairs = new Set<Pair>();
+  let mode: "forward" | "refuse" | "stall" = "forward";
+  const server = net.createServer((client) => {
+    client.on("error", () => undefined);
+    if (mode !== "forward") {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(4222, "127.0.0.1");
+    upstream.on("error", () => undefined);
+    const pair: Pair = { client, upstream, held: [] };
+    pairs.add(pair);
+    client.on("data", (chunk: Buffer) => (mode === "stall" ? pair.held.push(chunk) : upstream.write(chunk)));
+    upstream.on("data", (chunk: Buffer) => mode !== "stall" && client.write(chunk));
+    const done = () => {
+      client.destroy();
+      upstream.destroy();
+      pairs.delete(pair);
+    };
+    client.on("close", done);
+    upstream.on("close", done);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const destroyAll = () => {
+    for (const { client, upstream } of pairs) {
+      client.destroy();
+      upstream.destroy();
+    }
+    pairs.clear();
+  };
+  return {
+    url: `nats://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    cut() {
+      mode = "refuse";
+      destroyAll();
+    },
+    stall() {
+      mode = "stall";
+    },
+    heal() {
+      mode = "forward";
+      for (const pair of pairs) for (const chunk of pair.held.splice(0)) pair.upstream.write(chunk);
+    },
+    restore() {
+      mode = "forward";
+    },
+    close() {
+      mode = "refuse";
+      destroyAll();
+      return new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+const cleanups: Array<() => Promise<unknown>> = [];
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  pool = createPool({ url: db.url, logger, max: 10 });
+  await migrate(pool, "allocator", allocatorMigrations, logger);
+  observer = await NatsBus.connect({ url: "nats://127.0.0.1:4222", logger });
+});
+
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch(() => undefined);
+  await pool.query("DELETE FROM outbox");
+});
+
+afterAll(async () => {
+  await observer?.close();
+  await pool?.end();
+  await db?.drop();
+});
+
+/** A relay over a bus that reaches NATS through a proxy the test controls, and what an observer on NATS saw of it. */
+async function relayThroughProxy() {
+  const proxy = await startNatsProxy();
+  const bus = await NatsBus.connect({ url: proxy.url, logger });
+  const subjects = createSubjects(uniqueName("hbo"));
+  const relay = new OutboxRelay(pool, bus, subjects, logger, 100, () => ({}));
+  const seen: number[] = [];
+  const sub = observer.subscribe(subjects.nodeUpdated("n1"), (m) => seen.push(Number((JSON.parse(m.data) as { n: number }).n)));
+  await observer.flush();
+  // Run in reverse: the relay stops, then NATS goes away for good, then the bus closes.
+  cleanups.push(
+    () => bus.close(),
+    () => proxy.close(),
+    async () => sub.unsubscribe(),
+    () => relay.stop(),
+  );
+  return { proxy, bus, relay, seen };
+}
+
+/** Writes events n = from..to, one transaction each, as the allocator does. */
+async function writeEvents(from: number, to: number): Promise<void> {
+  for (let n = from; n <= to; n++) await pool.query("INSERT INTO outbox (event, node_id, payload) VALUES ('node.updated', 'n1', $1)", [JSON.stringify({ n })]);
+}
+
+const pending = async () => (await pool.query<{ n: number }>("SELECT count(*)::int AS n FROM outbox")).rows[0]!.n;
+
+describe("outbox - NATS away", () => {
+  it("events written while NATS is down are relayed when it is back: none lost, in order", async () => {
+    const { proxy, relay, bus, seen } = await relayThroughProxy();
+    await relay.start();
+    await writeEvents(1, 3);
+    await waitFor(() => seen.length === 3, "the first events");
+
+    proxy.cut();
+    await waitFor(() => !bus.isConnected(), "the disconnect");
+    await writeEvents(4, 10);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await pending()).toBe(7);
+
+    proxy.restore();
+    await waitFor(async () => (await pending()) === 0, "an empty outbox");
+    await waitFor(() => seen.includes(10), "the events written during the outage");
+    expect(seen).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  });
+
+  it("after a flush NATS did not confirm, the relay waits for NATS to answer before it publishes again", async () => {
+    const { proxy, relay, seen } = await relayThroughProxy();
+    await relay.start();
+    // NATS stops answering; the client still counts as connected (it notices after minutes of missed pings).
+    proxy.stall();
+    await writeEvents(1, 2);
+    // Past one flush timeout (2 s) and several passes, with events written in between.
+    await new Promise((r) => setTimeout(r, 2_500));
+    await writeEvents(3, 3);
+    await new Promise((r) => setTimeout(r, 2_500));
+    // Nothing confirmed, nothing deleted.
+    expect(await pending()).toBe(3);
+
+    // The network comes back before the client gave up: what was held reaches NATS.
+    proxy.heal();
+    await waitFor(async () => (await pending()) === 0, "an empty outbox");
+    await waitFor(() => seen.includes(3), "every event");
+    await new Promise((r) => setTimeout(r, 300));
+    // At least once, and no more than once for the unconfirmed publish plus
+    // once for the confirmed one: a batch is not published again and again
+    // into a connection that has not answered.
+    for (const n of [1, 2, 3]) expect(seen.filter((s) => s === n).length).toBeLessThanOrEqual(2);
+    // The last copy of each event comes in order.
+    const lastCopies = [...new Set([...seen].reverse())].reverse();
+    expect(lastCopies).toEqual([1, 2, 3]);
+  });
+});
+
+describe("outbox - stopping", () => {
+  it("stop() leaves no relay pass running behind it", async () => {
+    const { proxy, relay } = await relayThroughProxy();
+    await relay.start();
+    proxy.stall();
+    await writeEvents(1, 1);
+    // A pass (the timer's, within 100 ms) takes the row and waits for NATS to confirm, up to 2 s;
+    // a commit meanwhile asks for one more pass.
+    await new Promise((r) => setTimeout(r, 500));
+    await writeEvents(2, 2);
+    relay.kick();
+    await relay.stop();
+    // Nothing of the relay's still holds the rows: no pass outlived stop().
+    const client = await pool.connect();
+    try {
+      await client.query("BEGIN");
+      const { rows } = await client.query("SELECT id FROM outbox FOR UPDATE NOWAIT");
+      expect(rows.length).toBe(2);
+    } finally {
+      await client.query("ROLLBACK");
+      client.release();
+    }
+  });
+});
