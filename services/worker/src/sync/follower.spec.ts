@@ -75,12 +75,19 @@ class FakeControlPlane {
   } as unknown as BackendRegistryClient;
 }
 
+/** The in-process bus (which never disconnects) with a NATS reconnect the test makes happen. */
+function reconnectingBus() {
+  const bus = new InProcessBus();
+  const listeners: Array<() => void> = [];
+  bus.onReconnect = (listener?: () => void) => void (listener && listeners.push(listener));
+  return { bus, reconnect: () => listeners.forEach((listener) => listener()) };
+}
+
 describe("Follower: snapshots and events", () => {
   let follower: Follower | undefined;
   afterEach(() => follower?.stop());
 
-  function follow(plane: FakeControlPlane) {
-    const bus = new InProcessBus();
+  function follow(plane: FakeControlPlane, bus = new InProcessBus()) {
     const view = new NodeView();
     const changes: Array<readonly string[] | "all"> = [];
     follower = new Follower({
@@ -98,12 +105,12 @@ describe("Follower: snapshots and events", () => {
   }
 
   /** A started follower whose control plane holds one service (port 30001) with one backend (4001). */
-  async function followOneService() {
+  async function followOneService(bus?: InProcessBus) {
     const plane = new FakeControlPlane();
     const s1 = randomUUID();
     plane.services = [service(s1, 30001)];
     plane.sets = [set(s1, "1", 4001)];
-    const followed = follow(plane);
+    const followed = follow(plane, bus);
     await followed.follower.start();
     return { ...followed, plane, s1, f: followed.follower };
   }
@@ -209,5 +216,39 @@ describe("Follower: snapshots and events", () => {
     bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, set(s1, "5", 4005)));
     await f.resync("test");
     expect(plane.servicesAsked.length).toBe(asked + 1);
+  });
+
+  it("a reconnect during a snapshot is followed by a snapshot of its own (the one under way may have read before the outage)", async () => {
+    const { bus, reconnect } = reconnectingBus();
+    const { plane, f } = await followOneService(bus);
+    const asked = plane.servicesAsked.length;
+
+    let release = () => undefined as void;
+    plane.gate = new Promise<void>((r) => (release = r));
+    const snapshot = f.resync("timer");
+    reconnect();
+    plane.gate = undefined;
+    release();
+    await snapshot;
+    await new Promise((r) => setTimeout(r, 20));
+    expect(plane.servicesAsked.length).toBe(asked + 2);
+  });
+
+  it("a revision gap found among the events held during a snapshot takes another snapshot", async () => {
+    const { plane, s1, f, bus, view } = await followOneService();
+    const asked = plane.servicesAsked.length;
+
+    let release = () => undefined as void;
+    plane.gate = new Promise<void>((r) => (release = r));
+    const snapshot = f.resync("timer");
+    // Revision 3 over the snapshot's 1: revision 2 was missed.
+    bus.publish(subjects.backendsOfNode(NODE), encodeMessage(BackendSet, set(s1, "3", 4003)));
+    await new Promise((r) => setImmediate(r));
+    plane.gate = undefined;
+    release();
+    await snapshot;
+    expect(view.backends(s1).map((b) => b.port)).toEqual([4003]);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(plane.servicesAsked.length).toBe(asked + 2);
   });
 });

@@ -35,6 +35,12 @@ type Event = { kind: "created" | "updated" | "deleted"; event: PortServiceEvent 
 
 const RETRY_MS = 1_000;
 /**
+ * Reasons that mean events were missed. A snapshot under way when one comes
+ * may have read the control plane before those events: another follows it.
+ * (A periodic snapshot just joins the one under way.)
+ */
+const MISSED_EVENTS = new Set(["nats-reconnected", "revision-gap"]);
+/**
  * One snapshot in this many (and the first) reads everything whatever the
  * digests say: besides missed events, it guards against the view drifting.
  */
@@ -66,6 +72,8 @@ function problemOf(e: Event): string | undefined {
   }
 }
 
+const noop = () => undefined;
+
 function isGap(held: bigint, revision: string): boolean {
   try {
     return BigInt(revision) > held + 1n;
@@ -87,6 +95,8 @@ export class Follower {
   private timer: NodeJS.Timeout | undefined;
   private retry: NodeJS.Timeout | undefined;
   private syncing: Promise<void> | undefined;
+  /** The snapshot to take after the one under way, when events were missed meanwhile. */
+  private followUp: Promise<void> | undefined;
   private stopped = false;
   /** The digests of the last snapshot's services and sets: unchanged ones are not sent again. */
   private digests = { services: "", sets: "" };
@@ -172,8 +182,19 @@ export class Follower {
     }
   }
 
-  /** Takes a snapshot; concurrent calls share one. A failure keeps the current view and retries soon. */
+  /**
+   * Takes a snapshot; concurrent calls share one, but a call for missed
+   * events during a snapshot gets one that starts after it. A failure keeps
+   * the current view and retries soon.
+   */
   resync(reason: string): Promise<void> {
+    if (this.syncing && MISSED_EVENTS.has(reason)) {
+      this.followUp ??= this.syncing.then(noop, noop).then(() => {
+        this.followUp = undefined;
+        return this.resync(reason);
+      });
+      return this.followUp;
+    }
     this.syncing ??= this.snapshot(reason).finally(() => {
       this.syncing = undefined;
     });
