@@ -85,6 +85,14 @@ describe("registry - registration over NATS with tokens on", () => {
     expect(reply.error).toBeUndefined();
     expect(await instancesOf("nats-app")).toEqual(["n-0"]);
     expect(() => loadRegistryConfig({ HARBOR_NATS_REGISTRATION: "maybe" })).toThrow(/HARBOR_NATS_REGISTRATION=maybe: expected true or false/);
+
+    // JSON may hold any ttl: one that is not whole positive seconds is refused, nothing registered
+    // (-5 was answered created, already expired; "abc" with Postgres' own words).
+    for (const ttlSeconds of [-5, 1.5, "abc"]) {
+      const bad = await ask(subjects.registerInstance(), { app: "nats-app", instanceId: "n-ttl", host: "10.1.2.3", ports: [], ttlSeconds });
+      expect(bad.error, String(ttlSeconds)).toMatch(/^ttl_seconds .* is not valid: use whole seconds from 1 to \d+ \(0 for the default, 30\)/);
+    }
+    expect(await instancesOf("nats-app")).toEqual(["n-0"]);
   });
 });
 

@@ -65,6 +65,8 @@ export async function toRegistration(req: RegisterInstanceRequest, config: Regis
     return { intPort: m.intPort, port: m.port };
   });
   const ttl = req.ttlSeconds === 0 ? config.defaultTtlSeconds : req.ttlSeconds;
+  // gRPC decodes a uint32; a NATS request is JSON and may hold anything.
+  if (!Number.isInteger(ttl) || ttl < 1) throw new InvalidArgumentError(`ttl_seconds ${JSON.stringify(req.ttlSeconds)} is not valid: use whole seconds from 1 to ${config.maxTtlSeconds} (0 for the default, ${config.defaultTtlSeconds})`);
   if (ttl > config.maxTtlSeconds) throw new InvalidArgumentError(`ttl ${ttl} s is above the maximum of ${config.maxTtlSeconds} s`);
   // The address that was checked, not the name: a name could resolve elsewhere later (DNS rebinding).
   return { app, instanceId, host: addresses[0] as string, ports, ttlSeconds: ttl };
