@@ -1,7 +1,6 @@
-import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { pino } from "pino";
-import { uniqueName, waitFor } from "@harbor/testkit";
+import { startNatsLink, uniqueName, waitFor } from "@harbor/testkit";
 import { connectBus } from "./connect.js";
 import { NatsBus } from "./nats.js";
 
@@ -12,64 +11,6 @@ function recordingLogger() {
   const lines: string[] = [];
   const logger = pino({ level: "debug" }, { write: (line: string) => lines.push(line) });
   return { logger, lines, logged: (event: string) => lines.some((l) => l.includes(`"msg":"${event}"`)) };
-}
-
-/**
- * A TCP proxy in front of the machine's NATS that a test can break without
- * stopping that NATS: `cut` closes every connection and refuses new ones (NATS
- * down), `stall` keeps them open but passes nothing (NATS hung, or a network
- * that drops packets), `restore` lets new connections through again.
- */
-async function startNatsProxy() {
-  type Pair = { client: net.Socket; upstream: net.Socket };
-  const pairs = new Set<Pair>();
-  let mode: "forward" | "refuse" | "stall" = "forward";
-  const server = net.createServer((client) => {
-    client.on("error", () => undefined);
-    if (mode !== "forward") {
-      client.destroy();
-      return;
-    }
-    const upstream = net.connect(4222, "127.0.0.1");
-    upstream.on("error", () => undefined);
-    const pair = { client, upstream };
-    pairs.add(pair);
-    client.on("data", (chunk) => mode === "forward" && upstream.write(chunk));
-    upstream.on("data", (chunk) => mode === "forward" && client.write(chunk));
-    const done = () => {
-      client.destroy();
-      upstream.destroy();
-      pairs.delete(pair);
-    };
-    client.on("close", done);
-    upstream.on("close", done);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const destroyAll = () => {
-    for (const { client, upstream } of pairs) {
-      client.destroy();
-      upstream.destroy();
-    }
-    pairs.clear();
-  };
-  return {
-    url: `nats://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    cut() {
-      mode = "refuse";
-      destroyAll();
-    },
-    stall() {
-      mode = "stall";
-    },
-    restore() {
-      mode = "forward";
-    },
-    close() {
-      mode = "refuse";
-      destroyAll();
-      return new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
 }
 
 const within = <T>(promise: Promise<T>, ms: number) =>
@@ -136,7 +77,7 @@ describe("bus - NATS", () => {
   });
 
   it("close() does not hang when NATS stopped answering: the drain gives up and the connection is closed", async () => {
-    const proxy = await startNatsProxy();
+    const proxy = await startNatsLink();
     cleanups.push(() => proxy.close());
     const { logger, logged } = recordingLogger();
     const bus = await NatsBus.connect({ url: proxy.url, logger, drainTimeoutMs: 1_000 });
@@ -152,7 +93,7 @@ describe("bus - NATS", () => {
   });
 
   it("close() does not hang while NATS is down", async () => {
-    const proxy = await startNatsProxy();
+    const proxy = await startNatsLink();
     cleanups.push(() => proxy.close());
     const { logger } = recordingLogger();
     const bus = await NatsBus.connect({ url: proxy.url, logger });
@@ -164,7 +105,7 @@ describe("bus - NATS", () => {
   });
 
   it("after a reconnect, subscriptions carry on and every reconnect listener is called, even after one threw", async () => {
-    const proxy = await startNatsProxy();
+    const proxy = await startNatsLink();
     cleanups.push(() => proxy.close());
     const { logger, logged } = recordingLogger();
     const bus = await NatsBus.connect({ url: proxy.url, logger });
@@ -196,7 +137,7 @@ describe("bus - NATS", () => {
 
 describe("bus - connecting", () => {
   it("an explicit NATS_URL is retried until NATS answers, and the retrying stops when aborted", async () => {
-    const proxy = await startNatsProxy();
+    const proxy = await startNatsLink();
     cleanups.push(() => proxy.close());
     proxy.cut();
     const { logger, logged } = recordingLogger();
@@ -210,7 +151,7 @@ describe("bus - connecting", () => {
   });
 
   it("an explicit NATS_URL that comes up later is connected to", async () => {
-    const proxy = await startNatsProxy();
+    const proxy = await startNatsLink();
     cleanups.push(() => proxy.close());
     proxy.cut();
     const { logger, logged } = recordingLogger();

@@ -1,9 +1,8 @@
-import net from "node:net";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { NatsBus, createSubjects, type Bus } from "@harbor/bus";
 import { createPool, migrate, type Pool } from "@harbor/db";
 import { createLogger } from "@harbor/runtime";
-import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
+import { createTestDatabase, startNatsLink, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
 import { allocatorMigrations } from "./migrations.js";
 import { OutboxRelay } from "./outbox.js";
 
@@ -11,69 +10,6 @@ const logger = createLogger("test", "silent");
 let db: TestDatabase;
 let pool: Pool;
 let observer: Bus;
-
-/**
- * A TCP proxy in front of the machine's NATS that a test can break without
- * stopping that NATS. `cut`: every connection closed, new ones refused (NATS
- * down). `stall`: connections stay open and what is sent is held, as a
- * network that drops packets holds it in TCP's retransmissions; `heal` passes
- * on what was held (the network came back before the client gave up).
- */
-async function startNatsProxy() {
-  type Pair = { client: net.Socket; upstream: net.Socket; held: Buffer[] };
-  const pairs = new Set<Pair>();
-  let mode: "forward" | "refuse" | "stall" = "forward";
-  const server = net.createServer((client) => {
-    client.on("error", () => undefined);
-    if (mode !== "forward") {
-      client.destroy();
-      return;
-    }
-    const upstream = net.connect(4222, "127.0.0.1");
-    upstream.on("error", () => undefined);
-    const pair: Pair = { client, upstream, held: [] };
-    pairs.add(pair);
-    client.on("data", (chunk: Buffer) => (mode === "stall" ? pair.held.push(chunk) : upstream.write(chunk)));
-    upstream.on("data", (chunk: Buffer) => mode !== "stall" && client.write(chunk));
-    const done = () => {
-      client.destroy();
-      upstream.destroy();
-      pairs.delete(pair);
-    };
-    client.on("close", done);
-    upstream.on("close", done);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const destroyAll = () => {
-    for (const { client, upstream } of pairs) {
-      client.destroy();
-      upstream.destroy();
-    }
-    pairs.clear();
-  };
-  return {
-    url: `nats://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    cut() {
-      mode = "refuse";
-      destroyAll();
-    },
-    stall() {
-      mode = "stall";
-    },
-    heal() {
-      mode = "forward";
-      for (const pair of pairs) for (const chunk of pair.held.splice(0)) pair.upstream.write(chunk);
-    },
-    restore() {
-      mode = "forward";
-    },
-    close() {
-      mode = "refuse";
-      destroyAll();
-      return new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
 
 const cleanups: Array<() => Promise<unknown>> = [];
 
@@ -97,7 +33,7 @@ afterAll(async () => {
 
 /** A relay over a bus that reaches NATS through a proxy the test controls, and what an observer on NATS saw of it. */
 async function relayThroughProxy() {
-  const proxy = await startNatsProxy();
+  const proxy = await startNatsLink();
   const bus = await NatsBus.connect({ url: proxy.url, logger });
   const subjects = createSubjects(uniqueName("hbo"));
   const relay = new OutboxRelay(pool, bus, subjects, logger, 100, () => ({}));
