@@ -139,6 +139,13 @@ export function createGrpcServer(options: GrpcServerOptions): GrpcServer {
   };
 }
 
+/**
+ * Options for Harbor's gRPC clients. A node's listing is one message: 10,000
+ * services with five backends each is ~6 MiB of sets, past gRPC's default 4
+ * MiB, and a worker refused it would stay on stale state for good.
+ */
+export const CLIENT_OPTIONS: grpc.ClientOptions = { "grpc.max_receive_message_length": 256 * 1024 * 1024 };
+
 /** A promise for one unary call with a deadline, on a ts-proto grpc-js client method. */
 /** Metadata carrying a bearer token, when there is one. */
 export function tokenMetadata(token: string | undefined): grpc.Metadata {

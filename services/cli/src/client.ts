@@ -1,5 +1,5 @@
 import { BackendRegistryClient, PortAllocatorClient } from "@harbor/proto";
-import { DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, isServiceError, parseAddress, tokenMetadata, type RequestOf, type ResponseOf } from "@harbor/runtime";
+import { CLIENT_OPTIONS, DEFAULT_API_ADDRESS, describeServiceError, grpc, invoke, isServiceError, parseAddress, tokenMetadata, type RequestOf, type ResponseOf } from "@harbor/runtime";
 
 /** A failure to report as one line on stderr; exit code 2 for usage, 1 otherwise. */
 export class CliError extends Error {
@@ -25,8 +25,8 @@ export function createClients(address = DEFAULT_API_ADDRESS, token?: string): Cl
   // Checked here, not by gRPC: "nohost" would quietly mean port 443, "a b" a resolver's message.
   if (!parseAddress(address)) throw new CliError(`the API address ${JSON.stringify(address)} is not HOST:PORT (from --api or HARBOR_API), e.g. ${DEFAULT_API_ADDRESS}`, 2);
   const credentials = grpc.credentials.createInsecure();
-  const allocator = new PortAllocatorClient(address, credentials);
-  const registry = new BackendRegistryClient(address, credentials);
+  const allocator = new PortAllocatorClient(address, credentials, CLIENT_OPTIONS);
+  const registry = new BackendRegistryClient(address, credentials, CLIENT_OPTIONS);
   return {
     address,
     allocator,

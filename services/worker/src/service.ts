@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
 import { BackendRegistryClient, PortAllocatorClient, PortBindFailed, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
 import { DataPlaneCounters, workerMetrics } from "./metrics.js";
-import { grpc, type Component, type Logger, type MetricsRegistry } from "@harbor/runtime";
+import { CLIENT_OPTIONS, grpc, type Component, type Logger, type MetricsRegistry } from "@harbor/runtime";
 import type { WorkerConfig } from "./config.js";
 import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
 import type { PortListener } from "./proxy/listener.js";
@@ -61,8 +61,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   let reconciling = Promise.resolve();
   let heartbeat: NodeJS.Timeout | undefined;
   let stopped = false;
-  const allocator = new PortAllocatorClient(config.allocatorAddress, grpc.credentials.createInsecure());
-  const registry = new BackendRegistryClient(config.registryAddress, grpc.credentials.createInsecure());
+  const allocator = new PortAllocatorClient(config.allocatorAddress, grpc.credentials.createInsecure(), CLIENT_OPTIONS);
+  const registry = new BackendRegistryClient(config.registryAddress, grpc.credentials.createInsecure(), CLIENT_OPTIONS);
 
   const kernel =
     config.mode === "kernel" ? new KernelTable(tableName(deps.subjects.prefix, config.nodeId), () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;

@@ -1,0 +1,64 @@
+import pg from "pg";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { waitFor } from "@harbor/testkit";
+import type { ServiceJson } from "./cluster.js";
+import { startHarbor, type Harbor } from "./harbor.js";
+
+let harbor: Harbor;
+
+beforeAll(async () => {
+  harbor = await startHarbor({ env: { HARBOR_RECONCILE_INTERVAL_MS: "1000", HARBOR_RESYNC_INTERVAL_MS: "500" } });
+});
+
+afterAll(async () => {
+  await harbor?.stop();
+});
+
+describe("e2e scale - a node's listing larger than gRPC's default 4 MiB", () => {
+  it("still reaches the worker's snapshot (10 services × 10,000 backends: ~5 MiB of sets)", async () => {
+    const SERVICES = 10;
+    const INSTANCES = 10_000;
+    const created: ServiceJson[] = [];
+    for (let i = 0; i < SERVICES; i++) created.push(await harbor.json<ServiceJson>("create-service", `crowd-${i}`, "--app", "crowd"));
+    // The worker has caught up with the creations: its periodic snapshots find nothing new.
+    const settled = harbor.logs().length;
+    await waitFor(() => /"unchanged":true[^\n]*"msg":"worker-synced"/.test(harbor.logs().slice(settled)), "the worker in step");
+    const logsBefore = harbor.logs().length;
+    // 10,000 instances at once, straight into the registry's table (registering each would take minutes);
+    // each maps every int_port the app's bindings have (4100…4109) to a private address.
+    const db = new pg.Client({ connectionString: harbor.env.DATABASE_URL });
+    await db.connect();
+    try {
+      await db.query(
+        `INSERT INTO registry_instances (app, instance_id, host, ports, ttl_seconds, available_since, expires_at)
+         SELECT 'crowd', 'crowd-instance-' || lpad(i::text, 6, '0'), '10.9.' || (i / 250) || '.' || (i % 250),
+                (SELECT jsonb_agg(jsonb_build_object('int_port', 4100 + b, 'port', 20000 + b)) FROM generate_series(0, $2 - 1) b),
+                3600, now(), now() + interval '1 hour'
+           FROM generate_series(1, $1) i`,
+        [INSTANCES, SERVICES],
+      );
+      // The registry's reconcile (every second here) puts them in the sets.
+      await waitFor(
+        async () =>
+          (await db.query<{ n: number }>("SELECT count(*)::int AS n FROM registry_backend_sets WHERE jsonb_array_length(content->'backends') = $1", [INSTANCES])).rows[0]!.n === SERVICES,
+        "the registry's sets holding every instance",
+        60_000,
+        200,
+      );
+    } finally {
+      await db.end();
+    }
+    // Too large for one NATS message each, the sets reach the worker only through its snapshot.
+    // (The registry may finish its reconcile between two snapshots: the sets can come in more than one.)
+    const setsTaken = () =>
+      [...harbor.logs().slice(logsBefore).matchAll(/"changed":(\d+)[^\n]*"msg":"worker-synced"/g)].reduce((sum, m) => sum + Number(m[1]), 0);
+    await waitFor(
+      () => setsTaken() >= SERVICES,
+      "snapshots that carry the 10 large sets",
+      30_000,
+      200,
+    );
+    expect(harbor.logs()).not.toMatch(/Received message larger than max/);
+    expect(created).toHaveLength(SERVICES);
+  }, 120_000);
+});
