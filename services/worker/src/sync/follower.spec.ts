@@ -4,6 +4,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { createSubjects, encodeMessage, InProcessBus } from "@harbor/bus";
 import {
   BackendSet,
+  BindingEvent,
   Node,
   PortService,
   PortServiceEvent,
@@ -191,6 +192,27 @@ describe("Follower: snapshots and events", () => {
     await new Promise((r) => setImmediate(r));
     expect(view.service(s1)?.healthCheck).toEqual(healthCheck);
     expect(changes.at(-1)).toEqual([s1]);
+  });
+
+  it("drops an allocator event older than one already received about the same service (a repeat, or relayed out of order)", async () => {
+    const { s1, bus, view } = await followOneService();
+    const s2 = randomUUID();
+    const send = (subject: string, id: string, port: number, sequence: string) =>
+      bus.publish(subject, encodeMessage(PortServiceEvent, { service: service(id, port), sequence }));
+    send(subjects.serviceCreated(NODE), s2, 30002, "5");
+    send(subjects.serviceDeleted(NODE), s2, 30002, "7");
+    // The created event again, after the deletion: the port must stay closed.
+    send(subjects.serviceCreated(NODE), s2, 30002, "5");
+    bus.publish(subjects.serviceBound(NODE), encodeMessage(BindingEvent, { service: service(s2, 30002), app: "demo", intPort: 4100, sequence: "6" }));
+    // Another service's older sequence is no concern of s2's.
+    send(subjects.serviceUpdated(NODE), s1, 30001, "3");
+    await new Promise((r) => setImmediate(r));
+    expect(view.service(s2)).toBeUndefined();
+    expect(view.service(s1)).toBeDefined();
+    // A newer event about s2 is applied.
+    send(subjects.serviceCreated(NODE), s2, 30009, "8");
+    await new Promise((r) => setImmediate(r));
+    expect(view.service(s2)?.port).toBe(30009);
   });
 
   it("drops a malformed set and a set of another node, and changes nothing", async () => {

@@ -34,6 +34,8 @@ export interface FollowerOptions {
 type Event = { kind: "created" | "updated" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet } | { kind: "node"; event: NodeEvent };
 
 const RETRY_MS = 1_000;
+/** How long a deleted service's last event sequence is remembered, to drop a late repeat. */
+const SEQUENCE_MEMORY_MS = 10 * 60_000;
 /**
  * Reasons that mean events were missed. A snapshot under way when one comes
  * may have read the control plane before those events: another follows it.
@@ -101,6 +103,8 @@ export class Follower {
   /** The digests of the last snapshot's services and sets: unchanged ones are not sent again. */
   private digests = { services: "", sets: "" };
   private snapshots = 0;
+  /** The highest allocator event sequence received per service, and when. */
+  private readonly sequences = new Map<string, { sequence: bigint; at: number }>();
   synced = false;
 
   constructor(private readonly o: FollowerOptions) {}
@@ -137,11 +141,48 @@ export class Follower {
       this.o.logger.warn({ kind: event.kind, problem }, "bus-event-invalid");
       return;
     }
+    if (this.isStale(event)) {
+      this.o.logger.debug({ kind: event.kind, serviceId: touched(event) }, "bus-event-stale");
+      return;
+    }
     if (this.held) this.held.push(event);
     else if (this.apply(event)) {
       const id = touched(event);
       this.o.onChange(id === undefined ? undefined : [id]);
     }
+  }
+
+  /**
+   * Whether an allocator event about a service is older than one already
+   * received about it (its outbox sequence is not higher). At-least-once
+   * delivery may repeat a batch, and allocator replicas may relay batches out
+   * of order: applied, a repeated "created" after "deleted" would reopen the
+   * port of a service that is gone. Sets have their own revisions. (Should
+   * sequences ever go back, an allocator database restored from a backup,
+   * say, the periodic snapshot still brings every change, which it applies
+   * whatever the sequences.)
+   */
+  private isStale(e: Event): boolean {
+    if (e.kind === "set" || e.kind === "node") return false;
+    const id = e.event.service?.name;
+    let sequence: bigint;
+    try {
+      sequence = BigInt(e.event.sequence);
+    } catch {
+      return false;
+    }
+    // 0: no sequence (not relayed from an outbox); nothing to compare.
+    if (id === undefined || sequence <= 0n) return false;
+    const seen = this.sequences.get(id);
+    if (seen && sequence <= seen.sequence) return true;
+    this.sequences.set(id, { sequence, at: Date.now() });
+    return false;
+  }
+
+  /** Drops what is remembered of services gone for a while: a repeat comes soon after its original. */
+  private forgetOldSequences(): void {
+    const before = Date.now() - SEQUENCE_MEMORY_MS;
+    for (const [id, seen] of this.sequences) if (seen.at < before && !this.o.view.service(id)) this.sequences.delete(id);
   }
 
   private apply(e: Event): boolean {
@@ -226,6 +267,7 @@ export class Follower {
       this.digests = { services: services.digest, sets: sets.digest };
       if (this.applyHeld(changed)) all = true;
       this.synced = true;
+      this.forgetOldSequences();
       logger.info(
         { reason, services: services.services.length, sets: sets.sets.length, unchanged: services.unchanged && sets.unchanged, changed: all ? "all" : changed.size },
         "worker-synced",
