@@ -73,6 +73,10 @@ describe("allocator - create and bind", () => {
       int_port: 4100,
     });
     await expectCode(invoke(client, "bindPortService", { name: "udp-port-test", app: "port-test" }), grpc.status.ALREADY_EXISTS, /already bound.*4101/);
+    // Asked about an app it is not bound to, a service shows no int_port rather than another app's.
+    expect((await invoke(client, "getPortService", { name: "udp-port-test", app: "port-test" })).service!.intPort).toBe(4101);
+    expect((await invoke(client, "getPortService", { name: "udp-port-test", app: "stranger" })).service!.intPort).toBe(0);
+    expect((await invoke(client, "getPortService", { name: "udp-port-test", app: "" })).service!.intPort).toBe(4101);
   });
 
   it("protocol and HTTPS proxy follow the name", async () => {

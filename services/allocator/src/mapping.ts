@@ -2,9 +2,13 @@ import { buildCredentials } from "@harbor/core";
 import { protocolToProto, timestampFromMs, type Node, type PortService } from "@harbor/proto";
 import type { NodeRecord, ServiceRecord } from "./store.js";
 
-/** A service as the API shows it: the seed's credentials, with int_port for `app` (else the first binding). */
+/**
+ * A service as the API shows it: the seed's credentials, with int_port for
+ * `app`, or without an app for the first binding. 0 when there is none: an
+ * app the service is not bound to has no int_port, and another app's would mislead.
+ */
 export function toPortService(record: ServiceRecord, app?: string): PortService {
-  const binding = (app ? record.bindings.find((b) => b.app === app) : undefined) ?? record.bindings[0];
+  const binding = app ? record.bindings.find((b) => b.app === app) : record.bindings[0];
   const credentials = buildCredentials(record.node, record, binding?.intPort ?? 0);
   return {
     hostname: credentials.hostname,
