@@ -160,7 +160,16 @@ describe("e2e tcp - a port that works end to end", () => {
       const tcpFlows = /harbor_worker_kernel_flows_total\{protocol="tcp"\} (\d+)/.exec(await (await fetch(metricsUrl)).text());
       expect(Number(tcpFlows?.[1])).toBeGreaterThanOrEqual(39);
     } else expect(harbor.logs()).toMatch(/"msg":"tcp-listener-opened"/);
-    expect(await harbor.stop()).toBe(0);
+    // A connection open at SIGTERM may finish: new ones are refused, it carries on (in kernel
+    // mode too, where the table must outlive it), and the worker exits once it is closed.
+    const debugPort = (await harbor.json<ServiceJson>("service", "debug-port")).port;
+    const open = await connectLines(debugPort);
+    await open.nextLine();
+    const stopped = harbor.stop();
+    await waitFor(() => connectLines(debugPort).then((c) => void c.close(), () => true), "new connections refused");
+    expect(await open.roundTrip("draining")).toBe("draining");
+    open.close();
+    expect(await stopped).toBe(0);
     expect(harbor.logs()).toMatch(/"msg":"shutdown-complete"/);
     // With relays, every one started, and every one was drained, not killed.
     const relayLogs = (msg: string) => harbor.logs().match(new RegExp(`"name":"harbor-relay".*"msg":"${msg}"`, "g"))?.length ?? 0;

@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { isIPv4 } from "node:net";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
 import { BackendRegistryClient, PortAllocatorClient, PortBindFailed, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
 import { DataPlaneCounters, workerMetrics } from "./metrics.js";
@@ -167,7 +168,13 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     dirtyAll = false;
     dirty.clear();
     try {
-      if (host !== listenHost) {
+      if (host !== listenHost && kernel && listenHost !== undefined) {
+        // The kernel's rules change host in one whole rewrite of the table: no port is ever without its rule.
+        logger.info({ from: listenHost, to: host }, "listen-host-changed");
+        listenHost = host;
+        all = true;
+        await kernel.update();
+      } else if (host !== listenHost) {
         if (listenHost !== undefined) logger.info({ from: listenHost, to: host }, "listen-host-changed");
         await Promise.all([...listeners.values()].map((l) => l.close()));
         for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
@@ -177,7 +184,10 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         all = true;
       }
       const todo = all ? new Set([...view.listServices().map((s) => s.id), ...[...listeners.keys()].map(serviceOf)]) : new Set(ids);
-      for (const id of todo) await reconcileService(id, view.service(id), host);
+      // Kernel mode: the listeners' table changes, made together, become one nft transaction
+      // (at start, the whole table with every port) instead of one per port.
+      if (kernel) await Promise.all([...todo].map((id) => reconcileService(id, view.service(id), host)));
+      else for (const id of todo) await reconcileService(id, view.service(id), host);
     } finally {
       beatPorts = undefined;
     }
@@ -245,6 +255,10 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       if (kernel) {
         const problem = await kernelModeAvailable();
         if (problem) throw new Error(`HARBOR_WORKER_MODE=kernel needs nftables and CAP_NET_ADMIN: ${problem}`);
+        // Rules match the address clients connect to: no packet is sent to 0.0.0.0, and nft takes no IPv6 address in an ip table.
+        if (config.listenHost !== undefined && (!isIPv4(config.listenHost) || config.listenHost === "0.0.0.0")) {
+          throw new Error(`HARBOR_WORKER_MODE=kernel needs HARBOR_WORKER_LISTEN_HOST to be the IPv4 address clients connect to, not ${config.listenHost}`);
+        }
       }
       await relays?.start();
       await follower.start();
@@ -268,7 +282,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       for (const checker of checkers.values()) checker.stop();
       const all = [...listeners.values()];
       await Promise.all(all.map((l) => l.close()));
-      await Promise.all(all.map((l) => l.drain(config.drainTimeoutMs)));
+      // Kernel mode: the table stays until the connections it carries end (or the deadline passes).
+      await Promise.all([...all.map((l) => l.drain(config.drainTimeoutMs)), kernel?.drain(config.drainTimeoutMs)]);
       // The drain deadline has passed: relays cut what is left.
       await relays?.stop(0);
       await kernel?.destroy();

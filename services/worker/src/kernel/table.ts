@@ -1,4 +1,5 @@
 import { spawn } from "node:child_process";
+import { isIPv4 } from "node:net";
 import type { Logger } from "pino";
 import { flowCounter, portRules, renderDelta, renderTable, type KernelPort, type PortRules } from "./render.js";
 
@@ -23,22 +24,59 @@ export interface KernelPortSource {
   current(): KernelPort;
 }
 
+/** One conntrack entry as `conntrack -L` prints it: the original direction's ports, where replies come from, its TCP state. */
+interface Flow {
+  dport: number;
+  replyFrom: string;
+  state: string;
+}
+
+/** Parses `conntrack -L` output: per line, the original tuple, then the reply tuple. */
+function parseFlows(text: string): Flow[] {
+  const flows: Flow[] = [];
+  for (const line of text.split("\n")) {
+    const fields = [...line.matchAll(/\b(src|sport|dport)=(\S+)/g)];
+    const dport = fields.find(([, key]) => key === "dport")?.[2];
+    const src = fields.filter(([, key]) => key === "src")[1]?.[2];
+    const sport = fields.filter(([, key]) => key === "sport")[1]?.[2];
+    if (dport === undefined || src === undefined || sport === undefined) continue;
+    flows.push({ dport: Number(dport), replyFrom: `${src}:${sport}`, state: line.trim().split(/\s+/)[3] ?? "" });
+  }
+  return flows;
+}
+
+/** TCP states of a connection that is still open (not TIME_WAIT or CLOSE). */
+const OPEN_TCP = new Set(["SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT2"]);
+
 /**
  * The node's nftables table. The first apply (and any after a failure or a
  * host change) writes the whole table; later ones change only the ports that
  * changed, each in one nft transaction — at 5,000 ports a whole table takes
- * nft seconds, one port's change about a tenth of one. When a UDP port's
- * primary changes, the conntrack entries of the departed primary are
- * deleted, so only its flows move; TCP connections keep their conntrack
- * entry and are never cut.
+ * nft seconds, one port's change about a tenth of one. An apply that fails is
+ * retried until one succeeds: the kernel must not keep a stale set.
+ *
+ * UDP flows live in conntrack and would stay on the backend their first
+ * datagram went to. As userspace sessions do, a flow moves only when its
+ * backend leaves the rotation (deregistered, expired, ejected while another
+ * can take it): those flows' entries are deleted, so their next datagram
+ * goes to the primary. Flows that began while the port had no rule (no
+ * NAT at all) move too, once it has one; a port taken out of the table ends
+ * its flows. TCP connections keep their conntrack entry and are never cut.
  */
 export class KernelTable {
   private readonly sources = new Map<string, KernelPortSource>();
-  private readonly primaries = new Map<string, string>();
+  /** Per UDP port in the table: the backends (`host:port`) that may hold flows of it. */
+  private udpHolders = new Map<number, Set<string>>();
+  /** The address the holders' flows were sent to. */
+  private udpHost: string | undefined;
+  /** TCP ports the table has carried: their connections are waited for on drain. */
+  private readonly tcpCarried = new Set<number>();
   private applying: Promise<string | undefined> = Promise.resolve(undefined);
   private pending: Promise<string | undefined> | undefined;
   /** What the kernel holds now, as far as we know; undefined: write the whole table next time. */
   private installed: { host: string; rules: PortRules } | undefined;
+  private retry: NodeJS.Timeout | undefined;
+  private destroyed = false;
   applied = 0;
   /** The flow counters as last read. */
   private lastFlows = { tcp: 0, udp: 0 };
@@ -47,6 +85,8 @@ export class KernelTable {
     private readonly name: string,
     private readonly host: () => string | undefined,
     private readonly logger: Logger,
+    /** How long after a failed apply it is tried again. */
+    private readonly retryMs = 1_000,
   ) {}
 
   add(source: KernelPortSource): void {
@@ -59,17 +99,36 @@ export class KernelTable {
 
   /** Applies the current state soon; calls made meanwhile share one apply. Resolves with an error message, if any. */
   update(): Promise<string | undefined> {
-    this.pending ??= this.applying.then(() => {
+    this.pending ??= this.applying.then(async () => {
       this.pending = undefined;
-      return this.apply();
+      clearTimeout(this.retry);
+      this.retry = undefined;
+      if (this.destroyed) return "the table is being removed";
+      const outcome = await this.apply().catch((err: unknown) => {
+        this.logger.error({ table: this.name, err }, "nftables-apply-failed");
+        return { error: err instanceof Error ? err.message : String(err), retry: true };
+      });
+      // The kernel may now hold an older state than the worker: try again until it takes.
+      if (outcome.retry && !this.destroyed) {
+        this.retry = setTimeout(() => void this.update(), this.retryMs);
+        this.retry.unref();
+      }
+      return outcome.error;
     });
     this.applying = this.pending;
     return this.pending;
   }
 
-  private async apply(): Promise<string | undefined> {
+  /** One apply: the error, if any, and whether trying again may help (not while the host is unusable). */
+  private async apply(): Promise<{ error?: string; retry: boolean }> {
     const host = this.host();
-    if (!host) return "the node's host is not known yet";
+    if (!host) return { error: "the node's host is not known yet", retry: false };
+    if (!isIPv4(host) || host === "0.0.0.0") {
+      // nft would refuse an IPv6 address, and no packet is sent to 0.0.0.0: say what to do instead.
+      const error = `kernel mode matches packets by the IPv4 address clients connect to; ${host} is not one (set the node's host, or HARBOR_WORKER_LISTEN_HOST, to it)`;
+      this.logger.error({ table: this.name, host, error }, "nftables-host-not-usable");
+      return { error, retry: false };
+    }
     const ports = [...this.sources.values()].map((s) => s.current());
     const rules = portRules(ports);
     const installed = this.installed;
@@ -88,27 +147,62 @@ export class KernelTable {
       const result = await run("nft", ["-f", "-"], renderTable(this.name, host, rules));
       if (result.code !== 0) {
         this.logger.error({ table: this.name, error: firstLines(result.stderr) }, "nftables-apply-failed");
-        return result.stderr || `nft exited ${result.code}`;
+        return { error: result.stderr || `nft exited ${result.code}`, retry: true };
       }
       this.installed = { host, rules };
       this.logger.debug({ table: this.name, ports: rules.size, whole: true }, "nftables-applied");
     }
     this.applied++;
-    await this.forgetDepartedPrimaries(host, ports);
-    return undefined;
+    for (const p of ports) if (p.protocol === "tcp") this.tcpCarried.add(p.port);
+    await this.moveUdpFlows(host, ports);
+    return { retry: false };
   }
 
-  private async forgetDepartedPrimaries(host: string, ports: KernelPort[]): Promise<void> {
-    for (const p of ports.filter((x) => x.protocol === "udp")) {
-      const key = String(p.port);
-      const primary = p.backends[0] ? `${p.backends[0].host}:${p.backends[0].port}` : "";
-      const before = this.primaries.get(key);
-      this.primaries.set(key, primary);
-      if (!before || before === primary) continue;
-      const cut = before.lastIndexOf(":");
-      const [oldHost, oldPort] = [before.slice(0, cut), before.slice(cut + 1)];
-      const deleted = await run("conntrack", ["-D", "-p", "udp", "--orig-dst", host, "--dport", key, "--reply-src", oldHost, "--reply-port-src", oldPort]);
-      this.logger.info({ port: p.port, from: before, to: primary, conntrack: deleted.stderr.split("\n").pop() }, "udp-primary-moved");
+  /** After an apply: the UDP flows whose backend left the rotation (or that have none) go, so their next datagram follows the rules. */
+  private async moveUdpFlows(host: string, ports: KernelPort[]): Promise<void> {
+    // Flows to another address are not the rules' any more; those to this one are looked up afresh.
+    if (this.udpHost !== host) this.udpHolders = new Map();
+    this.udpHost = host;
+    const udp = new Map(ports.filter((p) => p.protocol === "udp").map((p) => [p.port, p]));
+    const remove = (port: number, from?: string) => {
+      const filter = ["-D", "-p", "udp", "--orig-dst", host, "--dport", String(port)];
+      if (from !== undefined) {
+        const cut = from.lastIndexOf(":");
+        filter.push("--reply-src", from.slice(0, cut), "--reply-port-src", from.slice(cut + 1));
+      }
+      return run("conntrack", filter);
+    };
+    // A port taken out of the table ends its flows, as a closed userspace listener ends its sessions.
+    for (const port of [...this.udpHolders.keys()]) {
+      if (udp.has(port)) continue;
+      this.udpHolders.delete(port);
+      const deleted = await remove(port);
+      this.logger.debug({ port, conntrack: lastLine(deleted.stderr) }, "udp-flows-ended");
+    }
+    // A port new to the table: whatever flows the kernel already tracks for it (a previous
+    // worker's, or ones that met no rule and were never translated) are its holders.
+    const fresh = [...udp.keys()].filter((port) => !this.udpHolders.has(port));
+    if (fresh.length > 0) {
+      const listed = await run("conntrack", ["-L", "-p", "udp", "--orig-dst", host]);
+      if (listed.code !== 0) this.logger.warn({ error: firstLines(listed.stderr) }, "conntrack-list-failed");
+      const byPort = new Map<number, Set<string>>();
+      for (const f of listed.code === 0 ? parseFlows(listed.stdout) : []) {
+        if (!byPort.has(f.dport)) byPort.set(f.dport, new Set());
+        byPort.get(f.dport)?.add(f.replyFrom);
+      }
+      for (const port of fresh) this.udpHolders.set(port, byPort.get(port) ?? new Set());
+    }
+    for (const [port, p] of udp) {
+      const holders = this.udpHolders.get(port) as Set<string>;
+      const rotation = new Set(p.backends.map((b) => `${b.host}:${b.port}`));
+      const primary = p.backends[0];
+      for (const from of [...holders]) {
+        if (rotation.has(from)) continue;
+        holders.delete(from);
+        const deleted = await remove(port, from);
+        this.logger.info({ port, from, to: primary ? `${primary.host}:${primary.port}` : "", conntrack: lastLine(deleted.stderr) }, "udp-flows-moved");
+      }
+      if (primary) holders.add(`${primary.host}:${primary.port}`);
     }
   }
 
@@ -136,14 +230,39 @@ export class KernelTable {
     return this.lastFlows;
   }
 
-  /** Removes the table. Open connections keep their conntrack entries, so they are not cut. */
+  /**
+   * Waits, up to the deadline, until no TCP connection the table carried is
+   * open any more. The table must stay meanwhile: the kernel translates an
+   * open connection's packets only while some NAT chain is hooked in, so
+   * removing the table (the last one) would cut every one of them.
+   */
+  async drain(deadlineMs: number): Promise<void> {
+    await this.applying;
+    const host = this.installed?.host ?? this.host();
+    if (host === undefined || this.tcpCarried.size === 0) return;
+    const deadline = Date.now() + deadlineMs;
+    let open = 0;
+    for (;;) {
+      const listed = await run("conntrack", ["-L", "-p", "tcp", "--orig-dst", host, "--dst-nat"]);
+      // Without conntrack the open connections cannot be seen: they get the whole deadline.
+      open = listed.code === 0 ? parseFlows(listed.stdout).filter((f) => this.tcpCarried.has(f.dport) && OPEN_TCP.has(f.state)).length : Number.POSITIVE_INFINITY;
+      if (open === 0 || Date.now() >= deadline) break;
+      await new Promise((resolve) => setTimeout(resolve, Math.min(100, Math.max(0, deadline - Date.now()))));
+    }
+    if (open > 0) this.logger.info({ table: this.name, open: Number.isFinite(open) ? open : "unknown" }, "kernel-drain-deadline-passed");
+  }
+
+  /** Removes the table: connections still open through it are cut (see `drain`). */
   async destroy(): Promise<void> {
+    this.destroyed = true;
+    clearTimeout(this.retry);
     await this.applying;
     this.installed = undefined;
     await run("nft", ["delete", "table", "ip", this.name]);
   }
 }
 
+const lastLine = (text: string) => text.split("\n").pop();
 const firstLines = (text: string) => text.split("\n").slice(0, 3).join(" ");
 
 /** Whether this process may program nftables (root or CAP_NET_ADMIN, and nft installed). */
