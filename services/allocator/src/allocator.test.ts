@@ -1,22 +1,21 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { NatsBus, createSubjects, type Bus, type BusMessage } from "@harbor/bus";
-import { createPool, type Pool } from "@harbor/db";
+import type { Bus, BusMessage, Subjects } from "@harbor/bus";
+import type { Pool } from "@harbor/db";
 import { PortAllocatorClient, Protocol } from "@harbor/proto";
-import { createGrpcServer, createLogger, grpc, invoke, type GrpcServer } from "@harbor/runtime";
-import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
-import { loadAllocatorConfig } from "./config.js";
-import { createAllocator, repair, type Allocator } from "./service.js";
+import { createLogger, grpc, invoke } from "@harbor/runtime";
+import { waitFor } from "@harbor/testkit";
+import { startTestAllocator, type TestAllocator } from "./allocator.fixture.js";
+import { repair, type Allocator } from "./service.js";
 import { PortBindFailed, PortServiceEvent, WorkerHeartbeat, Protocol as P, timestampFromMs, type Node } from "@harbor/proto";
 import { publishMessage } from "@harbor/bus";
 
 const logger = createLogger("test", "silent");
-let db: TestDatabase;
+let harness: TestAllocator;
 let pool: Pool;
 let bus: Bus;
 let allocator: Allocator;
-let server: GrpcServer;
 let client: PortAllocatorClient;
-const subjects = createSubjects(uniqueName("hbt"));
+let subjects: Subjects;
 
 async function expectCode(promise: Promise<unknown>, code: grpc.status, message: RegExp): Promise<void> {
   const err = (await promise.then(
@@ -28,23 +27,12 @@ async function expectCode(promise: Promise<unknown>, code: grpc.status, message:
 }
 
 beforeAll(async () => {
-  db = await createTestDatabase();
-  pool = createPool({ url: db.url, logger, max: 20 });
-  bus = await NatsBus.connect({ url: "nats://127.0.0.1:4222", logger });
-  allocator = createAllocator(loadAllocatorConfig({ HARBOR_NODE_ID: "n1", HARBOR_PORT_RANGE: "30000-30999", HARBOR_NODE_HOST: "10.0.0.5" }), { pool, bus, subjects, logger });
-  await allocator.start();
-  server = createGrpcServer({ address: "127.0.0.1:0", services: [allocator.grpc], logger });
-  await server.start();
-  client = new PortAllocatorClient(server.boundAddress, grpc.credentials.createInsecure());
+  harness = await startTestAllocator({ HARBOR_NODE_ID: "n1", HARBOR_PORT_RANGE: "30000-30999", HARBOR_NODE_HOST: "10.0.0.5" });
+  ({ pool, bus, allocator, client, subjects } = harness);
 });
 
 afterAll(async () => {
-  client?.close();
-  await server?.stop();
-  await allocator?.stop();
-  await bus?.close();
-  await pool?.end();
-  await db?.drop();
+  await harness?.stop();
 });
 
 describe("allocator - create and bind", () => {
