@@ -157,14 +157,16 @@ export class Follower {
    * received about it (its outbox sequence is not higher). At-least-once
    * delivery may repeat a batch, and allocator replicas may relay batches out
    * of order: applied, a repeated "created" after "deleted" would reopen the
-   * port of a service that is gone. Sets have their own revisions. (Should
+   * port of a service that is gone, an old node event the node's former
+   * host. Sets have their own revisions. (Should
    * sequences ever go back, an allocator database restored from a backup,
    * say, the periodic snapshot still brings every change, which it applies
    * whatever the sequences.)
    */
   private isStale(e: Event): boolean {
-    if (e.kind === "set" || e.kind === "node") return false;
-    const id = e.event.service?.name;
+    if (e.kind === "set") return false;
+    // The node's own events (its host) go through the same outbox.
+    const id = e.kind === "node" ? `node:${this.o.nodeId}` : e.event.service?.name;
     let sequence: bigint;
     try {
       sequence = BigInt(e.event.sequence);
@@ -182,7 +184,7 @@ export class Follower {
   /** Drops what is remembered of services gone for a while: a repeat comes soon after its original. */
   private forgetOldSequences(): void {
     const before = Date.now() - SEQUENCE_MEMORY_MS;
-    for (const [id, seen] of this.sequences) if (seen.at < before && !this.o.view.service(id)) this.sequences.delete(id);
+    for (const [id, seen] of this.sequences) if (seen.at < before && !id.startsWith("node:") && !this.o.view.service(id)) this.sequences.delete(id);
   }
 
   private apply(e: Event): boolean {
@@ -272,8 +274,7 @@ export class Follower {
         { reason, services: services.services.length, sets: sets.sets.length, unchanged: services.unchanged && sets.unchanged, changed: all ? "all" : changed.size },
         "worker-synced",
       );
-      if (all) this.o.onChange();
-      else if (changed.size > 0) this.o.onChange([...changed]);
+      this.handOn(all, changed);
     } catch (err) {
       // Only what the events held meanwhile touched is handed on: this repeats every
       // second while the control plane is away, and a look at every listener is not free.
@@ -282,9 +283,14 @@ export class Follower {
       logger.warn({ reason, err: (err as Error).message }, "worker-sync-failed-keeping-last-state");
       clearTimeout(this.retry);
       if (!this.stopped) this.retry = setTimeout(() => void this.resync("retry"), RETRY_MS);
-      if (all) this.o.onChange();
-      else if (changed.size > 0) this.o.onChange([...changed]);
+      this.handOn(all, changed);
     }
+  }
+
+  /** Tells the listeners what changed: everything, or only these services (nothing when none). */
+  private handOn(all: boolean, changed: ReadonlySet<string>): void {
+    if (all) this.o.onChange();
+    else if (changed.size > 0) this.o.onChange([...changed]);
   }
 
   /**
