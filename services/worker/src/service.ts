@@ -1,5 +1,4 @@
 import { randomUUID } from "node:crypto";
-import { isIPv4 } from "node:net";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
 import { BackendRegistryClient, PortAllocatorClient, PortBindFailed, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
 import { DataPlaneCounters, workerMetrics } from "./metrics.js";
@@ -13,7 +12,7 @@ import { RelayPool } from "./proxy/relays.js";
 import { HealthChecker } from "./proxy/health.js";
 import { KernelListener } from "./kernel/listener.js";
 import { tableName } from "./kernel/render.js";
-import { KernelTable, kernelModeAvailable } from "./kernel/table.js";
+import { KernelTable, conntrackProblem, kernelHostProblem, kernelModeAvailable } from "./kernel/table.js";
 import { normalizeHealthCheck, sameHealthCheck } from "@harbor/core";
 import { Follower } from "./sync/follower.js";
 
@@ -255,10 +254,11 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       if (kernel) {
         const problem = await kernelModeAvailable();
         if (problem) throw new Error(`HARBOR_WORKER_MODE=kernel needs nftables and CAP_NET_ADMIN: ${problem}`);
-        // Rules match the address clients connect to: no packet is sent to 0.0.0.0, and nft takes no IPv6 address in an ip table.
-        if (config.listenHost !== undefined && (!isIPv4(config.listenHost) || config.listenHost === "0.0.0.0")) {
+        if (config.listenHost !== undefined && kernelHostProblem(config.listenHost)) {
           throw new Error(`HARBOR_WORKER_MODE=kernel needs HARBOR_WORKER_LISTEN_HOST to be the IPv4 address clients connect to, not ${config.listenHost}`);
         }
+        const noConntrack = await conntrackProblem();
+        if (noConntrack) logger.warn({ error: noConntrack }, "conntrack-missing-udp-flows-stay-drain-waits-deadline");
       }
       await relays?.start();
       await follower.start();

@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { isIPv4 } from "node:net";
 import type { Logger } from "pino";
+import { backendKey } from "../proxy/dial.js";
 import { flowCounter, portRules, renderDelta, renderTable, type KernelPort, type PortRules } from "./render.js";
 
 /** Runs a command with `input` on stdin; resolves with its exit code, stdout and stderr. */
@@ -67,6 +68,8 @@ export class KernelTable {
   private readonly sources = new Map<string, KernelPortSource>();
   /** Per UDP port in the table: the backends (`host:port`) that may hold flows of it. */
   private udpHolders = new Map<number, Set<string>>();
+  /** Per UDP port: its rotation (`host:port`, …) when its holders were last brought in line. */
+  private udpRotations = new Map<number, string>();
   /** The address the holders' flows were sent to. */
   private udpHost: string | undefined;
   /** TCP ports the table has carried: their connections are waited for on drain. */
@@ -76,17 +79,19 @@ export class KernelTable {
   /** What the kernel holds now, as far as we know; undefined: write the whole table next time. */
   private installed: { host: string; rules: PortRules } | undefined;
   private retry: NodeJS.Timeout | undefined;
+  /** The wait before the next retry of a failed apply: doubles while applies fail, so a failure that repeats does not rewrite the table every second. */
+  private retryDelayMs = FIRST_RETRY_MS;
   private destroyed = false;
   applied = 0;
   /** The flow counters as last read. */
   private lastFlows = { tcp: 0, udp: 0 };
+  /** The last read of the counters failed (and was logged). */
+  private flowsStale = false;
 
   constructor(
     private readonly name: string,
     private readonly host: () => string | undefined,
     private readonly logger: Logger,
-    /** How long after a failed apply it is tried again. */
-    private readonly retryMs = 1_000,
   ) {}
 
   add(source: KernelPortSource): void {
@@ -110,9 +115,10 @@ export class KernelTable {
       });
       // The kernel may now hold an older state than the worker: try again until it takes.
       if (outcome.retry && !this.destroyed) {
-        this.retry = setTimeout(() => void this.update(), this.retryMs);
+        this.retry = setTimeout(() => void this.update(), this.retryDelayMs);
         this.retry.unref();
-      }
+        this.retryDelayMs = Math.min(MAX_RETRY_MS, this.retryDelayMs * 2);
+      } else if (!outcome.error) this.retryDelayMs = FIRST_RETRY_MS;
       return outcome.error;
     });
     this.applying = this.pending;
@@ -123,9 +129,9 @@ export class KernelTable {
   private async apply(): Promise<{ error?: string; retry: boolean }> {
     const host = this.host();
     if (!host) return { error: "the node's host is not known yet", retry: false };
-    if (!isIPv4(host) || host === "0.0.0.0") {
-      // nft would refuse an IPv6 address, and no packet is sent to 0.0.0.0: say what to do instead.
-      const error = `kernel mode matches packets by the IPv4 address clients connect to; ${host} is not one (set the node's host, or HARBOR_WORKER_LISTEN_HOST, to it)`;
+    const unusable = kernelHostProblem(host);
+    if (unusable) {
+      const error = `${unusable} (set the node's host, or HARBOR_WORKER_LISTEN_HOST, to it)`;
       this.logger.error({ table: this.name, host, error }, "nftables-host-not-usable");
       return { error, retry: false };
     }
@@ -161,7 +167,10 @@ export class KernelTable {
   /** After an apply: the UDP flows whose backend left the rotation (or that have none) go, so their next datagram follows the rules. */
   private async moveUdpFlows(host: string, ports: KernelPort[]): Promise<void> {
     // Flows to another address are not the rules' any more; those to this one are looked up afresh.
-    if (this.udpHost !== host) this.udpHolders = new Map();
+    if (this.udpHost !== host) {
+      this.udpHolders = new Map();
+      this.udpRotations = new Map();
+    }
     this.udpHost = host;
     const udp = new Map(ports.filter((p) => p.protocol === "udp").map((p) => [p.port, p]));
     const remove = (port: number, from?: string) => {
@@ -170,12 +179,18 @@ export class KernelTable {
         const cut = from.lastIndexOf(":");
         filter.push("--reply-src", from.slice(0, cut), "--reply-port-src", from.slice(cut + 1));
       }
-      return run("conntrack", filter);
+      return run("conntrack", filter).then((result) => {
+        // Exit 1 with "0 flow entries have been deleted" is no failure: there were none.
+        const ok = result.code === 0 || /flow entries have been deleted/.test(result.stderr);
+        if (!ok) this.logger.warn({ port, from, error: firstLines(result.stderr) }, "conntrack-delete-failed");
+        return { ...result, ok };
+      });
     };
     // A port taken out of the table ends its flows, as a closed userspace listener ends its sessions.
     for (const port of [...this.udpHolders.keys()]) {
       if (udp.has(port)) continue;
       this.udpHolders.delete(port);
+      this.udpRotations.delete(port);
       const deleted = await remove(port);
       this.logger.debug({ port, conntrack: lastLine(deleted.stderr) }, "udp-flows-ended");
     }
@@ -193,16 +208,22 @@ export class KernelTable {
       for (const port of fresh) this.udpHolders.set(port, byPort.get(port) ?? new Set());
     }
     for (const [port, p] of udp) {
+      // Holders change only with the port's rotation: an apply for another port's change leaves this one be.
+      const keys = p.backends.map(backendKey);
+      const signature = keys.join(",");
+      if (this.udpRotations.get(port) === signature) continue;
+      this.udpRotations.set(port, signature);
       const holders = this.udpHolders.get(port) as Set<string>;
-      const rotation = new Set(p.backends.map((b) => `${b.host}:${b.port}`));
-      const primary = p.backends[0];
+      const rotation = new Set(keys);
+      const primary = keys[0];
       for (const from of [...holders]) {
         if (rotation.has(from)) continue;
-        holders.delete(from);
         const deleted = await remove(port, from);
-        this.logger.info({ port, from, to: primary ? `${primary.host}:${primary.port}` : "", conntrack: lastLine(deleted.stderr) }, "udp-flows-moved");
+        // Kept when the deletion failed: the next change of the port tries again.
+        if (deleted.ok) holders.delete(from);
+        this.logger.info({ port, from, to: primary ?? "", moved: deleted.ok, conntrack: lastLine(deleted.stderr) }, "udp-flows-moved");
       }
-      if (primary) holders.add(`${primary.host}:${primary.port}`);
+      if (primary) holders.add(primary);
     }
   }
 
@@ -212,6 +233,7 @@ export class KernelTable {
    * from the last time the table was written whole.
    */
   async flows(): Promise<{ tcp: number; udp: number }> {
+    let read = false;
     // A netlink dump is cut short when any table of the host changes meanwhile:
     // tried a few times, and a read that still fails repeats the last good one
     // (a counter that dropped to 0 would read as a reset).
@@ -222,11 +244,15 @@ export class KernelTable {
         const doc = JSON.parse(listed.stdout) as { nftables?: Array<{ counter?: { name: string; packets: number } }> };
         const packets = (protocol: "tcp" | "udp") => doc.nftables?.find((item) => item.counter?.name === flowCounter(protocol))?.counter?.packets ?? 0;
         this.lastFlows = { tcp: packets("tcp"), udp: packets("udp") };
+        read = true;
         break;
       } catch {
         // Unreadable output: try again.
       }
     }
+    // Said once while reads keep failing: the metric repeats its last value meanwhile.
+    if (!read && !this.flowsStale) this.logger.warn({ table: this.name }, "nftables-counters-unreadable");
+    this.flowsStale = !read;
     return this.lastFlows;
   }
 
@@ -244,10 +270,11 @@ export class KernelTable {
     let open = 0;
     for (;;) {
       const listed = await run("conntrack", ["-L", "-p", "tcp", "--orig-dst", host, "--dst-nat"]);
-      // Without conntrack the open connections cannot be seen: they get the whole deadline.
+      // Without conntrack the open connections cannot be seen: they get the whole deadline, waited once.
       open = listed.code === 0 ? parseFlows(listed.stdout).filter((f) => this.tcpCarried.has(f.dport) && OPEN_TCP.has(f.state)).length : Number.POSITIVE_INFINITY;
       if (open === 0 || Date.now() >= deadline) break;
-      await new Promise((resolve) => setTimeout(resolve, Math.min(100, Math.max(0, deadline - Date.now()))));
+      const wait = listed.code === 0 ? Math.min(100, deadline - Date.now()) : deadline - Date.now();
+      await new Promise((resolve) => setTimeout(resolve, Math.max(0, wait)));
     }
     if (open > 0) this.logger.info({ table: this.name, open: Number.isFinite(open) ? open : "unknown" }, "kernel-drain-deadline-passed");
   }
@@ -265,8 +292,26 @@ export class KernelTable {
 const lastLine = (text: string) => text.split("\n").pop();
 const firstLines = (text: string) => text.split("\n").slice(0, 3).join(" ");
 
+const FIRST_RETRY_MS = 1_000;
+const MAX_RETRY_MS = 30_000;
+
+/**
+ * Why the kernel's rules cannot match packets for this host, if they cannot:
+ * they match the IPv4 address clients connect to (nft takes no IPv6 address
+ * in an ip table, and no packet is sent to 0.0.0.0).
+ */
+export function kernelHostProblem(host: string): string | undefined {
+  return isIPv4(host) && host !== "0.0.0.0" ? undefined : `kernel mode matches packets by the IPv4 address clients connect to; ${host} is not one`;
+}
+
 /** Whether this process may program nftables (root or CAP_NET_ADMIN, and nft installed). */
 export async function kernelModeAvailable(): Promise<string | undefined> {
   const probe = await run("nft", ["list", "tables"]);
   return probe.code === 0 ? undefined : probe.stderr || "nft is not usable";
+}
+
+/** Why the flows of departed UDP backends cannot be moved, and a drain cannot see open connections, if so: no conntrack tool. */
+export async function conntrackProblem(): Promise<string | undefined> {
+  const probe = await run("conntrack", ["--version"]);
+  return probe.code === 0 ? undefined : probe.stderr || "conntrack is not usable";
 }
