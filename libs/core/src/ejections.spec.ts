@@ -25,4 +25,15 @@ describe("ejections - backends out of rotation", () => {
     ejections.restore("a");
     expect(ejections.isEjected("a")).toBe(false);
   });
+
+  it("counts only ejections in force, also of backends nobody asks about again", () => {
+    const clock = new ManualClock();
+    const ejections = new Ejections(clock, 1_000);
+    ejections.eject("gone:80");
+    ejections.eject("kept:80", true);
+    expect(ejections.active).toBe(2);
+    clock.advance(1_000);
+    // Never asked about with isEjected: it has expired all the same.
+    expect(ejections.active).toBe(1);
+  });
 });

@@ -32,7 +32,20 @@ export class Ejections {
     return false;
   }
 
+  /** Entries held, expired ones included until asked about: a cheap "any at all?" for per-connection paths. */
   get size(): number {
+    return this.until.size;
+  }
+
+  /**
+   * Ejections in force now, expired ones dropped first: one of a backend
+   * nobody asks about again (it left the set, or sits behind a healthy
+   * primary) would otherwise count for ever, and callers skip work on 0.
+   */
+  get active(): number {
+    if (this.until.size === 0) return 0;
+    const now = this.clock.now();
+    for (const [key, until] of this.until) if (until <= now) this.until.delete(key);
     return this.until.size;
   }
 }

@@ -46,7 +46,7 @@ export class KernelListener implements PortListener {
   current(): KernelPort {
     // The table is `ip` (IPv4): an IPv6 backend would make the whole table invalid.
     const all = this.options.backends().filter((b) => isIPv4(b.host));
-    const healthy = this.ejections.size === 0 ? all : all.filter((b) => !this.ejections.isEjected(backendKey(b)));
+    const healthy = this.ejections.active === 0 ? all : all.filter((b) => !this.ejections.isEjected(backendKey(b)));
     return { port: this.options.port, protocol: this.options.protocol, backends: healthy.length > 0 ? healthy : all };
   }
 

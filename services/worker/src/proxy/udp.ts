@@ -197,7 +197,7 @@ export class UdpListener implements PortListener {
   private sweep(): void {
     const idleBefore = Date.now() - this.options.sessionIdleMs;
     for (const [key, session] of this.sessions) if (session.lastSeen < idleBefore) this.closeSession(key);
-    if (this.ejections.size > 0 && this.sessions.size > 0) this.backendsChanged();
+    if (this.sessions.size > 0 && this.ejections.active > 0) this.backendsChanged();
   }
 
   private backendKeys(): Set<string> {
