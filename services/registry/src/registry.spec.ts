@@ -80,3 +80,24 @@ async function waitStarted(started: string[], id: string): Promise<void> {
   for (let i = 0; i < 200 && !started.includes(id); i++) await new Promise((r) => setTimeout(r, 1));
   expect(started).toContain(id);
 }
+
+describe("registry - expiry", () => {
+  it("instances that expire together recompute each service they were bound to once, and each is announced", async () => {
+    const recomputed: string[] = [];
+    const instance = (id: string) => ({ app: "a", instanceId: id, host: "10.0.0.1", ports: [], ttlSeconds: 30, availableSince: undefined, expiresAt: undefined });
+    const store = {
+      expire: async () => ["i0", "i1", "i2"].map((id) => ({ instance: instance(id), boundServices: ["s1", "s2"] })),
+      recompute: async (serviceId: string) => {
+        recomputed.push(serviceId);
+        return undefined;
+      },
+    } as unknown as RegistryStore;
+    const bus = new InProcessBus();
+    const down: string[] = [];
+    bus.subscribe(createSubjects("t").instanceDown("a"), (m) => down.push((JSON.parse(m.data) as { instance: { instanceId: string } }).instance.instanceId));
+    await new Registry(store, bus, createSubjects("t"), new ManualClock(), createLogger("test", "silent"), registryMetrics(store)).expire();
+    await settle();
+    expect(recomputed.sort()).toEqual(["s1", "s2"]);
+    expect(down).toEqual(["i0", "i1", "i2"]);
+  });
+});
