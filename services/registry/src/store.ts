@@ -38,7 +38,8 @@ type SetContent = Omit<BackendSet, "revision">;
 const MAX_CACHED_APPS = 100_000;
 
 /** The ids of the services `app` backs, as a column: the sets a change of its instances recomputes. */
-const boundServices = (app: string) => `ARRAY(SELECT service_id::text FROM port_bindings WHERE app = ${app}) AS bound_services`;
+/** The ids of the services an app is bound to, as an SQL array. */
+const boundServices = (app: string) => `ARRAY(SELECT service_id::text FROM port_bindings WHERE app = ${app})`;
 type BoundServices = { bound_services: string[] };
 
 /** A stored set as published: its content with its revision. */
@@ -65,13 +66,17 @@ const REGISTER = {
     SELECT $1, $2, $3, $4, $5, $6, $7 FROM (SELECT count(*) FROM before) AS locked_first
     ON CONFLICT (app, instance_id) DO UPDATE SET host = $3, ports = $4, ttl_seconds = $5, expires_at = $7
     RETURNING app, instance_id, host, ports, ttl_seconds, available_since, expires_at, (xmax = 0) AS inserted)
-  SELECT u.app, u.instance_id, u.host, u.ports, u.ttl_seconds, u.available_since, u.expires_at, u.inserted,
-         b.host AS before_host, b.ports AS before_ports, b.expires_at AS before_expires_at, ${boundServices("$1")}
-    FROM upserted u LEFT JOIN before b ON true`,
+  SELECT u.app, u.instance_id, u.host, u.ports, u.ttl_seconds, u.available_since, u.expires_at, u.inserted, c.changed,
+         CASE WHEN c.changed THEN ${boundServices("$1")} ELSE '{}'::text[] END AS bound_services
+    FROM upserted u LEFT JOIN before b ON true,
+         -- What backends are made of moved: no row before (or one another registration inserted
+         -- meanwhile: what it held is unknown), one expired but not swept yet (left out of its
+         -- sets, so coming back is a change), or another address. A heartbeat is none of these,
+         -- and names no services: the bindings are read only for a change.
+         LATERAL (SELECT (b.expires_at IS NULL OR b.expires_at <= $6 OR b.host IS DISTINCT FROM u.host OR b.ports IS DISTINCT FROM u.ports) AS changed) c`,
 };
 
-type RegisterRow = InstanceRow &
-  BoundServices & { inserted: boolean; before_host: string | null; before_ports: InstanceRow["ports"] | null; before_expires_at: Date | null };
+type RegisterRow = InstanceRow & BoundServices & { inserted: boolean; changed: boolean };
 
 /** registry_recompute (migration 2): the set's lock, read and write in one round trip. */
 const RECOMPUTE = {
@@ -104,13 +109,7 @@ export class RegistryStore {
       [reg.app, reg.instanceId, reg.host, ports, reg.ttlSeconds, new Date(nowMs), new Date(nowMs + reg.ttlSeconds * 1000)],
     );
     const row = rows[0] as RegisterRow;
-    // No row before, yet not inserted here: another registration inserted it
-    // meanwhile; what it held is unknown, so this counts as a change.
-    const existed = row.before_expires_at !== null;
-    // Expired but not swept yet: it was left out of its sets, so coming back is a change.
-    const revived = existed && (row.before_expires_at as Date).getTime() <= nowMs;
-    const changed = !existed || revived || row.before_host !== row.host || JSON.stringify(row.before_ports) !== JSON.stringify(row.ports);
-    return { instance: instanceFromRow(row), created: row.inserted, changed, boundServices: row.bound_services };
+    return { instance: instanceFromRow(row), created: row.inserted, changed: row.changed, boundServices: row.bound_services };
   }
 
   /**
@@ -145,7 +144,7 @@ export class RegistryStore {
     const { rows } = await query<InstanceRow & BoundServices>(
       this.pool,
       `DELETE FROM registry_instances WHERE app = $1 AND instance_id = $2
-       RETURNING *, ${boundServices("$1")}`,
+       RETURNING *, ${boundServices("$1")} AS bound_services`,
       [app, instanceId],
     );
     return rows[0] && departureFromRow(rows[0]);
@@ -155,7 +154,7 @@ export class RegistryStore {
   async expire(nowMs: number): Promise<Array<{ instance: Instance; boundServices: string[] }>> {
     const { rows } = await query<InstanceRow & BoundServices>(
       this.pool,
-      `DELETE FROM registry_instances i WHERE expires_at <= $1 RETURNING *, ${boundServices("i.app")}`,
+      `DELETE FROM registry_instances i WHERE expires_at <= $1 RETURNING *, ${boundServices("i.app")} AS bound_services`,
       [new Date(nowMs)],
     );
     return rows.map(departureFromRow);
