@@ -38,11 +38,7 @@ function parseWhole(value: string, flag: string, min: number, max: number, unit 
   return n;
 }
 
-function parsePort(value: string, what = "port"): number {
-  const n = Number(value);
-  if (!/^\d+$/.test(value) || n < 1 || n > 65535) throw new CliError(`${what} ${JSON.stringify(value)} is not valid: use a whole number from 1 to 65535`, 2);
-  return n;
-}
+const parsePort = (value: string, what = "port"): number => parseWhole(value, what, 1, 65535);
 
 function parseMapping(value: string): { intPort: number; port: number } {
   const match = /^(\d+):(\d+)$/.exec(value);
@@ -442,7 +438,8 @@ export async function runCli(argv: string[], io: CliIo = processIo): Promise<num
   const program = buildProgram(io);
   try {
     await program.parseAsync(argv);
-    return 0;
+    // `run` and `serve` end with their children's or services' code, set as the process's.
+    return Number(process.exitCode ?? 0);
   } catch (err) {
     if (err instanceof CommanderError) {
       // Commander has printed its message (or the help) already.
