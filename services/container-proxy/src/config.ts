@@ -1,5 +1,6 @@
 import { validateServiceName } from "@harbor/core";
 import { EnvReader } from "@harbor/runtime";
+import { DEFAULT_DRAIN_TIMEOUT_MS } from "./proxy.js";
 
 export interface ContainerProxyConfig {
   serviceName: string;
@@ -12,7 +13,7 @@ export interface ContainerProxyConfig {
   /** The app's root folder, holding certs/ (or cert/). */
   appRoot: string;
   handshakeTimeoutMs: number;
-  /** On stop, how long open connections may finish before they are cut (default 10 s). */
+  /** On stop, how long open connections may finish before they are cut (default DEFAULT_DRAIN_TIMEOUT_MS). */
   drainTimeoutMs?: number;
 }
 
@@ -52,7 +53,7 @@ export function loadContainerProxyConfig(env: Record<string, string | undefined>
     appPort,
     appRoot: reader.string("HARBOR_APP_ROOT", cwd),
     handshakeTimeoutMs: reader.int("HARBOR_PROXY_HANDSHAKE_TIMEOUT_MS", 10_000, 100, 120_000),
-    drainTimeoutMs: reader.int("HARBOR_DRAIN_TIMEOUT_MS", 10_000, 0, 600_000),
+    drainTimeoutMs: reader.int("HARBOR_DRAIN_TIMEOUT_MS", DEFAULT_DRAIN_TIMEOUT_MS, 0, 600_000),
   };
   const sameHost = config.appHost === config.listenHost || (isLocal(config.appHost) && isLocal(config.listenHost));
   if (listenPort !== 0 && listenPort === appPort && sameHost) {
