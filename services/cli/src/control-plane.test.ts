@@ -42,9 +42,18 @@ async function stopRegistry(): Promise<void> {
 const register = (app: string, instanceId: string, port: number, extra: { ttlSeconds?: number; ports?: Array<{ intPort: number; port: number }> } = {}) =>
   invoke(backends, "registerInstance", { app, instanceId, host: "127.0.0.1", ports: extra.ports ?? [{ intPort: 4100, port }], ttlSeconds: extra.ttlSeconds ?? 0 });
 
-/** Some statement of this test's database waits for a lock another transaction holds. */
-const lockWaiter = async () =>
-  (await pool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")).rows[0]!.n > 0;
+/**
+ * A statement of this test's database touching `table` waits for a lock another
+ * transaction holds (only that one: a reconcile waiting on a set row would pass
+ * for the race and let the test go on before it happened).
+ */
+const lockWaiter = (table: string) => async () =>
+  (
+    await pool.query<{ n: number }>(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database() AND query ILIKE '%' || $1 || '%'",
+      [table],
+    )
+  ).rows[0]!.n > 0;
 
 const setOf = (serviceId: string) => published.filter((s) => s.serviceId === serviceId).at(-1);
 
@@ -71,6 +80,14 @@ beforeEach(() => {
 });
 
 describe("registry - instances and backend sets", () => {
+  it("a set built in SQL names the protocol as the service has it (udp…, both…)", async () => {
+    for (const [name, protocol] of [["udp-sqlproto", Protocol.PROTOCOL_UDP], ["both-sqlproto", Protocol.PROTOCOL_BOTH]] as const) {
+      const { service } = await invoke(ports, "createPortService", { name, app: "sqlproto", nodeId: "", port: 0 });
+      expect(service!.protocol).toBe(protocol);
+      await waitFor(() => setOf(service!.name)?.protocol === protocol, `${name}'s set`);
+    }
+  });
+
   it("publishes the ordered set when instances come; a heartbeat that changes nothing publishes nothing", async () => {
     const { service } = await invoke(ports, "createPortService", { name: "game", app: "arcade", nodeId: "", port: 0 });
     const id = service!.name;
@@ -117,7 +134,7 @@ describe("registry - instances and backend sets", () => {
       await other.query("BEGIN");
       await other.query("INSERT INTO app_spaces (app, space) VALUES ('contested', 'space-a')");
       const claim = store.claimApp("contested", "space-b");
-      await waitFor(lockWaiter, "the claim waiting for the other");
+      await waitFor(lockWaiter("app_spaces"), "the claim waiting for the other");
       await other.query("COMMIT");
       expect(await claim).toBe("space-a");
       // Remembered as it is in the database, not as this caller asked.
@@ -136,7 +153,7 @@ describe("registry - instances and backend sets", () => {
          VALUES ('twice', 't-0', '127.0.0.1', '[{"int_port": 4100, "port": 7100}]', 30, now(), now() + interval '30 seconds')`,
       );
       const second = register("twice", "t-0", 7100, { ttlSeconds: 30 });
-      await waitFor(lockWaiter, "the registration waiting for the other");
+      await waitFor(lockWaiter("registry_instances"), "the registration waiting for the other");
       await other.query("COMMIT");
       expect((await second).created).toBe(false);
     } finally {
