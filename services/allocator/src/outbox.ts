@@ -93,13 +93,14 @@ export class OutboxRelay implements Component {
     return withTransaction(this.pool, async (tx) => {
       const { rows } = await tx.query<OutboxRow>(
         // = ANY(ARRAY(…)): by the primary key; IN (…) was planned as a scan of the whole table.
-        `DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
-         RETURNING id, event, node_id, payload, service`,
+        // RETURNING keeps no order: the outer ORDER BY sends events in the order they were written.
+        `WITH taken AS (
+           DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
+           RETURNING id, event, node_id, payload, service)
+         SELECT * FROM taken ORDER BY id`,
         [BATCH],
       );
       if (rows.length === 0) return 0;
-      // RETURNING keeps no order; events go out in the order they were written.
-      rows.sort((a, b) => (BigInt(a.id) < BigInt(b.id) ? -1 : 1));
       for (const row of rows) {
         const payload = row.payload ?? this.renderSnapshot(row.service as ServiceRow);
         this.bus.publish(this.subjectOf(row), JSON.stringify({ ...payload, sequence: row.id }));
