@@ -36,7 +36,7 @@ const STAMP = new Date().toISOString().replace(/[:.]/g, "-").replace(/Z$/, "") +
 const RAW_DIR = join(ROOT, "bench/results/raw", STAMP);
 mkdirSync(RAW_DIR, { recursive: true });
 const log = (msg) => process.stderr.write(`${msg}\n`);
-const { startProcess, stopProcess, shutdown, installHandlers } = createProcesses({ rawDir: RAW_DIR, log });
+const { cleanups, startProcess, stopProcess, shutdown, installHandlers } = createProcesses({ rawDir: RAW_DIR, log });
 installHandlers();
 const HARBOR_BIN = join(ROOT, "services/cli/bin/harbor.js");
 const SCALES = full ? [0, 10_000, 25_000, 50_000] : [0, 5_000];
@@ -50,9 +50,11 @@ const NODE_RANGE = 2_500; // ports per synthetic node: 20 nodes hold 50,000
 
 const call = (client, method, request) => grpcCall(client, method, request, 30_000);
 
-/** A fresh database for `fn`, dropped afterwards. */
+/** A fresh database for `fn`, dropped afterwards (dropping twice is harmless). */
 async function withDatabase(fn) {
   const database = await createDatabase("harbor_bench");
+  // Also dropped when Ctrl-C ends the run (the handlers exit before this finally).
+  cleanups.push(database.drop);
   try {
     return await fn(database.url);
   } finally {
