@@ -13,6 +13,11 @@ export interface Network {
 }
 
 export const LOOPBACK_NETWORKS = ["127.0.0.0/8", "::1/128"];
+
+/** A host name or address that is this machine's loopback (`localhost`, 127.x, ::1). */
+export function isLoopbackHost(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\./.test(host);
+}
 export const PRIVATE_NETWORKS = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"];
 
 function toBigInt(address: string): { family: 4 | 6; value: bigint } | undefined {

@@ -3,7 +3,7 @@ import { fileURLToPath } from "node:url";
 import { connectBus, createSubjects, isValidPrefix, DEFAULT_NATS_PREFIX, type Bus } from "@harbor/bus";
 import { readFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { Authenticator, ConfigError, HarborError, OPERATOR, parseTokens } from "@harbor/core";
+import { Authenticator, ConfigError, HarborError, OPERATOR, isLoopbackHost, parseTokens } from "@harbor/core";
 import type { EmbeddedPostgres, Pool } from "@harbor/db";
 import type { AllocatorConfig } from "@harbor/allocator";
 import {
@@ -282,8 +282,7 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
 }
 
 function isLoopback(address: string): boolean {
-  const host = parseAddress(address)?.host ?? "";
-  return host === "localhost" || host === "::1" || /^127\./.test(host);
+  return isLoopbackHost(parseAddress(address)?.host ?? "");
 }
 
 function printBanner(

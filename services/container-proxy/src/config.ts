@@ -1,4 +1,4 @@
-import { validateServiceName } from "@harbor/core";
+import { isLoopbackHost, validateServiceName } from "@harbor/core";
 import { EnvReader } from "@harbor/runtime";
 import { DEFAULT_DRAIN_TIMEOUT_MS } from "./proxy.js";
 
@@ -68,5 +68,5 @@ export function loadContainerProxyConfig(env: Record<string, string | undefined>
 
 /** Loopback or the wildcard: an address where this machine's own ports are. */
 function isLocal(host: string): boolean {
-  return host === "localhost" || host === "::1" || host === "0.0.0.0" || host === "::" || host.startsWith("127.");
+  return isLoopbackHost(host) || host === "0.0.0.0" || host === "::";
 }
