@@ -128,6 +128,8 @@ describe("bus - NATS", () => {
       proxy.restore();
       await waitFor(() => reconnects === round, `reconnect ${round}`);
       expect(bus.isConnected()).toBe(true);
+      // The client sends its subscriptions again on reconnect; a round trip makes sure the server has them.
+      await bus.flush();
       direct.publish(subject, `after-${round}`);
       await waitFor(() => seen.includes(`after-${round}`), `an event after reconnect ${round}`);
     }
