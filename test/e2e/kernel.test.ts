@@ -28,8 +28,10 @@ const tables = () => execFileSync("nft", ["list", "tables"]).toString();
 let db: TestDatabase | undefined;
 const running: Array<Harbor | Background> = [];
 const backends: EchoBackend[] = [];
+const strays: string[] = [];
 
 afterAll(async () => {
+  for (const name of strays) execFileSync("nft", ["delete", "table", "ip", name]);
   for (const r of running.reverse()) await r.stop();
   for (const b of backends) await b.close();
   await db?.drop();
@@ -57,9 +59,16 @@ describe.skipIf(!nftablesUsable())("e2e kernel - restarts", () => {
     await first.kill("SIGKILL");
     for (const [i, port] of ports.entries()) expect(await reach(port)).toBe(names[i]);
 
+    // A table another deployment left (another NATS prefix): named at start, not deleted.
+    const stray = `harbor_stray_${process.pid}`;
+    execFileSync("nft", ["add", "table", "ip", stray]);
+    strays.push(stray);
+
     const second = await startHarbor({ database: db, like: first, env: KERNEL });
     running.push(second);
     await waitFor(() => /"whole":true[^\n]*"msg":"nftables-applied"/.test(second.logs()), "the table written");
+    expect(second.logs()).toMatch(new RegExp(`"others":\\[[^\\]]*"${stray}"[^\n]*"msg":"other-harbor-nftables-tables-on-host"`));
+    expect(tables()).toContain(stray);
     // The first write after the restart holds every port: none went without its rule in between.
     const firstWrite = /"ports":(\d+),"whole":true[^\n]*"msg":"nftables-applied"/.exec(second.logs());
     expect(Number(firstWrite?.[1])).toBe(ports.length);

@@ -12,7 +12,7 @@ import { RelayPool } from "./proxy/relays.js";
 import { HealthChecker } from "./proxy/health.js";
 import { KernelListener } from "./kernel/listener.js";
 import { tableName } from "./kernel/render.js";
-import { KernelTable, conntrackProblem, kernelHostProblem, kernelModeAvailable } from "./kernel/table.js";
+import { KernelTable, conntrackProblem, kernelHostProblem, kernelModeAvailable, otherHarborTables } from "./kernel/table.js";
 import { normalizeHealthCheck, sameHealthCheck } from "@harbor/core";
 import { Follower } from "./sync/follower.js";
 
@@ -64,8 +64,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const allocator = new PortAllocatorClient(config.allocatorAddress, grpc.credentials.createInsecure(), CLIENT_OPTIONS);
   const registry = new BackendRegistryClient(config.registryAddress, grpc.credentials.createInsecure(), CLIENT_OPTIONS);
 
-  const kernel =
-    config.mode === "kernel" ? new KernelTable(tableName(deps.subjects.prefix, config.nodeId), () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
+  const kernelTable = tableName(deps.subjects.prefix, config.nodeId);
+  const kernel = config.mode === "kernel" ? new KernelTable(kernelTable, () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
   // UDP stays in this process: a client's datagrams keep one session and FIFO stays FIFO.
   const relays = config.mode === "userspace" && config.relays > 0 ? new RelayPool(config.relays, config.connectTimeoutMs, counters, logger) : undefined;
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
@@ -259,6 +259,11 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         }
         const noConntrack = await conntrackProblem();
         if (noConntrack) logger.warn({ error: noConntrack }, "conntrack-missing-udp-flows-stay-drain-waits-deadline");
+        // Not deleted: another worker on this host may own them. Their rules still take the ports they name.
+        const others = await otherHarborTables(kernelTable);
+        if (others.length > 0) {
+          logger.warn({ table: kernelTable, others, remove: "nft delete table ip NAME, for each one no running worker owns" }, "other-harbor-nftables-tables-on-host");
+        }
       }
       await relays?.start();
       await follower.start();

@@ -48,7 +48,19 @@ describe("kernel mode - nftables rules", () => {
     ]);
   });
 
-  it("table names are nftables identifiers", () => {
-    expect(tableName("e2e_ab12", "edge-1")).toBe("harbor_e2e_ab12_edge_1");
+  it("table names are nftables identifiers of at most 60 characters, one per node id", () => {
+    expect(tableName("e2e_ab12", "edge_1")).toBe("harbor_e2e_ab12_edge_1");
+    const long = "n".repeat(70);
+    const names = [tableName("e2e_ab12", "edge-1"), tableName("e2e_ab12", "edge.1"), tableName("e2e_ab12", "edge_1"), tableName("p", `${long}a`), tableName("p", `${long}b`)];
+    for (const name of names) expect(name).toMatch(/^harbor_[A-Za-z0-9_]{1,53}$/);
+    expect(names[0]).toMatch(/^harbor_e2e_ab12_edge_1_[0-9a-f]{8}$/);
+    expect(new Set(names).size).toBe(names.length);
+    expect(tableName("e2e_ab12", "edge-1")).toBe(names[0]);
+  });
+
+  it("a whole table starts its flow counters from the counts it is given", () => {
+    const script = renderTable("t", "127.0.0.1", portRules([]), { tcp: 12, udp: 3 });
+    expect(script).toContain("counter flows_tcp { packets 12 bytes 0 }");
+    expect(script).toContain("counter flows_udp { packets 3 bytes 0 }");
   });
 });

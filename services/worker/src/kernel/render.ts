@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import type { Backend } from "@harbor/proto";
 
 /** One port of the node as the kernel carries it. */
@@ -11,9 +12,28 @@ export interface KernelPort {
 /** A port's chain name, and the one rule in it: what the table holds per port. */
 export type PortRules = Map<string, { port: number; protocol: "tcp" | "udp"; rule: string }>;
 
-/** An nftables identifier from any string (letters, digits, underscores). */
+/** Every Harbor table's name starts with this. */
+export const TABLE_NAME_START = "harbor_";
+const MAX_TABLE_NAME = 60;
+
+/**
+ * The node's table: an nftables identifier (letters, digits, underscores) of
+ * at most 60 characters. A name that had to be changed to be one gets a hash
+ * of the original, so node ids that differ only in replaced characters
+ * (`edge-1`, `edge.1`) or past the cut never share, and overwrite, one table.
+ */
 export function tableName(prefix: string, nodeId: string): string {
-  return `harbor_${prefix}_${nodeId}`.replace(/[^A-Za-z0-9_]/g, "_").slice(0, 60);
+  const wanted = `${TABLE_NAME_START}${prefix}_${nodeId}`;
+  const safe = wanted.replace(/[^A-Za-z0-9_]/g, "_");
+  if (safe === wanted && safe.length <= MAX_TABLE_NAME) return safe;
+  const hash = createHash("sha256").update(wanted).digest("hex").slice(0, 8);
+  return `${safe.slice(0, MAX_TABLE_NAME - hash.length - 1)}_${hash}`;
+}
+
+/** New flows counted per protocol (see `flowCounter`). */
+export interface FlowCounts {
+  tcp: number;
+  udp: number;
 }
 
 /** The named counter of a protocol's new flows (NAT rules see only a flow's first packet). */
@@ -52,14 +72,15 @@ const element = (port: number, chain: string) => `${port} : goto ${chain}`;
 
 /**
  * The whole table for a node, as one nft script: delete and re-create in a
- * single transaction. Each port has a chain of its own, reached through a
+ * single transaction. The flow counters start from `flows` (what the old
+ * table had counted), so a rewrite does not set them back to 0. Each port has a chain of its own, reached through a
  * verdict map by port, so a packet costs one lookup however many ports the
  * node has, and a change to one port is a change to one chain (renderDelta).
  * `output` catches connections made on this host (loopback clients);
  * `prerouting` those arriving from elsewhere; `postrouting` masquerades
  * what was DNATed to backends on other hosts, so their replies come back.
  */
-export function renderTable(name: string, host: string, rules: PortRules): string {
+export function renderTable(name: string, host: string, rules: PortRules, flows: FlowCounts = { tcp: 0, udp: 0 }): string {
   const sorted = [...rules].sort(([a], [b]) => a.localeCompare(b));
   const dispatch = (["tcp", "udp"] as const).map((protocol) => `    ip daddr ${host} ${protocol} dport vmap @${portMap(protocol)}`);
   const lines = [
@@ -68,8 +89,8 @@ export function renderTable(name: string, host: string, rules: PortRules): strin
     `table ip ${name} {`,
     `  map ${portMap("tcp")} { type inet_service : verdict; }`,
     `  map ${portMap("udp")} { type inet_service : verdict; }`,
-    `  counter ${flowCounter("tcp")} { }`,
-    `  counter ${flowCounter("udp")} { }`,
+    `  counter ${flowCounter("tcp")} { packets ${flows.tcp} bytes 0 }`,
+    `  counter ${flowCounter("udp")} { packets ${flows.udp} bytes 0 }`,
     ...sorted.map(([chain, r]) => `  chain ${chain} {\n    ${r.rule}\n  }`),
     `  chain prerouting {`,
     `    type nat hook prerouting priority dstnat; policy accept;`,

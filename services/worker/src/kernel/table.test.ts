@@ -19,10 +19,10 @@ afterEach(async () => {
 
 const backend = (port: number): Backend => ({ instanceId: `i${port}`, app: "a", host: "127.0.0.1", port, availableSince: undefined });
 
-/** A table of the test's own on 127.0.0.1, deleted afterwards; ports are set by the test. */
-function table() {
+/** A table of the test's own on `host` (127.0.0.1 unless the test moves it), deleted afterwards; ports are set by the test. */
+function table(host = { address: "127.0.0.1" }) {
   const name = uniqueName("harbor_test").replace(/[^A-Za-z0-9_]/g, "_");
-  const t = new KernelTable(name, () => "127.0.0.1", logger);
+  const t = new KernelTable(name, () => host.address, logger);
   cleanup.push(async () => {
     await t.destroy();
     // Whatever the test did, no table of its own is left behind.
@@ -111,6 +111,31 @@ describe.skipIf(!usable)("kernel table - UDP flows follow the FIFO primary as us
   });
 });
 
+describe.skipIf(!usable)("kernel table - flow counters", () => {
+  it("count new TCP connections, and a whole rewrite of the table (a host change) carries them over", async () => {
+    const host = { address: "127.0.0.1" };
+    const { table: t, set } = table(host);
+    const front = await freePort();
+    const x = await startEchoBackend("x");
+    cleanup.push(() => x.close());
+    expect(await set(front, "tcp", [backend(x.port)])).toBeUndefined();
+    for (let i = 0; i < 3; i++) {
+      const c = await connectLines(front);
+      expect(await c.nextLine()).toBe("x");
+      c.close();
+    }
+    expect(await t.flows()).toEqual({ tcp: 3, udp: 0 });
+
+    host.address = "127.0.0.2";
+    expect(await t.update()).toBeUndefined();
+    expect(await t.flows()).toEqual({ tcp: 3, udp: 0 });
+    const moved = await connectLines(front, "127.0.0.2");
+    cleanup.push(() => moved.close());
+    expect(await moved.nextLine()).toBe("x");
+    expect(await t.flows()).toEqual({ tcp: 4, udp: 0 });
+  });
+});
+
 describe.skipIf(!usable)("kernel table - failures and stopping", () => {
   it("an apply nft refuses is retried, so the kernel does not keep a stale backend set", async () => {
     const { name, set } = table();
@@ -119,13 +144,13 @@ describe.skipIf(!usable)("kernel table - failures and stopping", () => {
     cleanup.push(() => x.close(), () => y.close());
     expect(await set(front, "tcp", [backend(x.port)])).toBeUndefined();
 
-    // An nft that fails twice (a transient error: the change, then the whole table), then works.
+    // An nft whose applies fail twice (a transient error: the change, then the whole table), then work.
     const dir = mkdtempSync(join(tmpdir(), "harbor-nft-"));
     const failures = join(dir, "failures");
     const real = execFileSync("sh", ["-c", "command -v nft"]).toString().trim();
     writeFileSync(
       join(dir, "nft"),
-      `#!/bin/sh\nn=$(cat ${failures})\nif [ "$n" -gt 0 ]; then echo $((n - 1)) > ${failures}; cat >/dev/null; echo transient >&2; exit 1; fi\nexec ${real} "$@"\n`,
+      `#!/bin/sh\nn=$(cat ${failures})\nif [ "$1" = "-f" ] && [ "$n" -gt 0 ]; then echo $((n - 1)) > ${failures}; cat >/dev/null; echo transient >&2; exit 1; fi\nexec ${real} "$@"\n`,
     );
     chmodSync(join(dir, "nft"), 0o755);
     writeFileSync(failures, "2");

@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { isIPv4 } from "node:net";
 import type { Logger } from "pino";
 import { backendKey } from "../proxy/dial.js";
-import { flowCounter, portRules, renderDelta, renderTable, type KernelPort, type PortRules } from "./render.js";
+import { TABLE_NAME_START, flowCounter, portRules, renderDelta, renderTable, type FlowCounts, type KernelPort, type PortRules } from "./render.js";
 
 /** Runs a command with `input` on stdin; resolves with its exit code, stdout and stderr. */
 function run(command: string, args: string[], input = ""): Promise<{ code: number; stdout: string; stderr: string }> {
@@ -83,8 +83,8 @@ export class KernelTable {
   private retryDelayMs = FIRST_RETRY_MS;
   private destroyed = false;
   applied = 0;
-  /** The flow counters as last read. */
-  private lastFlows = { tcp: 0, udp: 0 };
+  /** The flow counters as last read (or carried into a rewritten table). */
+  private lastFlows: FlowCounts = { tcp: 0, udp: 0 };
   /** The last read of the counters failed (and was logged). */
   private flowsStale = false;
 
@@ -150,11 +150,17 @@ export class KernelTable {
       else this.logger.warn({ table: this.name, error: firstLines(result.stderr) }, "nftables-delta-failed-rewriting-table");
     }
     if (!this.installed) {
-      const result = await run("nft", ["-f", "-"], renderTable(this.name, host, rules));
+      // The rewrite re-creates the counters: they start from what the table has counted so far
+      // (read once: no table yet is the common failure), so the metric never goes back.
+      const counted = await this.readCounters(1);
+      const carried = { tcp: Math.max(counted?.tcp ?? 0, this.lastFlows.tcp), udp: Math.max(counted?.udp ?? 0, this.lastFlows.udp) };
+      const result = await run("nft", ["-f", "-"], renderTable(this.name, host, rules, carried));
       if (result.code !== 0) {
-        this.logger.error({ table: this.name, error: firstLines(result.stderr) }, "nftables-apply-failed");
-        return { error: result.stderr || `nft exited ${result.code}`, retry: true };
+        const error = `nftables refused the node's table: ${firstLines(result.stderr) || `nft exited ${result.code}`}`;
+        this.logger.error({ table: this.name, error }, "nftables-apply-failed");
+        return { error, retry: true };
       }
+      this.lastFlows = carried;
       this.installed = { host, rules };
       this.logger.debug({ table: this.name, ports: rules.size, whole: true }, "nftables-applied");
     }
@@ -229,31 +235,34 @@ export class KernelTable {
 
   /**
    * New flows the kernel has sent on (or refused), by protocol, from the
-   * table's counters (NAT rules see a flow's first packet only). They count
-   * from the last time the table was written whole.
+   * table's counters (NAT rules see a flow's first packet only). A whole
+   * rewrite of the table carries them over, so they only grow.
    */
-  async flows(): Promise<{ tcp: number; udp: number }> {
-    let read = false;
-    // A netlink dump is cut short when any table of the host changes meanwhile:
-    // tried a few times, and a read that still fails repeats the last good one
+  async flows(): Promise<FlowCounts> {
+    const read = await this.readCounters(3);
+    // Said once while reads keep failing: the metric repeats its last value meanwhile
     // (a counter that dropped to 0 would read as a reset).
-    for (let attempt = 0; attempt < 3; attempt++) {
+    if (!read && !this.flowsStale) this.logger.warn({ table: this.name }, "nftables-counters-unreadable");
+    this.flowsStale = !read;
+    if (read) this.lastFlows = read;
+    return this.lastFlows;
+  }
+
+  /** The table's flow counters, or undefined when `attempts` reads all failed (no table, or a dump cut short). */
+  private async readCounters(attempts: number): Promise<FlowCounts | undefined> {
+    // A netlink dump is cut short when any table of the host changes meanwhile: worth another try.
+    for (let attempt = 0; attempt < attempts; attempt++) {
       const listed = await run("nft", ["-j", "list", "counters", "table", "ip", this.name]);
       if (listed.code !== 0) continue;
       try {
         const doc = JSON.parse(listed.stdout) as { nftables?: Array<{ counter?: { name: string; packets: number } }> };
         const packets = (protocol: "tcp" | "udp") => doc.nftables?.find((item) => item.counter?.name === flowCounter(protocol))?.counter?.packets ?? 0;
-        this.lastFlows = { tcp: packets("tcp"), udp: packets("udp") };
-        read = true;
-        break;
+        return { tcp: packets("tcp"), udp: packets("udp") };
       } catch {
         // Unreadable output: try again.
       }
     }
-    // Said once while reads keep failing: the metric repeats its last value meanwhile.
-    if (!read && !this.flowsStale) this.logger.warn({ table: this.name }, "nftables-counters-unreadable");
-    this.flowsStale = !read;
-    return this.lastFlows;
+    return undefined;
   }
 
   /**
@@ -302,6 +311,21 @@ const MAX_RETRY_MS = 30_000;
  */
 export function kernelHostProblem(host: string): string | undefined {
   return isIPv4(host) && host !== "0.0.0.0" ? undefined : `kernel mode matches packets by the IPv4 address clients connect to; ${host} is not one`;
+}
+
+/**
+ * Harbor tables on this host other than `own`: left by a worker with another
+ * node id or NATS prefix (perhaps a dead deployment, perhaps another live
+ * worker on this host; which, only the operator knows). Their rules still
+ * apply to the ports they name.
+ */
+export async function otherHarborTables(own: string): Promise<string[]> {
+  const listed = await run("nft", ["list", "tables", "ip"]);
+  if (listed.code !== 0) return [];
+  return listed.stdout
+    .split("\n")
+    .map((line) => /^table ip (\S+)$/.exec(line.trim())?.[1])
+    .filter((name): name is string => name !== undefined && name.startsWith(TABLE_NAME_START) && name !== own);
 }
 
 /** Whether this process may program nftables (root or CAP_NET_ADMIN, and nft installed). */
