@@ -1,3 +1,4 @@
+import { spawn } from "node:child_process";
 import net from "node:net";
 
 /** A TCP port free on 127.0.0.1 right now. */
@@ -140,4 +141,49 @@ export function connectLines(port: number, host = "127.0.0.1"): Promise<LineClie
       }),
     );
   });
+}
+
+/** A port on 127.0.0.1 whose connects get no answer (a black-holed host), until `close`. */
+export interface SilentPort {
+  port: number;
+  close(): void;
+}
+
+/**
+ * The kernel drops a SYN when the listener's accept queue is full: a
+ * listener with a backlog of one, in a stopped process that never accepts,
+ * filled by two held connections, leaves every further connect waiting.
+ */
+export async function startSilentPort(): Promise<SilentPort> {
+  const child = spawn(
+    process.execPath,
+    ["-e", "require('net').createServer().listen({ port: 0, host: '127.0.0.1', backlog: 1 }, function () { console.log(this.address().port); process.kill(process.pid, 'SIGSTOP'); })"],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  const port = await new Promise<number>((resolve, reject) => {
+    child.stdout.once("data", (d: Buffer) => resolve(Number(String(d).trim())));
+    child.once("exit", (code) => reject(new Error(`silent port process exited ${code}`)));
+  });
+  const held: net.Socket[] = [];
+  // Connects until one hangs: the queue is full from there on.
+  for (let i = 0; i < 8; i++) {
+    const socket = net.connect({ port, host: "127.0.0.1" });
+    socket.on("error", () => undefined);
+    held.push(socket);
+    const answered = await new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), 300);
+      socket.once("connect", () => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+    if (!answered) break;
+  }
+  return {
+    port,
+    close() {
+      for (const socket of held) socket.destroy();
+      child.kill("SIGKILL");
+    },
+  };
 }

@@ -24,11 +24,13 @@ describe("container proxy - config", () => {
       appPort: 8080,
       appRoot: "/app",
       handshakeTimeoutMs: 10_000,
+      appConnectTimeoutMs: 5_000,
       drainTimeoutMs: 10_000,
     });
-    expect(loadContainerProxyConfig({ ...GOOD, HARBOR_PROXY_APP_PORT: "9000", HARBOR_DRAIN_TIMEOUT_MS: "250" }, "/app")).toMatchObject({
+    expect(loadContainerProxyConfig({ ...GOOD, HARBOR_PROXY_APP_PORT: "9000", HARBOR_DRAIN_TIMEOUT_MS: "250", HARBOR_PROXY_APP_CONNECT_TIMEOUT_MS: "750" }, "/app")).toMatchObject({
       appPort: 9000,
       drainTimeoutMs: 250,
+      appConnectTimeoutMs: 750,
     });
   });
 

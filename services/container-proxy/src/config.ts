@@ -1,6 +1,6 @@
 import { isLoopbackHost, validateServiceName } from "@harbor/core";
 import { EnvReader } from "@harbor/runtime";
-import { DEFAULT_DRAIN_TIMEOUT_MS } from "./proxy.js";
+import { DEFAULT_APP_CONNECT_TIMEOUT_MS, DEFAULT_DRAIN_TIMEOUT_MS } from "./proxy.js";
 
 export interface ContainerProxyConfig {
   serviceName: string;
@@ -13,6 +13,8 @@ export interface ContainerProxyConfig {
   /** The app's root folder, holding certs/ (or cert/). */
   appRoot: string;
   handshakeTimeoutMs: number;
+  /** How long the app may take to accept a connection before the client gets a 502 (default DEFAULT_APP_CONNECT_TIMEOUT_MS). */
+  appConnectTimeoutMs?: number;
   /** On stop, how long open connections may finish before they are cut (default DEFAULT_DRAIN_TIMEOUT_MS). */
   drainTimeoutMs?: number;
 }
@@ -53,6 +55,7 @@ export function loadContainerProxyConfig(env: Record<string, string | undefined>
     appPort,
     appRoot: reader.string("HARBOR_APP_ROOT", cwd),
     handshakeTimeoutMs: reader.int("HARBOR_PROXY_HANDSHAKE_TIMEOUT_MS", 10_000, 100, 120_000),
+    appConnectTimeoutMs: reader.int("HARBOR_PROXY_APP_CONNECT_TIMEOUT_MS", DEFAULT_APP_CONNECT_TIMEOUT_MS, 100, 120_000),
     drainTimeoutMs: reader.int("HARBOR_DRAIN_TIMEOUT_MS", DEFAULT_DRAIN_TIMEOUT_MS, 0, 600_000),
   };
   const sameHost = config.appHost === config.listenHost || (isLocal(config.appHost) && isLocal(config.listenHost));

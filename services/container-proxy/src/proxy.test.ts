@@ -8,7 +8,7 @@ import { Writable } from "node:stream";
 import tls from "node:tls";
 import { pino } from "pino";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { freePort, waitFor } from "@harbor/testkit";
+import { freePort, startSilentPort, waitFor } from "@harbor/testkit";
 import type { ContainerProxyConfig } from "./config.js";
 import { createContainerProxy, type ContainerProxy } from "./proxy.js";
 
@@ -128,6 +128,15 @@ describe("container proxy - app down", () => {
     await new Promise<void>((resolve) => app.listen(appPort, "127.0.0.1", resolve));
     cleanups.push(() => new Promise<void>((resolve) => app.close(() => resolve())));
     expect(await exchange(proxy.port, GET("/")).closed).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*up now$/);
+  });
+
+  it("an app host that never answers the connect (SYN dropped) gets the client a 502 at the connect timeout, not minutes later", async () => {
+    const silent = await startSilentPort();
+    cleanups.push(() => silent.close());
+    const { proxy, events } = await startProxy(silent.port, { appConnectTimeoutMs: 300 });
+    const answer = await exchange(proxy.port, GET("/")).closed;
+    expect(answer).toMatch(/^HTTP\/1\.1 502 Bad Gateway\r\n/);
+    expect(events()).toContain("app-connect-failed");
   });
 
   it("a client that sends its request and half-closes still gets the 502", async () => {

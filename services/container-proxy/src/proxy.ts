@@ -12,6 +12,8 @@ export interface ContainerProxy extends Component {
 
 /** How long open connections may finish after stop() when the config does not say. */
 export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
+/** How long the app's web server may take to accept a connection before the client gets a 502. */
+export const DEFAULT_APP_CONNECT_TIMEOUT_MS = 5_000;
 
 const BAD_GATEWAY_BODY = "502 Bad Gateway: the app is not answering on its web port\n";
 /** What an HTTPS client is told when the app's web server cannot be reached. */
@@ -33,6 +35,7 @@ export function createContainerProxy(config: ContainerProxyConfig, deps: { logge
   const logger = deps.logger.child({ component: "container-proxy", serviceName: config.serviceName });
   const certificate = checkCertificatePair(findCertificate(config.appRoot, config.serviceName));
   const appAddress = `${config.appHost}:${config.appPort}`;
+  const appConnectTimeoutMs = config.appConnectTimeoutMs ?? DEFAULT_APP_CONNECT_TIMEOUT_MS;
   /** Every connection, from accept (before its handshake) to close, so stop can end them all. */
   const open = new Set<net.Socket>();
   const server = tls.createServer(
@@ -44,6 +47,9 @@ export function createContainerProxy(config: ContainerProxyConfig, deps: { logge
     // Until the pair is spliced nothing else listens for the client's errors; unhandled, one would end the process.
     client.on("error", (err) => logger.debug({ err: err.message }, "client-connection-failed"));
     const app = net.connect({ host: config.appHost, port: config.appPort, allowHalfOpen: true });
+    // An app host that drops the SYN would otherwise hold the client until the OS gives up (minutes).
+    const connectTimer = setTimeout(() => app.destroy(new Error(`no answer in ${appConnectTimeoutMs} ms`)), appConnectTimeoutMs);
+    app.once("close", () => clearTimeout(connectTimer));
     const onClientGone = () => app.destroy();
     const onAppError = (err: Error) => {
       client.removeListener("close", onClientGone);
@@ -53,6 +59,7 @@ export function createContainerProxy(config: ContainerProxyConfig, deps: { logge
     client.once("close", onClientGone);
     app.once("error", onAppError);
     app.once("connect", () => {
+      clearTimeout(connectTimer);
       // From here the splice owns both sides and their errors.
       app.removeListener("error", onAppError);
       client.removeListener("close", onClientGone);
