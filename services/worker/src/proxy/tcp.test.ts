@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
-import { connectLines, freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
+import { connectLines, freePort, startEchoBackend, startSilentPort, waitFor, type EchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
 import type { RelayPool } from "./relays.js";
 import { TcpListener } from "./tcp.js";
@@ -68,5 +68,38 @@ describe("tcp listener - no relay can take a connection", () => {
     expect(relays.offered).toBe(9);
     expect(counters.tcpProxied).toBe(9);
     await waitFor(() => listener.connections === 0, "every connection closed");
+  });
+});
+
+describe("tcp listener - a backend that never answers", () => {
+  it("is given up at the connect timeout: the next backend carries the connection, and the silent one is passed over after", async () => {
+    const silent = await startSilentPort();
+    cleanup.push(() => silent.close());
+    const answering = await startEchoBackend("t1");
+    cleanup.push(() => answering.close());
+    const set: Backend[] = [silent.port, answering.port].map((port, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port, availableSince: undefined }));
+    const counters = new DataPlaneCounters();
+    const listener = new TcpListener({
+      serviceId: "s",
+      host: "127.0.0.1",
+      port: await freePort(),
+      backends: () => set,
+      connectTimeoutMs: 300,
+      maxConnections: 100,
+      passiveEjectMs: 60_000,
+      counters,
+      logger,
+    });
+    expect(await listener.listen()).toBe(true);
+    cleanup.push(() => listener.close());
+
+    for (let i = 0; i < 3; i++) {
+      const client = await connectLines(listener.port);
+      cleanup.push(() => client.close());
+      expect(await client.nextLine()).toBe("t1");
+    }
+    // Only the first connection waited for the silent backend; it was ejected then.
+    expect(counters.tcpBackendFailures).toBe(1);
+    expect(counters.tcpProxied).toBe(3);
   });
 });
