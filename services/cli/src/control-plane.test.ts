@@ -277,6 +277,32 @@ describe("registry - instances and backend sets", () => {
     expect(instances.some((i) => i.app === "natsy")).toBe(true);
   });
 
+  it("stopping waits for a NATS registration still being handled: it is stored and answered", async () => {
+    const holder = await pool.connect();
+    let reply: Promise<string> | undefined;
+    let stopping: Promise<void> | undefined;
+    let stopped = false;
+    try {
+      await holder.query("BEGIN");
+      await holder.query("LOCK TABLE registry_instances IN EXCLUSIVE MODE");
+      reply = bus.request(subjects.registerInstance(), JSON.stringify({ app: "unhurried", instanceId: "u-0", host: "127.0.0.1", ports: [{ intPort: 4100, port: 9200 }] }), 10_000);
+      await waitFor(lockWaiter("registry_instances"), "the registration waiting on the lock");
+      stopping = stopRegistry().then(() => {
+        stopped = true;
+      });
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(stopped).toBe(false);
+    } finally {
+      await holder.query("COMMIT");
+      holder.release();
+    }
+    await stopping;
+    expect(JSON.parse(await reply!).created).toBe(true);
+    await startRegistry();
+    const { instances } = await invoke(backends, "listInstances", { app: "unhurried" });
+    expect(instances.map((i) => i.instanceId)).toEqual(["u-0"]);
+  });
+
   it("bad registrations answer INVALID_ARGUMENT or NOT_FOUND and change nothing", async () => {
     const before = (await invoke(backends, "listInstances", { app: "" })).instances.length;
     const bad = [

@@ -54,6 +54,8 @@ export function createRegistry(given: RegistryConfig, deps: RegistryDeps): Regis
   const subscriptions: BusSubscription[] = [];
   const timers: NodeJS.Timeout[] = [];
   let sweeping: Promise<void> | undefined;
+  /** NATS registrations being handled: stop() lets them finish and answer, rather than leave them to a closing pool. */
+  const inFlight = new Set<Promise<void>>();
 
   const every = (ms: number, task: () => Promise<void>, event: string) => {
     let busy = false;
@@ -87,6 +89,25 @@ export function createRegistry(given: RegistryConfig, deps: RegistryDeps): Regis
       const refuseOverNats = () => {
         if (!natsRegistration) throw new PermissionDeniedError(NATS_REGISTRATION_OFF);
       };
+      /** A request over NATS, answered with `handle`'s reply or `{ error }`; stop() waits for those being handled. */
+      const answerOverNats = (subject: string, rejected: string, handle: (data: string) => Promise<string>) =>
+        deps.bus.subscribe(
+          subject,
+          (msg) => {
+            const task = (async () => {
+              try {
+                refuseOverNats();
+                msg.respond(await handle(msg.data));
+              } catch (err) {
+                logger.warn({ subject: msg.subject, err }, rejected);
+                msg.respond(JSON.stringify({ error: errorMessage(err) }));
+              }
+            })().catch((err: unknown) => logger.warn({ subject: msg.subject, err }, "bus-reply-failed"));
+            inFlight.add(task);
+            void task.finally(() => inFlight.delete(task));
+          },
+          { queue: "harbor-registry" },
+        );
       const onBinding = (event: BindingEvent) => (event.service ? registry.recompute(event.service.name) : undefined);
       subscriptions.push(
         subscribeMessages(deps.bus, s.serviceBound(ANY), BindingEvent, logger, onBinding),
@@ -95,41 +116,16 @@ export function createRegistry(given: RegistryConfig, deps: RegistryDeps): Regis
           event.service ? registry.serviceDeleted(event.service.name) : undefined,
         ),
         // Instance agents may register over NATS; replicas share the subject as a queue group.
-        deps.bus.subscribe(
-          s.registerInstance(),
-          (msg) => {
-            void (async () => {
-              try {
-                refuseOverNats();
-                const req = RegisterInstanceRequest.fromJSON(JSON.parse(msg.data));
-                // Only NATS's own credentials stand here (an operator's choice); the backend networks still apply.
-                const result = await registry.register(await toRegistration(req, config));
-                msg.respond(encodeMessage(RegisterInstanceResponse, result));
-              } catch (err) {
-                logger.warn({ subject: msg.subject, err }, "bus-register-rejected");
-                msg.respond(JSON.stringify({ error: errorMessage(err) }));
-              }
-            })();
-          },
-          { queue: "harbor-registry" },
-        ),
-        deps.bus.subscribe(
-          s.deregisterInstance(),
-          (msg) => {
-            void (async () => {
-              try {
-                refuseOverNats();
-                const req = DeregisterInstanceRequest.fromJSON(JSON.parse(msg.data));
-                const gone = await registry.deregister(validateAppName(req.app), validateInstanceId(req.instanceId));
-                msg.respond(JSON.stringify({ deregistered: gone !== undefined }));
-              } catch (err) {
-                logger.warn({ subject: msg.subject, err }, "bus-deregister-rejected");
-                msg.respond(JSON.stringify({ error: errorMessage(err) }));
-              }
-            })();
-          },
-          { queue: "harbor-registry" },
-        ),
+        answerOverNats(s.registerInstance(), "bus-register-rejected", async (data) => {
+          const req = RegisterInstanceRequest.fromJSON(JSON.parse(data));
+          // Only NATS's own credentials stand here (an operator's choice); the backend networks still apply.
+          return encodeMessage(RegisterInstanceResponse, await registry.register(await toRegistration(req, config)));
+        }),
+        answerOverNats(s.deregisterInstance(), "bus-deregister-rejected", async (data) => {
+          const req = DeregisterInstanceRequest.fromJSON(JSON.parse(data));
+          const gone = await registry.deregister(validateAppName(req.app), validateInstanceId(req.instanceId));
+          return JSON.stringify({ deregistered: gone !== undefined });
+        }),
       );
       deps.bus.onReconnect(() => void registry.reconcile().catch((err: unknown) => logger.warn({ err }, "reconcile-failed")));
       await registry.expire();
@@ -141,7 +137,7 @@ export function createRegistry(given: RegistryConfig, deps: RegistryDeps): Regis
     async stop() {
       for (const timer of timers.splice(0)) clearInterval(timer);
       for (const sub of subscriptions.splice(0)) sub.unsubscribe();
-      await sweeping;
+      await Promise.all([sweeping, ...inFlight]);
     },
   };
 }
