@@ -9,7 +9,7 @@ import { createRegistry, loadRegistryConfig, type RegistryService } from "@harbo
 import { createGrpcServer, createLogger, type GrpcServer } from "@harbor/runtime";
 import { createTestDatabase, uniqueName, waitFor, type TestDatabase } from "@harbor/testkit";
 import { CliError } from "./client.js";
-import { runCli } from "./main.js";
+import { runCli } from "./program.js";
 import { watchEvents } from "./watch.js";
 
 // The `harbor` verbs run in-process against a real allocator and registry (on
