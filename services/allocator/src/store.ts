@@ -313,7 +313,8 @@ export class PortStore {
       const { rowCount } = await tx.query("UPDATE port_services SET health_check = $2::jsonb WHERE id = $1 AND health_check IS DISTINCT FROM $2::jsonb", [service.id, value]);
       if (rowCount === 0) return { service, changed: false };
       await writeServiceSnapshot(tx, "service.updated", service.id);
-      return { service: (await findServiceById(tx, service.id)) as ServiceRecord, changed: true };
+      // The row is locked: only the check changed.
+      return { service: { ...service, healthCheck: healthCheck ?? null }, changed: true };
     });
   }
 
