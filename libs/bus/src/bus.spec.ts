@@ -39,7 +39,15 @@ describe("bus - in-process", () => {
     expect(await bus.request("svc", "hi", 1000)).toBe("echo:hi");
     await bus.flush();
     expect(seen).toEqual(["x.1=a"]);
-    await expect(bus.request("nobody", "hi", 50)).rejects.toThrow(/no answer/);
+    bus.subscribe("mute", () => undefined);
+    await expect(bus.request("mute", "hi", 50)).rejects.toThrow(/no answer on mute within 50 ms/);
+  });
+
+  it("a request nobody subscribes to fails at once, as over NATS (no responders), not at its timeout", async () => {
+    const bus = new InProcessBus();
+    const started = Date.now();
+    await expect(bus.request("nobody", "hi", 60_000)).rejects.toThrow(/no responders: 'nobody'/);
+    expect(Date.now() - started).toBeLessThan(30_000);
   });
 });
 

@@ -52,6 +52,8 @@ export class InProcessBus implements Bus {
   }
 
   request(subject: string, data: string, timeoutMs: number): Promise<string> {
+    // As NATS answers a request nobody subscribes to: at once, not at the timeout.
+    if (![...this.entries].some((e) => subjectMatches(e.pattern, subject))) return Promise.reject(new Error(`no responders: '${subject}'`));
     const inbox = `_INBOX.${++this.inbox}`;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
