@@ -24,6 +24,8 @@ export interface Bus {
   flush(): Promise<void>;
   /** True while connected (always for the in-process bus). */
   isConnected(): boolean;
+  /** The largest payload `publish` can send (the server's max_payload; unlimited in-process). */
+  maxPayloadBytes(): number;
   /** Called after every reconnect, so followers can resync from a snapshot. */
   onReconnect(listener: () => void): void;
   /** Drains and closes; idempotent, never rejects. */

@@ -77,6 +77,10 @@ export class InProcessBus implements Bus {
     return true;
   }
 
+  maxPayloadBytes(): number {
+    return Number.POSITIVE_INFINITY;
+  }
+
   onReconnect(): void {
     // Never disconnects.
   }

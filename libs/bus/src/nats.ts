@@ -18,6 +18,9 @@ const encoder = new TextEncoder();
 const DRAIN_TIMEOUT_MS = 5_000;
 
 /** The bus over a NATS connection that reconnects for as long as it takes. */
+/** A NATS server's max_payload unless it is configured otherwise (1 MB). */
+const NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024;
+
 export class NatsBus implements Bus {
   readonly kind = "nats" as const;
   private readonly reconnectListeners: Array<() => void> = [];
@@ -132,6 +135,10 @@ export class NatsBus implements Bus {
 
   isConnected(): boolean {
     return this.connected && !this.nc.isClosed();
+  }
+
+  maxPayloadBytes(): number {
+    return this.nc.info?.max_payload ?? NATS_DEFAULT_MAX_PAYLOAD;
   }
 
   onReconnect(listener: () => void): void {

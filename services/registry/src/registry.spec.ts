@@ -17,7 +17,7 @@ function gatedStore(ids: string[]) {
     recompute: (serviceId: string): Promise<BackendSet> =>
       new Promise((resolve) => {
         started.push(serviceId);
-        const open = () => resolve({ serviceId, nodeId: "n1", serviceName: serviceId, port: 1, protocol: Protocol.PROTOCOL_TCP, backends: [], revision: String(++revision) });
+        const open = () => resolve({ serviceId, nodeId: "n1", serviceName: serviceId, port: 1, protocol: Protocol.PROTOCOL_TCP, backends: [], revision: String(++revision), elided: false });
         gates.set(serviceId, [...(gates.get(serviceId) ?? []), open]);
       }),
   };

@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
+import { encodeMessage, publishMessage, type Bus, type Subjects } from "@harbor/bus";
 import type { Clock } from "@harbor/core";
 import { BackendSet, InstanceEvent, timestampFromMs, type Instance } from "@harbor/proto";
 import type { RegistryMetrics } from "./metrics.js";
@@ -100,9 +100,14 @@ export class Registry {
     const run = (this.chains.get(serviceId) ?? Promise.resolve()).then(async () => {
       const set = await this.store.recompute(serviceId, this.clock.now());
       if (!set) return;
-      publishMessage(this.bus, this.subjects.backends(set.nodeId, set.serviceId), BackendSet, { ...set, changedAt: timestampFromMs(changedAt) });
+      const message = { ...set, changedAt: timestampFromMs(changedAt) };
+      const data = encodeMessage(BackendSet, message);
+      // Too large for one bus message (~9,000 backends at NATS's default 1 MB): workers get a
+      // notice with the revision and fetch the set over gRPC, rather than wait for their snapshot.
+      const elided = Buffer.byteLength(data) > this.bus.maxPayloadBytes();
+      this.bus.publish(this.subjects.backends(set.nodeId, set.serviceId), elided ? encodeMessage(BackendSet, { ...message, backends: [], elided: true }) : data);
       this.metrics.setsPublished.inc();
-      this.logger.debug({ serviceId, revision: set.revision, backends: set.backends.length }, "backend-set-published");
+      this.logger.debug({ serviceId, revision: set.revision, backends: set.backends.length, elided }, "backend-set-published");
     });
     const settled = run.catch(() => undefined);
     this.chains.set(serviceId, settled);

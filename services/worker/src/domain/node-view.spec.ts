@@ -10,6 +10,7 @@ const set = (revision: string, ...ports: number[]): BackendSet => ({
   protocol: Protocol.PROTOCOL_TCP,
   revision,
   backends: ports.map((port, i) => ({ instanceId: `i${i}`, app: "demo", host: "127.0.0.1", port, availableSince: undefined })),
+  elided: false,
 });
 
 describe("node view - backend sets", () => {

@@ -71,8 +71,10 @@ class FakeControlPlane {
   readonly registry = {
     listBackends: (req: ListBackendsRequest, _m: unknown, _o: unknown, cb: (err: Error | null, res?: ListBackendsResponse) => void) => {
       this.setsAsked.push(req);
+      // One service's set when asked for it (a fetch of a set too large for the bus), else all.
+      const sets = () => (req.serviceId ? this.sets.filter((x) => x.serviceId === req.serviceId) : this.sets);
       return this.answer(cb, () =>
-        req.unlessDigest === this.setsDigest ? { sets: [], digest: this.setsDigest, unchanged: true } : { sets: this.sets, digest: this.setsDigest, unchanged: false },
+        req.unlessDigest === this.setsDigest ? { sets: [], digest: this.setsDigest, unchanged: true } : { sets: sets(), digest: this.setsDigest, unchanged: false },
       );
     },
   } as unknown as BackendRegistryClient;
@@ -284,5 +286,70 @@ describe("Follower: snapshots and events", () => {
     expect(view.backends(s1).map((b) => b.port)).toEqual([4003]);
     await new Promise((r) => setTimeout(r, 20));
     expect(plane.servicesAsked.length).toBe(asked + 2);
+  });
+
+  describe("a set too large for the bus (a notice of its revision, no backends)", () => {
+    const notice = (serviceId: string, revision: string) => encodeMessage(BackendSet, { ...set(serviceId, revision), elided: true });
+    const fetches = (plane: FakeControlPlane, serviceId: string) => plane.setsAsked.filter((r) => r.serviceId === serviceId).length;
+
+    it("is fetched over gRPC and applied; the notice itself never empties the set", async () => {
+      const { plane, s1, bus, view, changes } = await followOneService();
+      plane.sets = [set(s1, "2", 4001, 4002)];
+      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      await waitFor(() => view.revision(s1) === 2n, "the fetched set");
+      expect(view.backends(s1).map((b) => b.port)).toEqual([4001, 4002]);
+      expect(fetches(plane, s1)).toBe(1);
+      expect(changes.at(-1)).toEqual([s1]);
+
+      // A notice of a revision the worker already holds fetches nothing.
+      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      await bus.flush();
+      await new Promise((r) => setTimeout(r, 20));
+      expect(fetches(plane, s1)).toBe(1);
+      expect(view.backends(s1)).toHaveLength(2);
+    });
+
+    it("notices that come during a fetch join it; one more fetch follows when the first brought an older revision", async () => {
+      const { plane, s1, bus, view } = await followOneService();
+      const snapshots = plane.servicesAsked.length;
+      let release = () => undefined as void;
+      plane.gate = new Promise<void>((r) => (release = r));
+      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      await waitFor(() => fetches(plane, s1) === 1, "the first fetch");
+      bus.publish(subjects.backends(NODE, s1), notice(s1, "3"));
+      bus.publish(subjects.backends(NODE, s1), notice(s1, "4"));
+      await bus.flush();
+      expect(fetches(plane, s1)).toBe(1);
+
+      // The first fetch answers revision 3: revision 4 was announced, so one more fetch.
+      plane.sets = [set(s1, "3", 4003)];
+      const first = release;
+      plane.gate = new Promise<void>((r) => (release = r));
+      first();
+      await waitFor(() => fetches(plane, s1) === 2, "the second fetch");
+      expect(view.revision(s1)).toBe(3n);
+      plane.sets = [set(s1, "4", 4004)];
+      plane.gate = undefined;
+      release();
+      await waitFor(() => view.revision(s1) === 4n, "revision 4");
+      expect(view.backends(s1).map((b) => b.port)).toEqual([4004]);
+      expect(fetches(plane, s1)).toBe(2);
+      // Revisions 1 → 3 → 4 is no gap here (every notice came): no snapshot was asked for.
+      expect(plane.servicesAsked.length).toBe(snapshots);
+    });
+
+    it("a fetch that fails keeps the view and asks for a snapshot, which brings the set", async () => {
+      const { plane, s1, bus, view } = await followOneService();
+      const asked = plane.servicesAsked.length;
+      plane.fail = true;
+      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      await waitFor(() => plane.servicesAsked.length > asked, "a snapshot asked for");
+      expect(view.backends(s1).map((b) => b.port)).toEqual([4001]);
+      plane.sets = [set(s1, "2", 4005)];
+      plane.setsDigest = "e2";
+      plane.fail = false;
+      await waitFor(() => view.revision(s1) === 2n, "the set, from the snapshot's retry", 5_000);
+      expect(view.backends(s1).map((b) => b.port)).toEqual([4005]);
+    });
   });
 });

@@ -31,7 +31,7 @@ export interface FollowerOptions {
   onChange: (serviceIds?: readonly string[]) => void;
 }
 
-type Event = { kind: "created" | "updated" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet } | { kind: "node"; event: NodeEvent };
+type Event = { kind: "created" | "updated" | "deleted"; event: PortServiceEvent } | { kind: "bound"; event: BindingEvent } | { kind: "set"; set: BackendSet; fetched?: boolean } | { kind: "node"; event: NodeEvent };
 
 const RETRY_MS = 1_000;
 /** How long a deleted service's last event sequence is remembered, to drop a late repeat. */
@@ -103,6 +103,8 @@ export class Follower {
   /** The digests of the last snapshot's services and sets: unchanged ones are not sent again. */
   private digests = { services: "", sets: "" };
   private snapshots = 0;
+  /** Per service whose set is being fetched (too large for the bus): the highest revision announced meanwhile. */
+  private readonly fetching = new Map<string, bigint>();
   /** The highest allocator event sequence received per service, and when. */
   private readonly sequences = new Map<string, { sequence: bigint; at: number }>();
   synced = false;
@@ -145,10 +147,52 @@ export class Follower {
       this.o.logger.debug({ kind: event.kind, serviceId: touched(event) }, "bus-event-stale");
       return;
     }
+    if (event.kind === "set" && event.set.elided) void this.fetchSet(event.set);
+    else this.take(event);
+  }
+
+  /** Applies a valid event now, or holds it while a snapshot is under way. */
+  private take(event: Event): void {
     if (this.held) this.held.push(event);
     else if (this.apply(event)) {
       const id = touched(event);
       this.o.onChange(id === undefined ? undefined : [id]);
+    }
+  }
+
+  /**
+   * A set too large for one bus message came as a notice of its revision:
+   * the set itself is fetched over gRPC. Notices that come while a fetch is
+   * under way join it (one more fetch follows if the one under way turns out
+   * older than what they announced). A failed fetch leaves it to a snapshot.
+   */
+  private async fetchSet(notice: BackendSet): Promise<void> {
+    const { registry, nodeId, logger, view } = this.o;
+    const id = notice.serviceId;
+    const announced = BigInt(notice.revision);
+    const pending = this.fetching.get(id);
+    if (pending !== undefined) {
+      if (announced > pending) this.fetching.set(id, announced);
+      return;
+    }
+    this.fetching.set(id, announced);
+    try {
+      let fetched = 0n;
+      while (view.revision(id) < (this.fetching.get(id) as bigint)) {
+        const { sets } = await invoke(registry, "listBackends", { nodeId, serviceId: id, unlessDigest: "" }, 10_000, tokenMetadata(this.o.token));
+        const set = sets[0];
+        // The service is gone, or the registry has nothing newer than last time: the snapshot will tell.
+        if (!set || BigInt(set.revision) <= fetched) break;
+        fetched = BigInt(set.revision);
+        logger.info({ serviceId: id, revision: set.revision, backends: set.backends.length }, "backend-set-fetched");
+        this.take({ kind: "set", set: { ...set, changedAt: set.changedAt ?? notice.changedAt }, fetched: true });
+        if (this.held) break;
+      }
+    } catch (err) {
+      logger.warn({ serviceId: id, revision: notice.revision, err: (err as Error).message }, "backend-set-fetch-failed");
+      void this.resync("set-fetch-failed");
+    } finally {
+      this.fetching.delete(id);
     }
   }
 
@@ -205,12 +249,14 @@ export class Follower {
         return true;
       }
       case "set": {
-        if (e.set.nodeId !== nodeId) return false;
+        // A notice without its backends is never applied (see fetchSet).
+        if (e.set.nodeId !== nodeId || e.set.elided) return false;
         // Revisions of a set go up by one per change: a jump means events were
         // missed, perhaps for other sets too. The set is whole state, so it is
-        // applied anyway, and a snapshot fills in the rest.
+        // applied anyway, and a snapshot fills in the rest. (A fetched set may
+        // jump: the notices of the revisions between came, and joined its fetch.)
         const held = view.revision(e.set.serviceId);
-        if (held > 0n && isGap(held, e.set.revision)) void this.resync("revision-gap");
+        if (!e.fetched && held > 0n && isGap(held, e.set.revision)) void this.resync("revision-gap");
         const applied = view.applySet(e.set);
         const changedAt = msFromTimestamp(e.set.changedAt);
         if (applied && changedAt !== undefined) this.o.propagation?.observe(Math.max(0, Date.now() - changedAt) / 1000);
