@@ -31,7 +31,13 @@ const backends: EchoBackend[] = [];
 const strays: string[] = [];
 
 afterAll(async () => {
-  for (const name of strays) execFileSync("nft", ["delete", "table", "ip", name]);
+  for (const name of strays) {
+    try {
+      execFileSync("nft", ["delete", "table", "ip", name], { stdio: "ignore" });
+    } catch {
+      // already gone
+    }
+  }
   for (const r of running.reverse()) await r.stop();
   for (const b of backends) await b.close();
   await db?.drop();

@@ -17,10 +17,10 @@ export interface NatsOptions {
 const encoder = new TextEncoder();
 const DRAIN_TIMEOUT_MS = 5_000;
 
-/** The bus over a NATS connection that reconnects for as long as it takes. */
 /** A NATS server's max_payload unless it is configured otherwise (1 MB). */
 const NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024;
 
+/** The bus over a NATS connection that reconnects for as long as it takes. */
 export class NatsBus implements Bus {
   readonly kind = "nats" as const;
   private readonly reconnectListeners: Array<() => void> = [];

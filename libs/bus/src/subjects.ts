@@ -24,6 +24,13 @@ export interface Subjects {
   /** BackendSet: the whole ordered set of one port service with its revision. */
   backends(nodeId: string, serviceId: string): string;
   backendsOfNode(nodeId: string): string;
+  /**
+   * BackendSet with `elided` and no backends: the set of a revision too large
+   * for one message, to fetch with ListBackends. A subject of its own, so a
+   * subscriber of `backendsOfNode` never takes the notice for an empty set.
+   */
+  backendsElided(nodeId: string, serviceId: string): string;
+  backendsElidedOfNode(nodeId: string): string;
   /** WorkerHeartbeat. */
   workerHeartbeat(nodeId: string): string;
   /** PortBindFailed: a worker could not listen on a service's port. */
@@ -68,6 +75,8 @@ export function createSubjects(prefix: string = DEFAULT_NATS_PREFIX): Subjects {
     instanceDown: (app) => `${base}.instances.${token(app)}.down`,
     backends: (node, service) => `${base}.backends.${token(node)}.${token(service)}`,
     backendsOfNode: (node) => `${base}.backends.${token(node)}.*`,
+    backendsElided: (node, service) => `${base}.backends.${token(node)}.${token(service)}.elided`,
+    backendsElidedOfNode: (node) => `${base}.backends.${token(node)}.*.elided`,
     workerHeartbeat: (node) => `${base}.workers.${token(node)}.heartbeat`,
     portBindFailed: (node) => `${base}.ports.${token(node)}.bind_failed`,
     repairDrift: (node) => `${base}.repair.${token(node)}.drift`,

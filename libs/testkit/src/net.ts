@@ -165,8 +165,9 @@ export async function startSilentPort(): Promise<SilentPort> {
     child.once("exit", (code) => reject(new Error(`silent port process exited ${code}`)));
   });
   const held: net.Socket[] = [];
+  let silent = false;
   // Connects until one hangs: the queue is full from there on.
-  for (let i = 0; i < 8; i++) {
+  for (let i = 0; i < 8 && !silent; i++) {
     const socket = net.connect({ port, host: "127.0.0.1" });
     socket.on("error", () => undefined);
     held.push(socket);
@@ -177,7 +178,12 @@ export async function startSilentPort(): Promise<SilentPort> {
         resolve(true);
       });
     });
-    if (!answered) break;
+    silent = !answered;
+  }
+  if (!silent) {
+    for (const socket of held) socket.destroy();
+    child.kill("SIGKILL");
+    throw new Error(`port ${port} kept answering: its listener's queue never filled`);
   }
   return {
     port,

@@ -23,8 +23,8 @@ let ports: PortAllocatorClient;
 let backends: BackendRegistryClient;
 let published: BackendSet[] = [];
 
-async function startRegistry(): Promise<void> {
-  registry = createRegistry(loadRegistryConfig({ HARBOR_INSTANCE_TTL_SECONDS: "30", HARBOR_EXPIRY_SWEEP_MS: "60000" }), { pool, bus, subjects, logger, clock });
+async function startRegistry(over: Bus = bus): Promise<void> {
+  registry = createRegistry(loadRegistryConfig({ HARBOR_INSTANCE_TTL_SECONDS: "30", HARBOR_EXPIRY_SWEEP_MS: "60000" }), { pool, bus: over, subjects, logger, clock });
   await registry.start();
   server = createGrpcServer({ address: "127.0.0.1:0", services: [allocator.grpc, registry.grpc], logger });
   await server.start();
@@ -263,6 +263,45 @@ describe("registry - instances and backend sets", () => {
     await register("tv", "t-1", 9001);
     await waitFor(() => messages.some((m) => !m.snapshot && m.sets[0]?.serviceId === service!.name && m.sets[0].backends.length === 2), "the change");
     stream.cancel();
+  });
+
+  it("a set too large for one bus message is published as a notice on its own subject; WatchBackends sends the set itself", async () => {
+    // The same NATS, as if its max_payload were 64 bytes: every set is too large.
+    const tiny = new Proxy(bus, { get: (target, key) => (key === "maxPayloadBytes" ? () => 64 : Reflect.get(target, key)) });
+    await stopRegistry();
+    await startRegistry(tiny);
+    try {
+      const { service } = await invoke(ports, "createPortService", { name: "crowded", app: "throng", nodeId: "", port: 0 });
+      const id = service!.name;
+      await register("throng", "t-0", 9300);
+      const notices: BackendSet[] = [];
+      const sub = bus.subscribe(subjects.backendsElided("n1", id), (m) => notices.push(BackendSet.fromJSON(JSON.parse(m.data))));
+      const messages: WatchBackendsResponse[] = [];
+      const stream = backends.watchBackends({ nodeId: "n1" });
+      stream.on("data", (m: WatchBackendsResponse) => messages.push(m));
+      stream.on("error", () => undefined);
+      try {
+        await waitFor(() => messages.length >= 1, "the snapshot");
+        await bus.flush();
+        await register("throng", "t-1", 9301);
+        await waitFor(() => notices.length >= 1, "the notice");
+        expect(notices[0]).toMatchObject({ serviceId: id, elided: true, backends: [] });
+        expect(BigInt(notices[0]!.revision)).toBeGreaterThan(0n);
+        const whole = () => messages.find((m) => !m.snapshot && m.sets[0]?.serviceId === id)?.sets[0];
+        await waitFor(() => whole() !== undefined, "the set on the watch stream");
+        expect(whole()!.backends.map((b) => b.port)).toEqual([9300, 9301]);
+        expect(whole()!.revision).toBe(notices[0]!.revision);
+        expect(whole()!.elided).toBe(false);
+        // Nothing for this service on the sets' own subject: a subscriber there never takes a notice for an empty set.
+        expect(published.filter((p) => p.serviceId === id)).toEqual([]);
+      } finally {
+        stream.cancel();
+        sub.unsubscribe();
+      }
+    } finally {
+      await stopRegistry();
+      await startRegistry();
+    }
   });
 
   it("instance agents can register over NATS; malformed requests get an error and change nothing", async () => {

@@ -138,12 +138,23 @@ export function createRegistryGrpc(
         return;
       }
       let held: BackendSet[] | undefined = [];
-      const sub = subscribeMessages(bus, subjects.backendsOfNode(nodeId), BackendSet, logger, (set) => {
+      const send = (set: BackendSet) => {
         if (held) held.push(set);
         else call.write({ snapshot: false, sets: [set] });
-      });
-      call.on("cancelled", () => sub.unsubscribe());
-      call.on("close", () => sub.unsubscribe());
+      };
+      const subs = [
+        subscribeMessages(bus, subjects.backendsOfNode(nodeId), BackendSet, logger, send),
+        // A set too large for the bus came as a notice: the watcher gets the set itself.
+        subscribeMessages(bus, subjects.backendsElidedOfNode(nodeId), BackendSet, logger, (notice) =>
+          store.listSets({ nodeId, serviceId: notice.serviceId }).then(
+            (sets) => sets.forEach(send),
+            (err: unknown) => logger.warn({ serviceId: notice.serviceId, err }, "watch-backends-fetch-failed"),
+          ),
+        ),
+      ];
+      const unsubscribe = () => subs.forEach((sub) => sub.unsubscribe());
+      call.on("cancelled", unsubscribe);
+      call.on("close", unsubscribe);
       store.listSets({ nodeId }).then(
         (sets) => {
           call.write({ snapshot: true, sets });
@@ -151,7 +162,7 @@ export function createRegistryGrpc(
           held = undefined;
         },
         (err: unknown) => {
-          sub.unsubscribe();
+          unsubscribe();
           call.emit("error", toGrpcError(err, logger, "WatchBackends"));
         },
       );

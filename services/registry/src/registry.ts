@@ -105,7 +105,8 @@ export class Registry {
       // Too large for one bus message (~9,000 backends at NATS's default 1 MB): workers get a
       // notice with the revision and fetch the set over gRPC, rather than wait for their snapshot.
       const elided = Buffer.byteLength(data) > this.bus.maxPayloadBytes();
-      this.bus.publish(this.subjects.backends(set.nodeId, set.serviceId), elided ? encodeMessage(BackendSet, { ...message, backends: [], elided: true }) : data);
+      if (elided) this.bus.publish(this.subjects.backendsElided(set.nodeId, set.serviceId), encodeMessage(BackendSet, { ...message, backends: [], elided: true }));
+      else this.bus.publish(this.subjects.backends(set.nodeId, set.serviceId), data);
       this.metrics.setsPublished.inc();
       this.logger.debug({ serviceId, revision: set.revision, backends: set.backends.length, elided }, "backend-set-published");
     });

@@ -150,9 +150,10 @@ export class KernelTable {
       else this.logger.warn({ table: this.name, error: firstLines(result.stderr) }, "nftables-delta-failed-rewriting-table");
     }
     if (!this.installed) {
-      // The rewrite re-creates the counters: they start from what the table has counted so far
-      // (read once: no table yet is the common failure), so the metric never goes back.
-      const counted = await this.readCounters(1);
+      // The rewrite re-creates the counters: they start from what the table has counted so far,
+      // so the metric never goes back. Before this process's first write there is often no
+      // table to read (one try); after it, a failed read is a dump cut short (three).
+      const counted = await this.readCounters(this.applied > 0 ? 3 : 1);
       const carried = { tcp: Math.max(counted?.tcp ?? 0, this.lastFlows.tcp), udp: Math.max(counted?.udp ?? 0, this.lastFlows.udp) };
       const result = await run("nft", ["-f", "-"], renderTable(this.name, host, rules, carried));
       if (result.code !== 0) {

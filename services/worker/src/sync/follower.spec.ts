@@ -290,19 +290,20 @@ describe("Follower: snapshots and events", () => {
 
   describe("a set too large for the bus (a notice of its revision, no backends)", () => {
     const notice = (serviceId: string, revision: string) => encodeMessage(BackendSet, { ...set(serviceId, revision), elided: true });
+    const announce = (bus: InProcessBus, serviceId: string, revision: string) => bus.publish(subjects.backendsElided(NODE, serviceId), notice(serviceId, revision));
     const fetches = (plane: FakeControlPlane, serviceId: string) => plane.setsAsked.filter((r) => r.serviceId === serviceId).length;
 
     it("is fetched over gRPC and applied; the notice itself never empties the set", async () => {
       const { plane, s1, bus, view, changes } = await followOneService();
       plane.sets = [set(s1, "2", 4001, 4002)];
-      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      announce(bus, s1, "2");
       await waitFor(() => view.revision(s1) === 2n, "the fetched set");
       expect(view.backends(s1).map((b) => b.port)).toEqual([4001, 4002]);
       expect(fetches(plane, s1)).toBe(1);
       expect(changes.at(-1)).toEqual([s1]);
 
       // A notice of a revision the worker already holds fetches nothing.
-      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      announce(bus, s1, "2");
       await bus.flush();
       await new Promise((r) => setTimeout(r, 20));
       expect(fetches(plane, s1)).toBe(1);
@@ -314,10 +315,10 @@ describe("Follower: snapshots and events", () => {
       const snapshots = plane.servicesAsked.length;
       let release = () => undefined as void;
       plane.gate = new Promise<void>((r) => (release = r));
-      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      announce(bus, s1, "2");
       await waitFor(() => fetches(plane, s1) === 1, "the first fetch");
-      bus.publish(subjects.backends(NODE, s1), notice(s1, "3"));
-      bus.publish(subjects.backends(NODE, s1), notice(s1, "4"));
+      announce(bus, s1, "3");
+      announce(bus, s1, "4");
       await bus.flush();
       expect(fetches(plane, s1)).toBe(1);
 
@@ -342,7 +343,7 @@ describe("Follower: snapshots and events", () => {
       const { plane, s1, bus, view } = await followOneService();
       const asked = plane.servicesAsked.length;
       plane.fail = true;
-      bus.publish(subjects.backends(NODE, s1), notice(s1, "2"));
+      announce(bus, s1, "2");
       await waitFor(() => plane.servicesAsked.length > asked, "a snapshot asked for");
       expect(view.backends(s1).map((b) => b.port)).toEqual([4001]);
       plane.sets = [set(s1, "2", 4005)];
@@ -350,6 +351,47 @@ describe("Follower: snapshots and events", () => {
       plane.fail = false;
       await waitFor(() => view.revision(s1) === 2n, "the set, from the snapshot's retry", 5_000);
       expect(view.backends(s1).map((b) => b.port)).toEqual([4005]);
+    });
+  
+    it("a jump in the notices' revisions (one was missed) asks for a snapshot, as a jump in sets does", async () => {
+      const { plane, s1, bus, view } = await followOneService();
+      const asked = plane.servicesAsked.length;
+      plane.sets = [set(s1, "3", 4003)];
+      plane.setsDigest = "e2";
+      announce(bus, s1, "3");
+      await waitFor(() => view.revision(s1) === 3n, "revision 3");
+      await waitFor(() => plane.servicesAsked.length > asked, "a snapshot for the missed notice");
+    });
+
+    it("waits for a snapshot under way, which brings the set: no fetch of its own", async () => {
+      const { plane, s1, bus, view, f } = await followOneService();
+      let release = () => undefined as void;
+      plane.gate = new Promise<void>((r) => (release = r));
+      const snapshot = f.resync("timer");
+      announce(bus, s1, "2");
+      await bus.flush();
+      plane.sets = [set(s1, "2", 4006)];
+      plane.setsDigest = "e2";
+      plane.gate = undefined;
+      release();
+      await snapshot;
+      await waitFor(() => view.revision(s1) === 2n, "the set, from the snapshot");
+      await new Promise((r) => setTimeout(r, 20));
+      expect(fetches(plane, s1)).toBe(0);
+      expect(view.backends(s1).map((b) => b.port)).toEqual([4006]);
+    });
+
+    it("a fetch that answers after stop changes nothing", async () => {
+      const { plane, s1, bus, view, f } = await followOneService();
+      let release = () => undefined as void;
+      plane.gate = new Promise<void>((r) => (release = r));
+      announce(bus, s1, "2");
+      await waitFor(() => fetches(plane, s1) === 1, "the fetch");
+      plane.sets = [set(s1, "2", 4007)];
+      f.stop();
+      release();
+      await new Promise((r) => setTimeout(r, 20));
+      expect(view.revision(s1)).toBe(1n);
     });
   });
 });

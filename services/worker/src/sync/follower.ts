@@ -41,7 +41,7 @@ const SEQUENCE_MEMORY_MS = 10 * 60_000;
  * may have read the control plane before those events: another follows it.
  * (A periodic snapshot just joins the one under way.)
  */
-const MISSED_EVENTS = new Set(["nats-reconnected", "revision-gap"]);
+const MISSED_EVENTS = new Set(["nats-reconnected", "revision-gap", "set-fetch-failed"]);
 /**
  * One snapshot in this many (and the first) reads everything whatever the
  * digests say: besides missed events, it guards against the view drifting.
@@ -103,8 +103,8 @@ export class Follower {
   /** The digests of the last snapshot's services and sets: unchanged ones are not sent again. */
   private digests = { services: "", sets: "" };
   private snapshots = 0;
-  /** Per service whose set is being fetched (too large for the bus): the highest revision announced meanwhile. */
-  private readonly fetching = new Map<string, bigint>();
+  /** Per service whose set is being fetched (too large for the bus): the highest revision announced meanwhile, and when its change was. */
+  private readonly fetching = new Map<string, { revision: bigint; changedAt: BackendSet["changedAt"] }>();
   /** The highest allocator event sequence received per service, and when. */
   private readonly sequences = new Map<string, { sequence: bigint; at: number }>();
   synced = false;
@@ -121,6 +121,7 @@ export class Follower {
       // A bind to a service created before this worker knew it; also makes sure the service is known.
       subscribeMessages(bus, subjects.serviceBound(nodeId), BindingEvent, logger, (event) => this.receive({ kind: "bound", event })),
       subscribeMessages(bus, subjects.backendsOfNode(nodeId), BackendSet, logger, (set) => this.receive({ kind: "set", set })),
+      subscribeMessages(bus, subjects.backendsElidedOfNode(nodeId), BackendSet, logger, (set) => this.receive({ kind: "set", set })),
       subscribeMessages(bus, subjects.nodeUpdated(nodeId), NodeEvent, logger, (event) => this.receive({ kind: "node", event })),
     ];
     bus.onReconnect(() => void this.resync("nats-reconnected"));
@@ -163,34 +164,44 @@ export class Follower {
   /**
    * A set too large for one bus message came as a notice of its revision:
    * the set itself is fetched over gRPC. Notices that come while a fetch is
-   * under way join it (one more fetch follows if the one under way turns out
-   * older than what they announced). A failed fetch leaves it to a snapshot.
+   * under way join it (another fetch follows while the view is older than
+   * what they announced); while a snapshot is under way the fetch waits for
+   * it, which may bring the set. A failed fetch leaves it to a snapshot.
    */
   private async fetchSet(notice: BackendSet): Promise<void> {
     const { registry, nodeId, logger, view } = this.o;
     const id = notice.serviceId;
     const announced = BigInt(notice.revision);
     const pending = this.fetching.get(id);
-    if (pending !== undefined) {
-      if (announced > pending) this.fetching.set(id, announced);
+    // Notices go up by one per change, as sets do: a jump means some were missed.
+    const known = pending && pending.revision > view.revision(id) ? pending.revision : view.revision(id);
+    if (known > 0n && isGap(known, notice.revision)) void this.resync("revision-gap");
+    if (pending) {
+      if (announced > pending.revision) this.fetching.set(id, { revision: announced, changedAt: notice.changedAt });
       return;
     }
-    this.fetching.set(id, announced);
+    this.fetching.set(id, { revision: announced, changedAt: notice.changedAt });
+    const wanted = () => this.fetching.get(id) as { revision: bigint; changedAt: BackendSet["changedAt"] };
     try {
       let fetched = 0n;
-      while (view.revision(id) < (this.fetching.get(id) as bigint)) {
+      while (!this.stopped && view.revision(id) < wanted().revision) {
+        if (this.syncing) {
+          await this.syncing;
+          continue;
+        }
         const { sets } = await invoke(registry, "listBackends", { nodeId, serviceId: id, unlessDigest: "" }, 10_000, tokenMetadata(this.o.token));
-        const set = sets[0];
+        const set = sets.find((s) => s.serviceId === id && s.nodeId === nodeId);
         // The service is gone, or the registry has nothing newer than last time: the snapshot will tell.
-        if (!set || BigInt(set.revision) <= fetched) break;
+        if (!set || BigInt(set.revision) <= fetched || this.stopped) break;
         fetched = BigInt(set.revision);
         logger.info({ serviceId: id, revision: set.revision, backends: set.backends.length }, "backend-set-fetched");
-        this.take({ kind: "set", set: { ...set, changedAt: set.changedAt ?? notice.changedAt }, fetched: true });
-        if (this.held) break;
+        // The latest notice's time, when the set is the revision it announced (ListBackends carries none).
+        const changedAt = set.changedAt ?? (fetched === wanted().revision ? wanted().changedAt : undefined);
+        this.take({ kind: "set", set: { ...set, changedAt }, fetched: true });
       }
     } catch (err) {
       logger.warn({ serviceId: id, revision: notice.revision, err: (err as Error).message }, "backend-set-fetch-failed");
-      void this.resync("set-fetch-failed");
+      if (!this.stopped) void this.resync("set-fetch-failed");
     } finally {
       this.fetching.delete(id);
     }
@@ -254,7 +265,7 @@ export class Follower {
         // Revisions of a set go up by one per change: a jump means events were
         // missed, perhaps for other sets too. The set is whole state, so it is
         // applied anyway, and a snapshot fills in the rest. (A fetched set may
-        // jump: the notices of the revisions between came, and joined its fetch.)
+        // jump: its notices were checked for gaps instead, in fetchSet.)
         const held = view.revision(e.set.serviceId);
         if (!e.fetched && held > 0n && isGap(held, e.set.revision)) void this.resync("revision-gap");
         const applied = view.applySet(e.set);
