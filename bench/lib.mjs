@@ -75,12 +75,15 @@ export async function createDatabase(prefix) {
   const admin = new pg.Client({ connectionString: "postgres://postgres@127.0.0.1:5432/postgres" });
   await admin.connect();
   await admin.query(`CREATE DATABASE ${name}`);
+  let dropped;
   return {
     url: `postgres://postgres@127.0.0.1:5432/${name}`,
-    drop: async () => {
-      await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-      await admin.end();
-    },
+    // Idempotent: the run's cleanups and its own finally may both call it.
+    drop: () =>
+      (dropped ??= (async () => {
+        await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+        await admin.end();
+      })()),
   };
 }
 
