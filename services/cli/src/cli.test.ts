@@ -1,4 +1,4 @@
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
@@ -100,6 +100,11 @@ describe("cli - errors", () => {
     expectRefused(await harbor("servics"), 2, /unknown command 'servics' \(Did you mean one of service, services\?\)/);
     expectRefused(await harbor("services", "--jsn"), 2, /unknown option '--jsn' \(Did you mean --json\?\)/);
     expectRefused(await harbor("create-service"), 2, /missing required argument 'name'/);
+  });
+
+  it("--version prints the package's version, exit 0", async () => {
+    const { version } = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { version: string };
+    expect(await harbor("--version")).toEqual({ code: 0, stdout: `${version}\n`, stderr: "" });
   });
 
   it("a gRPC error is the server's message on one line, exit 1; an unreachable API says where it looked", async () => {

@@ -1,8 +1,12 @@
+import { createRequire } from "node:module";
 import { Command, CommanderError, Option } from "commander";
 import { parseRange } from "@harbor/runtime";
 import { createClients, CliError, type Clients } from "./client.js";
 import { inline, instanceOutput, keyValues, nodeOutput, serviceOutput, table } from "./output.js";
 import { SERVE_TARGETS, type ServeTarget } from "./targets.js";
+
+/** This package's version (the file is one level above both src/ and dist/). */
+const VERSION = (createRequire(import.meta.url)("../package.json") as { version: string }).version;
 
 /** Where a run of the CLI writes: the process's streams, or a test's buffers. */
 export interface CliIo {
@@ -105,6 +109,7 @@ export function buildProgram(io: CliIo = processIo): Command {
   const print = (json: boolean | undefined, value: unknown, human: () => string): void => io.out(json ? JSON.stringify(value, null, 2) + "\n" : human());
   const program = new Command("harbor")
     .description("Harbor: extra TCP and UDP ports for your apps, carried to whichever instances are alive.")
+    .version(VERSION, "-V, --version", "print harbor's version")
     .option("--api <host:port>", "where the Harbor API listens (env HARBOR_API, default 127.0.0.1:7300)")
     .option("--token <token>", "bearer token, when the API needs one (env HARBOR_TOKEN)")
     .showSuggestionAfterError(true)
