@@ -4,7 +4,7 @@ import { createLogger } from "@harbor/runtime";
 import { connectLines, freePort, startEchoBackend, startSilentPort, waitFor, type EchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
 import type { RelayPool } from "./relays.js";
-import { TcpListener } from "./tcp.js";
+import { TcpListener, type TcpListenerOptions } from "./tcp.js";
 
 const logger = createLogger("test", "silent");
 const cleanup: Array<() => unknown> = [];
@@ -12,6 +12,27 @@ const cleanup: Array<() => unknown> = [];
 afterEach(async () => {
   for (const c of cleanup.splice(0).reverse()) await c();
 });
+
+/** A listening TcpListener on 127.0.0.1 over backends on 127.0.0.1 at `ports`, closed after the test. */
+async function listenerOver(ports: number[], options: Partial<TcpListenerOptions> = {}) {
+  const set: Backend[] = ports.map((port, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port, availableSince: undefined }));
+  const counters = new DataPlaneCounters();
+  const listener = new TcpListener({
+    serviceId: "s",
+    host: "127.0.0.1",
+    port: await freePort(),
+    backends: () => set,
+    connectTimeoutMs: 1_000,
+    maxConnections: 100,
+    passiveEjectMs: 5_000,
+    counters,
+    logger,
+    ...options,
+  });
+  expect(await listener.listen()).toBe(true);
+  cleanup.push(() => listener.close());
+  return { listener, counters };
+}
 
 /**
  * A pool whose relays are all restarting: it takes no connection. (Real
@@ -38,23 +59,8 @@ describe("tcp listener - no relay can take a connection", () => {
       backends.push(b);
       cleanup.push(() => b.close());
     }
-    const set: Backend[] = backends.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
     const relays = unavailableRelays();
-    const counters = new DataPlaneCounters();
-    const listener = new TcpListener({
-      serviceId: "s",
-      host: "127.0.0.1",
-      port: await freePort(),
-      backends: () => set,
-      connectTimeoutMs: 1_000,
-      maxConnections: 100,
-      passiveEjectMs: 5_000,
-      counters,
-      logger,
-      relays,
-    });
-    expect(await listener.listen()).toBe(true);
-    cleanup.push(() => listener.close());
+    const { listener, counters } = await listenerOver(backends.map((b) => b.port), { relays });
 
     const reached: Record<string, number> = {};
     for (let i = 0; i < 9; i++) {
@@ -77,21 +83,7 @@ describe("tcp listener - a backend that never answers", () => {
     cleanup.push(() => silent.close());
     const answering = await startEchoBackend("t1");
     cleanup.push(() => answering.close());
-    const set: Backend[] = [silent.port, answering.port].map((port, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port, availableSince: undefined }));
-    const counters = new DataPlaneCounters();
-    const listener = new TcpListener({
-      serviceId: "s",
-      host: "127.0.0.1",
-      port: await freePort(),
-      backends: () => set,
-      connectTimeoutMs: 300,
-      maxConnections: 100,
-      passiveEjectMs: 60_000,
-      counters,
-      logger,
-    });
-    expect(await listener.listen()).toBe(true);
-    cleanup.push(() => listener.close());
+    const { listener, counters } = await listenerOver([silent.port, answering.port], { connectTimeoutMs: 300, passiveEjectMs: 60_000 });
 
     for (let i = 0; i < 3; i++) {
       const client = await connectLines(listener.port);
