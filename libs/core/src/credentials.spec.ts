@@ -17,6 +17,14 @@ describe("credentials - the seed's keys", () => {
     expect(c.ext_hostname).toBe("ports.example.com");
     expect(c.ext_host).toBe("203.0.113.7");
   });
+
+  it("the seed's example: an external hostname with no external IP shows both keys, ext_host empty", () => {
+    const node: NodeAddress = { nodeId: "harbor_node_1", hostname: "", host: "192.168.68.111", extHostname: "ports.example.com", extHost: "" };
+    const c = buildCredentials(node, { id: "cf7f868a-8b7b-4ac8-ab4d-9fd87efb7c09", port: 30134 }, 4100);
+    expect(JSON.stringify(c)).toBe(
+      '{"hostname":"192.168.68.111","host":"192.168.68.111","port":30134,"name":"cf7f868a-8b7b-4ac8-ab4d-9fd87efb7c09","node_id":"harbor_node_1","int_port":4100,"ext_hostname":"ports.example.com","ext_host":""}',
+    );
+  });
 });
 
 describe("credentials - app environment", () => {

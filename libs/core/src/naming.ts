@@ -59,7 +59,7 @@ export function validatePort(port: number, what = "port"): number {
   return port;
 }
 
-/** `udp…` is UDP; `both…` or `multi…` (Stackato's alias) is TCP and UDP on one port; anything else TCP. */
+/** `udp…` is UDP; `both…` (or `multi…`, another spelling the seed does not name) is TCP and UDP on one port; anything else TCP. */
 export function protocolFromName(name: string): ProtocolName {
   const lower = name.toLowerCase();
   if (lower.startsWith("udp")) return "udp";

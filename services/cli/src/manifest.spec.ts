@@ -14,6 +14,9 @@ describe("manifest - stackato.yml", () => {
 
   it("has a web process unless it says otherwise, and may have no services", () => {
     expect(parseManifest("name: a\n", "f")).toMatchObject({ harborServices: [], web: true });
+    expect(parseManifest('name: a\nprocesses:\n  web: "~"\n', "f")).toMatchObject({ web: false });
+    // An app may be named harbor: that is not a service.
+    expect(parseManifest("name: harbor\n", "f")).toMatchObject({ name: "harbor", harborServices: [] });
     expect(parseManifest("name: a\nprocesses:\n  web: node server.js\nservices:\n", "f")).toMatchObject({ harborServices: [], web: true });
   });
 
@@ -22,6 +25,8 @@ describe("manifest - stackato.yml", () => {
     expect(() => parseManifest("- a\n- b\n", "m.yml")).toThrow(/m\.yml: expected a mapping at the top/);
     expect(() => parseManifest("name: a\nservices: [x]\n", "m.yml")).toThrow(/m\.yml:2: services must be a mapping/);
     expect(() => parseManifest("name: 5\n", "m.yml")).toThrow(/m\.yml:1: name must be a string/);
+    // The seed's examples copied without their services: line: refused, or the app would run without its port.
+    expect(() => parseManifest("name: harbor-test-app\n\ncustom-cert-https: harbor\n", "m.yml")).toThrow(/^m\.yml:3: custom-cert-https: harbor is at the top of the manifest; put it under services:/);
     expect(() => resolveManifest(parseManifest("services:\n  x: harbor\n", "m.yml"))).toThrow(/no name: given/);
     expect(() => resolveManifest(parseManifest("name: a\nservices:\n  bad_name: harbor\n", "m.yml"))).toThrow(/service name "bad_name" is not valid/);
   });

@@ -27,6 +27,9 @@ function lineOf(text: string, node: unknown): string {
  * Parses a stackato.yml. A service is Harbor's when its value is `harbor` or
  * a mapping with `type: harbor`. Errors name the file and the line.
  */
+/** Top-level stackato.yml keys whose value is a string of the app's own (an app may be named harbor). */
+const STRING_KEYS = new Set(["name", "url", "command", "buildpack", "stack", "app-dir", "runtime", "framework", "inherit"]);
+
 export function parseManifest(text: string, file: string): Manifest {
   const doc = parseDocument(text, { prettyErrors: false });
   const first = doc.errors[0];
@@ -38,6 +41,15 @@ export function parseManifest(text: string, file: string): Manifest {
   if (nameNode !== undefined) {
     if (!isScalar(nameNode) || typeof nameNode.value !== "string") throw new CliError(`${file}${lineOf(text, nameNode)}: name must be a string`, 2);
     name = nameNode.value;
+  }
+  // `my-port: harbor` at the top, not under services: (the seed's examples lose that line when
+  // copied from a web page): refused, not skipped, or the app would run without its port.
+  for (const pair of root.items) {
+    if (isScalar(pair.key) && STRING_KEYS.has(String(pair.key.value))) continue;
+    if (isScalar(pair.value) && typeof pair.value.value === "string" && pair.value.value.toLowerCase() === "harbor" && isScalar(pair.key)) {
+      const key = String(pair.key.value);
+      throw new CliError(`${file}${lineOf(text, pair.key)}: ${key}: harbor is at the top of the manifest; put it under services:, indented`, 2);
+    }
   }
   const harborServices: string[] = [];
   const services = root.get("services", true);
