@@ -123,7 +123,10 @@ function tcpCheck(backend: Backend, timeoutMs: number): Promise<boolean> {
 function udpProbe(backend: Backend, probe: string, timeoutMs: number): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = dgram.createSocket(isIPv6(backend.host) ? "udp6" : "udp4");
+    let settled = false;
     const done = (ok: boolean) => {
+      if (settled) return;
+      settled = true;
       clearTimeout(timer);
       socket.close();
       resolve(ok);
@@ -131,6 +134,8 @@ function udpProbe(backend: Backend, probe: string, timeoutMs: number): Promise<b
     const timer = setTimeout(() => done(false), timeoutMs);
     socket.once("message", () => done(true));
     socket.once("error", () => done(false));
-    socket.connect(backend.port, backend.host, () => socket.send(probe));
+    // A connect the kernel refuses (a broadcast address, no route) comes to this callback: sending
+    // on the unconnected socket would throw from a callback nothing catches, and end the worker.
+    socket.connect(backend.port, backend.host, (err) => (err ? done(false) : socket.send(probe, (sendErr) => sendErr && done(false))));
   });
 }
