@@ -26,6 +26,22 @@ describe("ejections - backends out of rotation", () => {
     expect(ejections.isEjected("a")).toBe(false);
   });
 
+  it("a passive ejection never shortens one in force: a check's stays until restored, a later refusal extends", () => {
+    const clock = new ManualClock();
+    const ejections = new Ejections(clock, 1_000);
+    ejections.eject("checked", true);
+    ejections.eject("checked");
+    clock.advance(5_000);
+    expect(ejections.isEjected("checked")).toBe(true);
+    ejections.eject("refused");
+    clock.advance(600);
+    ejections.eject("refused");
+    clock.advance(600);
+    expect(ejections.isEjected("refused")).toBe(true);
+    clock.advance(400);
+    expect(ejections.isEjected("refused")).toBe(false);
+  });
+
   it("counts only ejections in force, also of backends nobody asks about again", () => {
     const clock = new ManualClock();
     const ejections = new Ejections(clock, 1_000);

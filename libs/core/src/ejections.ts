@@ -14,9 +14,15 @@ export class Ejections {
     private readonly passiveMs: number,
   ) {}
 
-  /** Out of rotation for the passive period (or until `restore`, with `indefinitely`). */
+  /**
+   * Out of rotation for the passive period (or until `restore`, with
+   * `indefinitely`). An ejection already in force that ends later stays: a
+   * refused try of a backend a health check took out (tried because every
+   * backend was out) must not shorten its ejection to the passive period.
+   */
   eject(key: string, indefinitely = false): void {
-    this.until.set(key, indefinitely ? Number.POSITIVE_INFINITY : this.clock.now() + this.passiveMs);
+    const until = indefinitely ? Number.POSITIVE_INFINITY : this.clock.now() + this.passiveMs;
+    this.until.set(key, Math.max(until, this.until.get(key) ?? 0));
   }
 
   restore(key: string): void {
