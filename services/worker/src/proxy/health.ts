@@ -136,6 +136,7 @@ function udpProbe(backend: Backend, probe: string, timeoutMs: number): Promise<b
     socket.once("error", () => done(false));
     // A connect the kernel refuses (a broadcast address, no route) comes to this callback: sending
     // on the unconnected socket would throw from a callback nothing catches, and end the worker.
-    socket.connect(backend.port, backend.host, (err) => (err ? done(false) : socket.send(probe, (sendErr) => sendErr && done(false))));
+    // (Node passes the connect error to this callback, though its types declare none.)
+    socket.connect(backend.port, backend.host, (...args: unknown[]) => (args[0] ? done(false) : socket.send(probe, (sendErr) => sendErr && done(false))));
   });
 }
