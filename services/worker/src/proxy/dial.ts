@@ -8,6 +8,14 @@ export interface Endpoint {
 
 export const backendKey = (b: Endpoint): string => `${b.host}:${b.port}`;
 
+/** Failures of this host, not of the backend: out of descriptors, local ports or memory. */
+const LOCAL_FAILURES = /\b(EMFILE|ENFILE|EADDRNOTAVAIL|ENOBUFS|ENOMEM)\b/;
+
+/** Whether a failed connect says nothing about the backend (a relay reports the message only). */
+export function isLocalFailure(err: Error): boolean {
+  return LOCAL_FAILURES.test((err as NodeJS.ErrnoException).code ?? "") || LOCAL_FAILURES.test(err.message);
+}
+
 /** What a dial needs from whoever owns the connection: the listener itself, or a relay process. */
 export interface DialHooks {
   readonly connectTimeoutMs: number;

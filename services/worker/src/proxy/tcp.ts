@@ -4,7 +4,7 @@ import { Ejections, RoundRobin, systemClock } from "@harbor/core";
 import { spliceSockets } from "@harbor/runtime";
 import type { Backend } from "@harbor/proto";
 import type { DataPlaneCounters } from "../metrics.js";
-import { allEjected, backendKey, dial, type DialHooks, type Endpoint } from "./dial.js";
+import { allEjected, backendKey, dial, isLocalFailure, type DialHooks, type Endpoint } from "./dial.js";
 import type { PortListener } from "./listener.js";
 import type { RelayedListener, RelayPool } from "./relays.js";
 
@@ -48,6 +48,8 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   private relayed = 0;
   private relayId: number | undefined;
   private closed = false;
+  /** When a connect that failed for a reason of this host was last logged. */
+  private localFailureLoggedAt = 0;
   listening = false;
   error: string | undefined;
   readonly ejections: Ejections;
@@ -160,10 +162,19 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   /** Refused or timed out, here or in a relay. */
   backendFailed(backend: Endpoint, err: Error): void {
     const key = backendKey(backend);
+    this.options.counters.tcpBackendFailures++;
+    if (isLocalFailure(err)) {
+      // Out of descriptors or ports here: no backend is to blame (said at most every 10 s).
+      const now = Date.now();
+      if (now - this.localFailureLoggedAt >= 10_000) {
+        this.localFailureLoggedAt = now;
+        this.options.logger.warn({ serviceId: this.options.serviceId, backend: key, err: err.message }, "upstream-connect-failed-here");
+      }
+      return;
+    }
     // Refused or timed out: out of rotation for a while, then tried again.
     if (!this.ejections.isEjected(key)) this.options.logger.info({ serviceId: this.options.serviceId, backend: key, err: err.message }, "backend-ejected");
     this.ejections.eject(key);
-    this.options.counters.tcpBackendFailures++;
   }
 
   allFailed(): void {
