@@ -100,9 +100,11 @@ async function stop(deadlineMs: number): Promise<void> {
 
 process.on("message", (message: ToRelay, handle?: net.Socket) => {
   if (message.t === "conn") {
-    if (!handle) return;
-    if (stopping) handle.destroy();
-    else relay(message, handle);
+    // Whatever becomes of it, the worker counted it open here: it hears of its end.
+    if (!handle || stopping) {
+      handle?.destroy();
+      ended(message.l);
+    } else relay(message, handle);
   } else if (message.t === "rotation") rotations.set(message.l, message.b);
   else if (message.t === "forget") rotations.delete(message.l);
   else if (message.t === "stop") void stop(message.deadlineMs);

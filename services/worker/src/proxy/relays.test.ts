@@ -1,5 +1,6 @@
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
+import { pino } from "pino";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
@@ -49,6 +50,22 @@ async function relayedListener(set: () => readonly Backend[]) {
   expect(await listener.listen()).toBe(true);
   cleanup.push(() => listener.close());
   return { listener, counters };
+}
+
+/** This process's relay children, by pid. */
+function relayChildren(): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, "utf8");
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (ppid === process.pid && readFileSync(`/proc/${entry}/cmdline`, "utf8").includes("relay-main")) pids.push(Number(entry));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return pids;
 }
 
 /** Opens `count` connections one after another; which backend greeted each, and that each echoes. */
@@ -103,5 +120,21 @@ describe("tcp listener with two relay processes", () => {
     expect(listener.ejections.isEjected(`127.0.0.1:${(down as EchoBackend).port}`)).toBe(true);
     // Once ejected, no relay tries it again: one refusal in all.
     expect(counters.tcpBackendFailures).toBe(1);
+  });
+
+  it("a relay that died just before stop is not restarted after it: stop leaves no relay behind", async () => {
+    const before = relayChildren();
+    const events: string[] = [];
+    const watched = pino({ level: "info" }, { write: (line: string) => void events.push(String(JSON.parse(line).msg)) });
+    const relays = new RelayPool(2, 1_000, new DataPlaneCounters(), watched, RELAY_MAIN);
+    await relays.start();
+    const mine = relayChildren().filter((pid) => !before.includes(pid));
+    expect(mine).toHaveLength(2);
+    process.kill(mine[0]!, "SIGKILL");
+    await waitFor(() => events.includes("relay-died-restarting"), "the pool to see it die");
+    // Within the 500 ms before its restart.
+    await relays.stop(1_000);
+    await new Promise((r) => setTimeout(r, 800));
+    expect(relayChildren().filter((pid) => !before.includes(pid))).toEqual([]);
   });
 });

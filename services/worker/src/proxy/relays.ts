@@ -23,6 +23,8 @@ interface Relay {
   open: Map<number, number>;
   /** The rotation last sent for each listener id (the listener's own array: a new set is a new array). */
   rotations: Map<number, readonly Endpoint[]>;
+  /** Clients handed over whose send has not completed: Node queues handles, and a relay that dies drops its queue without a word. */
+  sending: Set<net.Socket>;
   exited: Promise<void>;
 }
 
@@ -78,7 +80,9 @@ export class RelayPool {
     const message: HandOff = { t: "conn", l: listener, s: start, any: anyBackend };
     if (ejected) message.e = ejected;
     relay.open.set(listener, (relay.open.get(listener) ?? 0) + 1);
+    relay.sending.add(client);
     relay.child.send(message, client, (err) => {
+      relay.sending.delete(client);
       if (!err) return;
       // The relay went away before it got the socket: the connection ends here.
       client.destroy();
@@ -112,17 +116,20 @@ export class RelayPool {
     if (relay.child.connected) relay.child.send(message);
   }
 
+  /** Settles `count` ended connections, never more than the relay has open (a late or repeated report counts once). */
   private ended(relay: Relay, listener: number, count: number): void {
-    const left = (relay.open.get(listener) ?? 0) - count;
-    if (left > 0) relay.open.set(listener, left);
+    const open = relay.open.get(listener) ?? 0;
+    const settled = Math.min(count, open);
+    if (settled <= 0) return;
+    if (open > settled) relay.open.set(listener, open - settled);
     else relay.open.delete(listener);
-    this.listeners.get(listener)?.relayEnded(count);
+    this.listeners.get(listener)?.relayEnded(settled);
   }
 
   private spawn(index: number): Promise<void> {
     const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs) };
     const child = fork(this.relayMain, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
-    const relay: Relay = { index, child, open: new Map(), rotations: new Map(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
+    const relay: Relay = { index, child, open: new Map(), rotations: new Map(), sending: new Set(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
     this.relays[index] = relay;
     child.on("message", (message: FromRelay) => this.receive(relay, message));
     child.on("error", (err) => this.logger.warn({ err, relay: index }, "relay-error"));
@@ -133,10 +140,17 @@ export class RelayPool {
         lost += count;
       }
       relay.open.clear();
+      // Clients still queued for it never reached it: they end here (counted among its open ones above).
+      for (const client of relay.sending) client.destroy();
+      relay.sending.clear();
       if (this.stopping) return;
       // Its connections are gone with it; the next ones need somewhere to go.
       this.logger.error({ relay: index, exitCode: child.exitCode, signal: child.signalCode, connectionsLost: lost }, "relay-died-restarting");
-      setTimeout(() => void this.spawn(index).catch((err: unknown) => this.logger.error({ err, relay: index }, "relay-restart-failed")), 500).unref();
+      setTimeout(() => {
+        // A stop that came meanwhile: a relay started now would never be told to stop, and keep the worker up.
+        if (this.stopping) return;
+        void this.spawn(index).catch((err: unknown) => this.logger.error({ err, relay: index }, "relay-restart-failed"));
+      }, 500).unref();
     });
     return new Promise((resolve, reject) => {
       const onExit = () => reject(new Error(`relay ${index} exited before it was ready`));
