@@ -165,10 +165,25 @@ describe("e2e tcp - a port that works end to end", () => {
     const debugPort = (await harbor.json<ServiceJson>("service", "debug-port")).port;
     const open = await connectLines(debugPort);
     await open.nextLine();
+    // So may one whose service was deleted before (it outlived its listener).
+    const gone = await harbor.json<ServiceJson>("create-service", "gone-before-stop", "--app", "goner");
+    const goner = await startEchoBackend("goner-0");
+    backends.push(goner);
+    expect((await harbor.cli("register-instance", "goner", "g-0", "--host", "127.0.0.1", "--port", String(goner.port))).code).toBe(0);
+    const orphan = await waitFor(async () => {
+      const c = await connectLines(gone.port).catch(() => undefined);
+      return c && (await c.nextLine().then(() => c, () => undefined));
+    }, "a connection through the doomed service");
+    expect((await harbor.cli("delete-service", "gone-before-stop")).code).toBe(0);
     const stopped = harbor.stop();
     await waitFor(() => connectLines(debugPort).then((c) => void c.close(), () => true), "new connections refused");
     expect(await open.roundTrip("draining")).toBe("draining");
     open.close();
+    // The worker waits for the deleted service's connection too.
+    await new Promise((r) => setTimeout(r, 300));
+    expect(harbor.logs()).not.toMatch(/"msg":"worker-stopped"/);
+    expect(await orphan.roundTrip("still draining")).toBe("still draining");
+    orphan.close();
     expect(await stopped).toBe(0);
     expect(harbor.logs()).toMatch(/"msg":"shutdown-complete"/);
     // With relays, every one started, and every one was drained, not killed.

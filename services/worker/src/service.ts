@@ -39,6 +39,15 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const view = new NodeView();
   /** Keyed `<service id>/<protocol>`. */
   const listeners = new Map<string, PortListener>();
+  /**
+   * Listeners closed while connections were open through them (their service
+   * went, moved port or host): those connections carry on, and a stop drains
+   * them with the rest. Dropped once nothing is open.
+   */
+  const retired = new Set<PortListener>();
+  const retire = (listener: PortListener) => {
+    if (listener.connections > 0) retired.add(listener);
+  };
   const serviceOf = (key: string) => key.slice(0, key.indexOf("/"));
   /** Listeners whose failure to bind has been reported. */
   const bindFailures = new Set<string>();
@@ -121,6 +130,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         bindFailures.delete(key);
         syncChecker(key, undefined, undefined);
         await listener.close();
+        retire(listener);
         listener = undefined;
       }
       if (!service || !wanted.has(protocol)) continue;
@@ -176,6 +186,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       } else if (host !== listenHost) {
         if (listenHost !== undefined) logger.info({ from: listenHost, to: host }, "listen-host-changed");
         await Promise.all([...listeners.values()].map((l) => l.close()));
+        for (const l of listeners.values()) retire(l);
         for (const key of listeners.keys()) syncChecker(key, undefined, undefined);
         listeners.clear();
         bindFailures.clear();
@@ -271,6 +282,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       publishHeartbeat();
       heartbeat = setInterval(() => {
         publishHeartbeat();
+        for (const l of retired) if (l.connections === 0) retired.delete(l);
         // Each beat also retries the listeners whose port could not be bound, and only
         // those: a pass over every listener stalled 10,000 ports' traffic for ~30 ms.
         const retry = unbound().map(([key]) => serviceOf(key));
@@ -285,7 +297,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       follower.stop();
       await reconciling;
       for (const checker of checkers.values()) checker.stop();
-      const all = [...listeners.values()];
+      const all = [...listeners.values(), ...retired];
       await Promise.all(all.map((l) => l.close()));
       // Kernel mode: the table stays until the connections it carries end (or the deadline passes).
       await Promise.all([...all.map((l) => l.drain(config.drainTimeoutMs)), kernel?.drain(config.drainTimeoutMs)]);

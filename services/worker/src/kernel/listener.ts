@@ -34,6 +34,11 @@ export class KernelListener implements PortListener {
     return this.options.port;
   }
 
+  /** Open connections live in conntrack; the table's own drain waits for them. */
+  get connections(): number {
+    return 0;
+  }
+
   get protocol(): "tcp" | "udp" {
     return this.options.protocol;
   }

@@ -12,6 +12,8 @@ export interface PortListener {
   close(): Promise<void>;
   /** Lets open traffic finish up to the deadline, then cuts the rest. */
   drain(deadlineMs: number): Promise<void>;
+  /** TCP connections open through it (0 for UDP, whose sessions end at close, and in kernel mode, where conntrack holds them). */
+  readonly connections: number;
   /** The backend set changed, or a backend's health did. */
   backendsChanged(): void;
   /** Backends out of rotation: passively after failures, or by active checks. */

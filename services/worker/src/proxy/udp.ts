@@ -62,6 +62,11 @@ export class UdpListener implements PortListener {
     return this.options.port;
   }
 
+  /** Sessions end when the listener closes: nothing of it outlives close(). */
+  get connections(): number {
+    return 0;
+  }
+
   get sessionCount(): number {
     return this.sessions.size;
   }
