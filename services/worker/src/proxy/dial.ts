@@ -8,6 +8,9 @@ export interface Endpoint {
 
 export const backendKey = (b: Endpoint): string => `${b.host}:${b.port}`;
 
+/** Idle time before TCP keep-alive probes a proxied connection's peers (then the kernel's interval and count). */
+export const KEEPALIVE_IDLE_MS = 60_000;
+
 /** Failures of this host, not of the backend: out of descriptors, local ports or memory. */
 const LOCAL_FAILURES = /\b(EMFILE|ENFILE|EADDRNOTAVAIL|ENOBUFS|ENOMEM)\b/;
 
@@ -67,6 +70,11 @@ export function dial(client: net.Socket, backends: readonly Endpoint[], start: n
     // A proxy adds no delay of its own: small writes go out as they come.
     client.setNoDelay(true);
     upstream.setNoDelay(true);
+    // A peer that vanished without a FIN or RST (a client VM killed, NAT state dropped) is found
+    // by TCP keep-alive, so its pair does not hold two descriptors and a place under the port's
+    // connection limit for ever. Idle connections of live peers are never cut.
+    client.setKeepAlive(true, KEEPALIVE_IDLE_MS);
+    upstream.setKeepAlive(true, KEEPALIVE_IDLE_MS);
     hooks.connected(client, upstream);
   });
 }

@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
@@ -93,5 +94,23 @@ describe("tcp listener - a backend that never answers", () => {
     // Only the first connection waited for the silent backend; it was ejected then.
     expect(counters.tcpBackendFailures).toBe(1);
     expect(counters.tcpProxied).toBe(3);
+  });
+});
+
+describe("tcp listener - peers that vanish", () => {
+  it("both sockets of a proxied pair have TCP keep-alive on, so a dead peer is found and its pair closed", async () => {
+    const b = await startEchoBackend("k0");
+    cleanup.push(() => b.close());
+    const { listener } = await listenerOver([b.port]);
+    const client = await connectLines(listener.port);
+    cleanup.push(() => client.close());
+    expect(await client.nextLine()).toBe("k0");
+    // ss shows a keep-alive timer on a socket that has SO_KEEPALIVE: the worker's accepted socket
+    // (local port = the listener's) and its upstream socket (remote port = the backend's).
+    const timers = (filter: string) => execFileSync("ss", ["-tnoH", "state", "established", filter]).toString();
+    expect(timers(`( sport = :${listener.port} )`)).toMatch(/timer:\(keepalive,/);
+    const upstream = timers(`( dport = :${b.port} )`);
+    expect(upstream.trim().split("\n").length).toBeGreaterThanOrEqual(1);
+    expect(upstream).toMatch(/timer:\(keepalive,/);
   });
 });
