@@ -76,9 +76,16 @@ describe("allocator - create and bind", () => {
   });
 
   it("a requested port is honoured; a taken one is ALREADY_EXISTS; one in no range is INVALID_ARGUMENT", async () => {
-    const { service } = await invoke(client, "createPortService", { name: "fixed", app: "", nodeId: "", port: 30134 });
-    expect(service!.port).toBe(30134);
-    await expectCode(invoke(client, "createPortService", { name: "fixed-2", app: "", nodeId: "", port: 30134 }), grpc.status.ALREADY_EXISTS, /port 30134 on node n1 is already allocated/);
+    // The seed's example port, unless an earlier test's random pick holds it.
+    const used = new Set((await invoke(client, "listPortServices", { nodeId: "", app: "", unlessDigest: "" })).services.map((s) => s.port));
+    const wanted = [30134, 30135, 30136, 30137].find((p) => !used.has(p))!;
+    const { service } = await invoke(client, "createPortService", { name: "fixed", app: "", nodeId: "", port: wanted });
+    expect(service!.port).toBe(wanted);
+    await expectCode(
+      invoke(client, "createPortService", { name: "fixed-2", app: "", nodeId: "", port: wanted }),
+      grpc.status.ALREADY_EXISTS,
+      new RegExp(`port ${wanted} on node n1 is already allocated`),
+    );
     await expectCode(invoke(client, "createPortService", { name: "fixed-3", app: "", nodeId: "", port: 40000 }), grpc.status.INVALID_ARGUMENT, /in no node's range \(n1 30000-30999/);
     await expectCode(invoke(client, "createPortService", { name: "fixed-4", app: "", nodeId: "n1", port: 29999 }), grpc.status.INVALID_ARGUMENT, /outside node n1's range/);
   });
