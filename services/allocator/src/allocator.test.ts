@@ -96,6 +96,7 @@ describe("allocator - create and bind", () => {
     await expectCode(invoke(client, "createPortService", { name: "x".repeat(5000), app: "", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /is not valid/);
     await expectCode(invoke(client, "createPortService", { name: "ok-name", app: "bad.app", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /app name "bad.app"/);
     await expectCode(invoke(client, "createPortService", { name: "ok-name", app: "", nodeId: "", port: 70000 }), grpc.status.INVALID_ARGUMENT, /port 70000 is not valid/);
+    await expectCode(invoke(client, "createPortService", { name: "udp-https", app: "", nodeId: "", port: 0 }), grpc.status.INVALID_ARGUMENT, /asks for UDP \(udp…\) and the HTTPS container proxy/);
     await expectCode(invoke(client, "createPortService", { name: "ok-name", app: "", nodeId: "nowhere", port: 0 }), grpc.status.NOT_FOUND, /no harbor node "nowhere"/);
     await expectCode(invoke(client, "createPortService", { name: "MY-PORT", app: "", nodeId: "", port: 0 }), grpc.status.ALREADY_EXISTS, /already exists/);
     await expectCode(invoke(client, "getPortService", { name: "missing", app: "" }), grpc.status.NOT_FOUND, /no port service named "missing"/);

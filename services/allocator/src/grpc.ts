@@ -57,12 +57,17 @@ export function createAllocatorGrpc(
       const nodeId = optional(req.nodeId, validateNodeId);
       const app = optional(req.app, validateAppName);
       const port = req.port === 0 ? undefined : validatePort(req.port);
+      const protocol = protocolFromName(serviceName);
+      const httpsProxy = wantsHttpsProxy(serviceName);
+      if (protocol === "udp" && httpsProxy) {
+        throw new InvalidArgumentError(`service name "${serviceName}" asks for UDP (udp…) and the HTTPS container proxy (https): TLS needs TCP; use both… for TCP and UDP, or drop https`);
+      }
       const created = await store
         .createService(
         {
           serviceName,
-          protocol: protocolFromName(serviceName),
-          httpsProxy: wantsHttpsProxy(serviceName),
+          protocol,
+          httpsProxy,
           nodeId,
           port,
           healthCheck: normalizeHealthCheck(req.healthCheck),
