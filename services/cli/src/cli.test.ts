@@ -247,6 +247,16 @@ describe("cli - apply refuses a manifest it cannot honour, and changes nothing",
     expect(await serverState()).toEqual(before);
   });
 
+  it("a harbor service at the manifest's top (no services: line) is said on stderr as a warning, and is no service", async () => {
+    const before = await serverState();
+    const run = await harbor("apply", "-f", manifest("name: stray\nmy-port: harbor\n"));
+    expect(run.code).toBe(0);
+    expect(run.stderr).toMatch(/^harbor: warning: .*:2: my-port: harbor is at the top of the manifest, not under services:/);
+    expect(run.stderr.trimEnd().split("\n")).toHaveLength(1);
+    expect(run.stdout).toMatch(/asks for no harbor service/);
+    expect(await serverState()).toEqual(before);
+  });
+
   it("a manifest the server refuses half-way: what it created or bound before is undone", async () => {
     // Leave exactly one free port on the node: the first new service takes it, the second finds none.
     const taken = new Set((await json<Array<{ port: number }>>("services")).map((s) => s.port));

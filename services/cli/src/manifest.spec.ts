@@ -7,7 +7,7 @@ describe("manifest - stackato.yml", () => {
       "name: port-test\nframework:\n  type: node\nmem: 64\nprocesses:\n  web: ~\nservices:\n  my-port: harbor\n  udp-${name}: { type: harbor }\n  db: mysql\n",
       "stackato.yml",
     );
-    expect(m).toEqual({ file: "stackato.yml", name: "port-test", harborServices: ["my-port", "udp-${name}"], web: false });
+    expect(m).toEqual({ file: "stackato.yml", name: "port-test", harborServices: ["my-port", "udp-${name}"], web: false, warnings: [] });
     expect(resolveManifest(m).services).toEqual(["my-port", "udp-port-test"]);
     expect(resolveManifest(m, "other").services).toEqual(["my-port", "udp-other"]);
   });
@@ -15,8 +15,8 @@ describe("manifest - stackato.yml", () => {
   it("has a web process unless it says otherwise, and may have no services", () => {
     expect(parseManifest("name: a\n", "f")).toMatchObject({ harborServices: [], web: true });
     expect(parseManifest('name: a\nprocesses:\n  web: "~"\n', "f")).toMatchObject({ web: false });
-    // An app may be named harbor: that is not a service.
-    expect(parseManifest("name: harbor\n", "f")).toMatchObject({ name: "harbor", harborServices: [] });
+    // An app may be named harbor: that is not a service, nor worth a word.
+    expect(parseManifest("name: harbor\n", "f")).toMatchObject({ name: "harbor", harborServices: [], warnings: [] });
     expect(parseManifest("name: a\nprocesses:\n  web: node server.js\nservices:\n", "f")).toMatchObject({ harborServices: [], web: true });
   });
 
@@ -25,8 +25,14 @@ describe("manifest - stackato.yml", () => {
     expect(() => parseManifest("- a\n- b\n", "m.yml")).toThrow(/m\.yml: expected a mapping at the top/);
     expect(() => parseManifest("name: a\nservices: [x]\n", "m.yml")).toThrow(/m\.yml:2: services must be a mapping/);
     expect(() => parseManifest("name: 5\n", "m.yml")).toThrow(/m\.yml:1: name must be a string/);
-    // The seed's examples copied without their services: line: refused, or the app would run without its port.
-    expect(() => parseManifest("name: harbor-test-app\n\ncustom-cert-https: harbor\n", "m.yml")).toThrow(/^m\.yml:3: custom-cert-https: harbor is at the top of the manifest; put it under services:/);
+    // The seed's examples copied without their services: line: said, or the app would run without its port
+    // unawares (only said: a key of the manifest's own may have the value harbor).
+    const stray = parseManifest("name: harbor-test-app\ndescription: harbor\ncustom-cert-https: harbor\n", "m.yml");
+    expect(stray.harborServices).toEqual([]);
+    expect(stray.warnings).toEqual([
+      "m.yml:2: description: harbor is at the top of the manifest, not under services:, so it is no harbor service; indent it under services: if it is meant as one",
+      "m.yml:3: custom-cert-https: harbor is at the top of the manifest, not under services:, so it is no harbor service; indent it under services: if it is meant as one",
+    ]);
     expect(() => resolveManifest(parseManifest("services:\n  x: harbor\n", "m.yml"))).toThrow(/no name: given/);
     expect(() => resolveManifest(parseManifest("name: a\nservices:\n  bad_name: harbor\n", "m.yml"))).toThrow(/service name "bad_name" is not valid/);
   });

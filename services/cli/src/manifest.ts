@@ -11,6 +11,8 @@ export interface Manifest {
   harborServices: string[];
   /** False when the manifest says `processes: web: ~` (no web process, so no PORT). */
   web: boolean;
+  /** What looks like a mistake but may be meant: said on stderr, nothing refused. */
+  warnings: string[];
 }
 
 /** The 1-based line of an offset in the text. */
@@ -27,9 +29,6 @@ function lineOf(text: string, node: unknown): string {
  * Parses a stackato.yml. A service is Harbor's when its value is `harbor` or
  * a mapping with `type: harbor`. Errors name the file and the line.
  */
-/** Top-level stackato.yml keys whose value is a string of the app's own (an app may be named harbor). */
-const STRING_KEYS = new Set(["name", "url", "command", "buildpack", "stack", "app-dir", "runtime", "framework", "inherit"]);
-
 export function parseManifest(text: string, file: string): Manifest {
   const doc = parseDocument(text, { prettyErrors: false });
   const first = doc.errors[0];
@@ -43,12 +42,15 @@ export function parseManifest(text: string, file: string): Manifest {
     name = nameNode.value;
   }
   // `my-port: harbor` at the top, not under services: (the seed's examples lose that line when
-  // copied from a web page): refused, not skipped, or the app would run without its port.
+  // copied from a web page): the app would run without its port, so it is said. Only said: a
+  // key of the manifest's own (description:, a zone, …) may well have the value harbor.
+  const warnings: string[] = [];
   for (const pair of root.items) {
-    if (isScalar(pair.key) && STRING_KEYS.has(String(pair.key.value))) continue;
-    if (isScalar(pair.value) && typeof pair.value.value === "string" && pair.value.value.toLowerCase() === "harbor" && isScalar(pair.key)) {
+    // name: the app's own (it may be called harbor); services: checked below.
+    if (!isScalar(pair.key) || ["name", "services"].includes(String(pair.key.value)) || !isScalar(pair.value)) continue;
+    if (typeof pair.value.value === "string" && pair.value.value.toLowerCase() === "harbor") {
       const key = String(pair.key.value);
-      throw new CliError(`${file}${lineOf(text, pair.key)}: ${key}: harbor is at the top of the manifest; put it under services:, indented`, 2);
+      warnings.push(`${file}${lineOf(text, pair.key)}: ${key}: harbor is at the top of the manifest, not under services:, so it is no harbor service; indent it under services: if it is meant as one`);
     }
   }
   const harborServices: string[] = [];
@@ -80,7 +82,7 @@ export function parseManifest(text: string, file: string): Manifest {
     const webNode = processes.get("web", true);
     web = !(webNode === null || (isScalar(webNode) && (webNode.value === null || webNode.value === "~")));
   }
-  return { file, name, harborServices, web };
+  return { file, name, harborServices, web, warnings };
 }
 
 export function readManifest(file: string): Manifest {

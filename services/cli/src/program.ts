@@ -377,7 +377,9 @@ export function buildProgram(io: CliIo = processIo): Command {
     .action(
       withClients(program, async (c, opts, local: { file: string; app?: string; json?: boolean }) => {
         const [{ applyManifest }, { readManifest }] = await Promise.all([import("./apply.js"), import("./manifest.js")]);
-        const { app, applied } = await applyManifest(c, readManifest(local.file), local.app);
+        const manifest = readManifest(local.file);
+        for (const warning of manifest.warnings) io.err(`harbor: warning: ${warning}\n`);
+        const { app, applied } = await applyManifest(c, manifest, local.app);
         print(local.json ?? opts.json, applied, () =>
           applied.length === 0
             ? `${local.file} asks for no harbor service\n`

@@ -46,6 +46,7 @@ export async function runInstances(clients: Clients, options: RunOptions): Promi
   const logger = createLogger("harbor-run");
   const manifestFile = options.manifestFile ?? (existsSync("stackato.yml") ? "stackato.yml" : undefined);
   const manifest: Manifest | undefined = manifestFile ? readManifest(manifestFile) : undefined;
+  for (const warning of manifest?.warnings ?? []) process.stderr.write(`harbor: warning: ${warning}\n`);
   const app = options.app ?? manifest?.name;
   if (!app) throw new CliError("give --app APP, or run where a stackato.yml with a name: is", 2);
   if (manifest) {
