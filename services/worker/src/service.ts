@@ -55,7 +55,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const metrics = workerMetrics(
     counters,
     {
-      openConnections: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof TcpListener ? l.connections : 0), 0),
+      // Retired listeners' connections are open too (UDP and kernel listeners count 0).
+      openConnections: () => [...listeners.values(), ...retired].reduce((sum, l) => sum + l.connections, 0),
       udpSessions: () => [...listeners.values()].reduce((sum, l) => sum + (l instanceof UdpListener ? l.sessionCount : 0), 0),
       listeningPorts: () => {
         const { tcp, udp } = listeningByProtocol();

@@ -64,7 +64,8 @@ describe("health checker", () => {
       counters: new DataPlaneCounters(),
       logger,
     });
-    const spec = { intervalMs: 100, timeoutMs: 200, unhealthyThreshold: 1, healthyThreshold: 1, udpProbe: "ping" };
+    // A timeout a loaded machine does not reach for an answer from loopback; the refused connect fails at once.
+    const spec = { intervalMs: 100, timeoutMs: 1_000, unhealthyThreshold: 1, healthyThreshold: 1, udpProbe: "ping" };
     const checker = new HealthChecker(listener, spec, () => set, logger);
     checker.start();
     cleanup.push(() => checker.stop());

@@ -23,6 +23,8 @@ interface Relay {
   open: Map<number, number>;
   /** The rotation last sent for each listener id (the listener's own array: a new set is a new array). */
   rotations: Map<number, readonly Endpoint[]>;
+  /** Exited (its IPC channel may still look connected for a moment): takes nothing more. */
+  dead: boolean;
   /** Clients handed over whose send has not completed: Node queues handles, and a relay that dies drops its queue without a word. */
   sending: Set<net.Socket>;
   exited: Promise<void>;
@@ -107,7 +109,7 @@ export class RelayPool {
   private nextRelay(): Relay | undefined {
     for (let tried = 0; tried < this.relays.length; tried++) {
       const relay = this.relays[this.turn++ % this.relays.length] as Relay;
-      if (relay.child.connected) return relay;
+      if (!relay.dead && relay.child.connected) return relay;
     }
     return undefined;
   }
@@ -129,11 +131,12 @@ export class RelayPool {
   private spawn(index: number): Promise<void> {
     const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs) };
     const child = fork(this.relayMain, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
-    const relay: Relay = { index, child, open: new Map(), rotations: new Map(), sending: new Set(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
+    const relay: Relay = { index, child, open: new Map(), rotations: new Map(), dead: false, sending: new Set(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
     this.relays[index] = relay;
     child.on("message", (message: FromRelay) => this.receive(relay, message));
     child.on("error", (err) => this.logger.warn({ err, relay: index }, "relay-error"));
     void relay.exited.then(() => {
+      relay.dead = true;
       let lost = 0;
       for (const [listener, count] of relay.open) {
         this.listeners.get(listener)?.relayEnded(count);

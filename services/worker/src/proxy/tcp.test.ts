@@ -109,8 +109,6 @@ describe("tcp listener - peers that vanish", () => {
     // (local port = the listener's) and its upstream socket (remote port = the backend's).
     const timers = (filter: string) => execFileSync("ss", ["-tnoH", "state", "established", filter]).toString();
     expect(timers(`( sport = :${listener.port} )`)).toMatch(/timer:\(keepalive,/);
-    const upstream = timers(`( dport = :${b.port} )`);
-    expect(upstream.trim().split("\n").length).toBeGreaterThanOrEqual(1);
-    expect(upstream).toMatch(/timer:\(keepalive,/);
+    expect(timers(`( dport = :${b.port} )`)).toMatch(/timer:\(keepalive,/);
   });
 });
