@@ -24,6 +24,8 @@ export interface WorkerConfig {
   mode: "userspace" | "kernel";
   /** Userspace mode: processes that carry TCP connections for the worker (0: the worker carries them). */
   relays: number;
+  /** Userspace UDP: batched native I/O (`native`), node:dgram (`dgram`), or native where it is built (`auto`). */
+  udpIo: "auto" | "native" | "dgram";
 }
 
 export function loadWorkerConfig(env: Record<string, string | undefined> = process.env): WorkerConfig {
@@ -45,10 +47,14 @@ export function loadWorkerConfig(env: Record<string, string | undefined> = proce
     token: reader.optional("HARBOR_TOKEN"),
     mode: "userspace",
     relays: reader.int("HARBOR_WORKER_RELAYS", 0, 0, 64),
+    udpIo: "auto",
   };
   const mode = reader.string("HARBOR_WORKER_MODE", "userspace");
   if (mode === "userspace" || mode === "kernel") config.mode = mode;
   else reader.problem(`HARBOR_WORKER_MODE=${mode}: use userspace or kernel`);
+  const udpIo = reader.string("HARBOR_WORKER_UDP_IO", "auto");
+  if (udpIo === "auto" || udpIo === "native" || udpIo === "dgram") config.udpIo = udpIo;
+  else reader.problem(`HARBOR_WORKER_UDP_IO=${udpIo}: use auto, native or dgram`);
   try {
     validateNodeId(config.nodeId);
   } catch (err) {

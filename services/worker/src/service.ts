@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { isIPv4 } from "node:net";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
 import { BackendRegistryClient, PortAllocatorClient, PortBindFailed, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
 import { DataPlaneCounters, workerMetrics } from "./metrics.js";
@@ -8,6 +9,8 @@ import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
 import type { PortListener } from "./proxy/listener.js";
 import { TcpListener } from "./proxy/tcp.js";
 import { UdpListener } from "./proxy/udp.js";
+import { batchedIoUnavailable, chooseDatagramIo } from "./proxy/batched.js";
+import { dgramIo } from "./proxy/datagram.js";
 import { RelayPool } from "./proxy/relays.js";
 import { HealthChecker } from "./proxy/health.js";
 import { KernelListener } from "./kernel/listener.js";
@@ -78,6 +81,10 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const kernel = config.mode === "kernel" ? new KernelTable(kernelTable, () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
   // UDP stays in this process: a client's datagrams keep one session and FIFO stays FIFO.
   const relays = config.mode === "userspace" && config.relays > 0 ? new RelayPool(config.relays, config.connectTimeoutMs, counters, logger) : undefined;
+  const udpIo = chooseDatagramIo(config.udpIo);
+  if (config.mode === "userspace") {
+    logger.info({ udpIo: udpIo.name, ...(udpIo.name === "dgram" && config.udpIo === "auto" ? { reason: batchedIoUnavailable } : {}) }, "udp-io-chosen");
+  }
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
     if (kernel) {
       return new KernelListener({ serviceId: service.id, port: service.port, protocol, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, table: kernel });
@@ -85,7 +92,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, counters, logger };
     return protocol === "tcp"
       ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort, relays })
-      : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions });
+      : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions, io: isIPv4(host) ? udpIo : dgramIo });
   };
   /** Active checks per listener, for services that ask for them. */
   const checkers = new Map<string, HealthChecker>();

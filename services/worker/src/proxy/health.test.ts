@@ -5,6 +5,7 @@ import { freePort, startEchoBackend, startUdpEchoBackend, waitFor } from "@harbo
 import { DataPlaneCounters } from "../metrics.js";
 import { HealthChecker } from "./health.js";
 import { TcpListener } from "./tcp.js";
+import { dgramIo } from "./datagram.js";
 import { UdpListener } from "./udp.js";
 
 const logger = createLogger("test", "silent");
@@ -63,6 +64,7 @@ describe("health checker", () => {
       passiveEjectMs: 60_000,
       counters: new DataPlaneCounters(),
       logger,
+      io: dgramIo,
     });
     // A timeout a loaded machine does not reach for an answer from loopback; the refused connect fails at once.
     const spec = { intervalMs: 100, timeoutMs: 1_000, unhealthyThreshold: 1, healthyThreshold: 1, udpProbe: "ping" };

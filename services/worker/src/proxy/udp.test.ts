@@ -1,9 +1,15 @@
+import dgram from "node:dgram";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { freePort, startUdpEchoBackend, udpClient, waitFor, type UdpClient, type UdpEchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
+import { chooseDatagramIo } from "./batched.js";
+import { dgramIo, type DatagramIo } from "./datagram.js";
 import { UdpListener } from "./udp.js";
+
+// Both kinds of sockets run every test; "native" throws here, failing the file, when the module is not built.
+const IOS: DatagramIo[] = [chooseDatagramIo("native"), dgramIo];
 
 const logger = createLogger("test", "silent");
 const cleanup: Array<() => unknown> = [];
@@ -12,7 +18,7 @@ afterEach(async () => {
   for (const c of cleanup.splice(0)) await c();
 });
 
-async function setup(names: string[], options: { sessionIdleMs?: number; maxSessions?: number; passiveEjectMs?: number } = {}) {
+async function setup(io: DatagramIo, names: string[], options: { sessionIdleMs?: number; maxSessions?: number; passiveEjectMs?: number } = {}) {
   const backends: UdpEchoBackend[] = [];
   for (const name of names) {
     const b = await startUdpEchoBackend(name);
@@ -32,6 +38,7 @@ async function setup(names: string[], options: { sessionIdleMs?: number; maxSess
     passiveEjectMs: options.passiveEjectMs ?? 5_000,
     counters,
     logger,
+    io,
   });
   expect(await listener.listen()).toBe(true);
   cleanup.push(() => listener.close());
@@ -55,9 +62,9 @@ async function setup(names: string[], options: { sessionIdleMs?: number; maxSess
   };
 }
 
-describe("udp listener - sessions", () => {
+describe.each(IOS)("udp listener ($name sockets) - sessions", (io) => {
   it("a session stays on its backend while that backend remains, even when another becomes primary", async () => {
-    const { client, setBackends, current } = await setup(["a", "b"]);
+    const { client, setBackends, current } = await setup(io, ["a", "b"]);
     const early = await client();
     expect((await early.ask("x")).text).toBe("a:x");
     // b is put first (a re-ordered set): new sessions go to b, the open one stays on a.
@@ -71,7 +78,7 @@ describe("udp listener - sessions", () => {
   });
 
   it("a backend that stops answering moves the session to the next one in rotation", async () => {
-    const { client, backends, counters } = await setup(["a", "b"]);
+    const { client, backends, counters } = await setup(io, ["a", "b"]);
     const c = await client();
     expect((await c.ask("x")).text).toBe("a:x");
     await backends[0]!.close();
@@ -80,7 +87,7 @@ describe("udp listener - sessions", () => {
   });
 
   it("with nowhere else to go a session keeps its socket, so a backend that comes back sees the same client", async () => {
-    const { listener, client, backends, counters } = await setup(["a"]);
+    const { listener, client, backends, counters } = await setup(io, ["a"]);
     const c = await client();
     expect((await c.ask("x")).text).toBe("a:x");
     const before = backends[0]!.lastPeerPort;
@@ -100,7 +107,7 @@ describe("udp listener - sessions", () => {
   });
 
   it("a session left where it was because every backend was out of rotation moves once another's ejection runs out", async () => {
-    const { listener, client, backends } = await setup(["a", "b"], { passiveEjectMs: 300 });
+    const { listener, client, backends } = await setup(io, ["a", "b"], { passiveEjectMs: 300 });
     const c = await client();
     expect((await c.ask("x")).text).toBe("a:x");
     listener.ejections.eject(`127.0.0.1:${backends[0]!.port}`, true); // as a failing health check does
@@ -112,23 +119,71 @@ describe("udp listener - sessions", () => {
   });
 
   it("keeps at most maxSessions, closing the oldest first", async () => {
-    const { listener, client } = await setup(["a"], { maxSessions: 2 });
+    const { listener, client } = await setup(io, ["a"], { maxSessions: 2 });
     for (let i = 0; i < 3; i++) await (await client()).ask(`c${i}`);
     expect(listener.sessionCount).toBe(2);
   });
 
   it("closes sessions idle for sessionIdleMs", async () => {
-    const { listener, client } = await setup(["a"], { sessionIdleMs: 200 });
+    const { listener, client } = await setup(io, ["a"], { sessionIdleMs: 200 });
     await (await client()).ask("hello");
     expect(listener.sessionCount).toBe(1);
     await waitFor(() => listener.sessionCount === 0, "the idle session closed", 3_000);
   });
 
   it("drops datagrams when there is no backend, and counts them", async () => {
-    const { counters, client, setBackends } = await setup(["a"]);
+    const { counters, client, setBackends } = await setup(io, ["a"]);
     setBackends([]);
     await expect((await client()).ask("lost", 200)).rejects.toThrow(/no UDP reply/);
     expect(counters.udpDropped).toBe(1);
     expect(counters.udpToBackend).toBe(0);
+  });
+});
+
+describe.each(IOS)("udp listener ($name sockets) - datagrams", (io) => {
+  /** A socket bound on loopback, and everything it receives. */
+  async function socketOn(port = 0): Promise<{ socket: dgram.Socket; port: number; received: Buffer[] }> {
+    const socket = dgram.createSocket("udp4");
+    const received: Buffer[] = [];
+    socket.on("message", (msg) => received.push(msg));
+    await new Promise<void>((resolve) => socket.bind(port, "127.0.0.1", () => resolve()));
+    cleanup.push(() => socket.close());
+    return { socket, port: socket.address().port, received };
+  }
+
+  it("datagrams of several clients sent at once keep each client's session, order and bytes", async () => {
+    const { listener } = await setup(io, ["a"]);
+    const clients = await Promise.all([0, 1, 2].map(() => socketOn()));
+    // Interleaved and back to back, so the listener reads them in batches that mix clients.
+    for (let i = 0; i < 40; i++) for (const [k, c] of clients.entries()) c.socket.send(`c${k}-${i}`, listener.port, "127.0.0.1");
+    await waitFor(() => clients.every((c) => c.received.length === 40), "every reply back");
+    for (const [k, c] of clients.entries()) expect(c.received.map(String)).toEqual(Array.from({ length: 40 }, (_, i) => `a:c${k}-${i}`));
+    expect(listener.sessionCount).toBe(3);
+  });
+
+  it("the largest IPv4 datagram (65,507 bytes) goes through whole, both ways", async () => {
+    const mirror = await socketOn();
+    mirror.socket.on("message", (msg, rinfo) => mirror.socket.send(msg, rinfo.port, rinfo.address));
+    const { listener, setBackends } = await setup(io, []);
+    setBackends([{ instanceId: "m", app: "a", host: "127.0.0.1", port: mirror.port, availableSince: undefined }]);
+    const c = await socketOn();
+    const big = Buffer.alloc(65_507, 7);
+    big.write("first", 0);
+    big.write("last", big.length - 4);
+    c.socket.send(big, listener.port, "127.0.0.1");
+    await waitFor(() => c.received.length === 1, "the datagram back");
+    expect(c.received[0]!.equals(big)).toBe(true);
+  });
+
+  it("a backend named by a host name is reached at its IPv4 address", async () => {
+    const { client, backends, setBackends } = await setup(io, ["a"]);
+    setBackends([{ instanceId: "i0", app: "a", host: "localhost", port: backends[0]!.port, availableSince: undefined }]);
+    expect((await (await client()).ask("named")).text).toBe("a:named");
+  });
+});
+
+describe("udp listener - batched native sockets", () => {
+  it("bind IPv4 addresses only: an IPv6 port is refused with the reason (the worker gives such ports node:dgram)", async () => {
+    await expect(chooseDatagramIo("native").bind("::1", 0, { datagram: () => undefined, error: () => undefined })).rejects.toThrow(/IPv4 addresses only/);
   });
 });

@@ -1,9 +1,8 @@
-import dgram from "node:dgram";
-import { isIPv6 } from "node:net";
 import type { Logger } from "pino";
 import { Ejections, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
 import type { DataPlaneCounters } from "../metrics.js";
+import type { DatagramIo, Payload, PortSocket, Source, Upstream } from "./datagram.js";
 import { backendKey } from "./dial.js";
 import type { PortListener } from "./listener.js";
 
@@ -21,13 +20,17 @@ export interface UdpListenerOptions {
   passiveEjectMs: number;
   counters: DataPlaneCounters;
   logger: Logger;
+  /** The port's sockets: batched native I/O, or node:dgram. */
+  io: DatagramIo;
 }
 
 interface Session {
+  source: Source;
   clientAddress: string;
   clientPort: number;
   backendKey: string;
-  upstream: dgram.Socket;
+  /** Unset until connect returns (a connect may succeed or fail before it does). */
+  upstream: Upstream | undefined;
   lastSeen: number;
   /** Datagrams that arrived before the upstream socket was connected; undefined once it is. */
   pending: Buffer[] | undefined;
@@ -47,8 +50,8 @@ const MAX_PENDING = 64;
  */
 export class UdpListener implements PortListener {
   readonly protocol = "udp" as const;
-  private socket: dgram.Socket | undefined;
-  private readonly sessions = new Map<string, Session>();
+  private socket: PortSocket | undefined;
+  private readonly sessions = new Map<Source, Session>();
   readonly ejections: Ejections;
   private sweeper: NodeJS.Timeout | undefined;
   listening = false;
@@ -72,57 +75,47 @@ export class UdpListener implements PortListener {
   }
 
   async listen(): Promise<boolean> {
-    const { host, port, logger, serviceId } = this.options;
-    const socket = dgram.createSocket({ type: isIPv6(host) ? "udp6" : "udp4" });
+    const { host, port, logger, serviceId, io } = this.options;
     try {
-      await new Promise<void>((resolve, reject) => {
-        socket.once("error", reject);
-        socket.bind({ address: host, port, exclusive: true }, () => {
-          socket.removeListener("error", reject);
-          resolve();
-        });
+      this.socket = await io.bind(host, port, {
+        datagram: (payload, source) => this.fromClient(payload, source),
+        error: (err) => logger.warn({ serviceId, port, err }, "udp-listener-error"),
       });
     } catch (err) {
-      socket.close();
       this.error = (err as Error).message;
       logger.warn({ serviceId, host, port, err }, "udp-listener-bind-failed");
       return false;
     }
-    socket.on("error", (err) => logger.warn({ serviceId, port, err }, "udp-listener-error"));
-    socket.on("message", (msg, rinfo) => this.fromClient(msg, rinfo.address, rinfo.port));
-    this.socket = socket;
     this.listening = true;
     this.error = undefined;
     this.sweeper = setInterval(() => this.sweep(), Math.min(1_000, this.options.sessionIdleMs));
     this.sweeper.unref();
-    logger.info({ serviceId, host, port }, "udp-listener-opened");
+    logger.info({ serviceId, host, port, io: io.name }, "udp-listener-opened");
     return true;
   }
 
-  private fromClient(msg: Buffer, address: string, port: number): void {
-    const key = `${address}|${port}`;
-    let session = this.sessions.get(key);
+  private fromClient(payload: Payload, source: Source): void {
+    let session = this.sessions.get(source);
     if (!session) {
       const backend = this.primary();
       if (!backend) {
         this.options.counters.udpDropped++;
         return;
       }
-      session = this.openSession(address, port, backend);
-      if (!session) return;
+      session = this.openSession(source, backend);
     }
     session.lastSeen = Date.now();
     if (session.pending) {
-      if (session.pending.length < MAX_PENDING) session.pending.push(msg);
+      if (session.pending.length < MAX_PENDING) session.pending.push((this.socket as PortSocket).hold(payload));
       return;
     }
-    this.forward(session, msg);
+    this.forward(session, payload);
   }
 
-  private forward(session: Session, msg: Buffer): void {
+  private forward(session: Session, payload: Payload): void {
     this.options.counters.udpToBackend++;
     try {
-      session.upstream.send(msg);
+      session.upstream?.send(payload);
     } catch (err) {
       this.options.logger.debug({ err: (err as Error).message, backend: session.backendKey }, "udp-send-failed");
     }
@@ -135,63 +128,74 @@ export class UdpListener implements PortListener {
     return backends[0];
   }
 
-  private openSession(clientAddress: string, clientPort: number, backend: Backend): Session | undefined {
+  private openSession(source: Source, backend: Backend): Session {
     if (this.sessions.size >= this.options.maxSessions) {
-      const oldest = this.sessions.keys().next().value as string;
+      const oldest = this.sessions.keys().next().value as Source;
       this.closeSession(oldest);
     }
-    const upstream = dgram.createSocket({ type: isIPv6(backend.host) ? "udp6" : "udp4" });
-    const session: Session = { clientAddress, clientPort, backendKey: backendKey(backend), upstream, lastSeen: Date.now(), pending: [] };
-    const key = `${clientAddress}|${clientPort}`;
-    // A connected socket: the kernel only passes replies from the backend.
-    upstream.connect(backend.port, backend.host, (err?: Error) => {
-      // A failed connect (e.g. a name that does not resolve) comes here, not as "error".
-      if (err) {
-        this.ejections.eject(session.backendKey);
-        this.closeSession(key);
-        return;
-      }
-      const held = session.pending ?? [];
-      session.pending = undefined;
-      for (const msg of held) this.forward(session, msg);
-    });
-    upstream.on("message", (reply) => {
-      session.lastSeen = Date.now();
-      this.options.counters.udpToClient++;
-      this.socket?.send(reply, clientPort, clientAddress);
-    });
-    upstream.on("error", (err: NodeJS.ErrnoException) => {
-      if (err.code === "ECONNREFUSED") {
-        // ICMP port unreachable: the backend is gone, for now at least. It leaves rotation
-        // (a health check's longer ejection is kept), logged once per ejection, not per datagram.
-        this.options.counters.udpBackendUnreachable++;
-        if (!this.ejections.isEjected(session.backendKey)) {
+    const port = this.socket as PortSocket;
+    const client = port.describe(source);
+    const session: Session = {
+      source,
+      clientAddress: client.address,
+      clientPort: client.port,
+      backendKey: backendKey(backend),
+      upstream: undefined,
+      lastSeen: Date.now(),
+      pending: [],
+    };
+    // In the map before connecting: a connect may fail (and close the session) before it returns.
+    this.sessions.set(source, session);
+    session.upstream = port.connect(
+      backend.host,
+      backend.port,
+      {
+        replies: (batch, count) => {
+          session.lastSeen = Date.now();
+          this.options.counters.udpToClient += count;
+          this.socket?.reply(batch, source, session.clientAddress, session.clientPort);
+        },
+        error: (err) => this.upstreamFailed(session, err),
+      },
+      (err?: Error) => {
+        if (err) {
           this.ejections.eject(session.backendKey);
-          this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
+          this.closeSession(source);
+          return;
         }
-        // Per datagram while the backend is down (loopback ICMP is not rate-limited):
-        // a session already on the primary has nowhere better to go, and no set is built.
-        const primary = this.primary();
-        if (primary !== undefined && backendKey(primary) === session.backendKey) return;
-        if (this.shouldMove(session, this.backendKeys(), primary)) this.closeSession(key);
-        return;
-      }
-      this.options.logger.debug({ err: err.message, backend: session.backendKey }, "udp-session-error");
-      this.closeSession(key);
-    });
-    this.sessions.set(key, session);
+        const held = session.pending ?? [];
+        session.pending = undefined;
+        for (const msg of held) this.forward(session, msg);
+      },
+    );
     return session;
   }
 
-  private closeSession(key: string): void {
-    const session = this.sessions.get(key);
-    if (!session) return;
-    this.sessions.delete(key);
-    try {
-      session.upstream.close();
-    } catch {
-      // already closed
+  private upstreamFailed(session: Session, err: NodeJS.ErrnoException): void {
+    if (err.code === "ECONNREFUSED") {
+      // ICMP port unreachable: the backend is gone, for now at least. It leaves rotation
+      // (a health check's longer ejection is kept), logged once per ejection, not per datagram.
+      this.options.counters.udpBackendUnreachable++;
+      if (!this.ejections.isEjected(session.backendKey)) {
+        this.ejections.eject(session.backendKey);
+        this.options.logger.info({ serviceId: this.options.serviceId, backend: session.backendKey }, "udp-backend-unreachable");
+      }
+      // Per datagram while the backend is down (loopback ICMP is not rate-limited):
+      // a session already on the primary has nowhere better to go, and no set is built.
+      const primary = this.primary();
+      if (primary !== undefined && backendKey(primary) === session.backendKey) return;
+      if (this.shouldMove(session, this.backendKeys(), primary)) this.closeSession(session.source);
+      return;
     }
+    this.options.logger.debug({ err: err.message, backend: session.backendKey }, "udp-session-error");
+    this.closeSession(session.source);
+  }
+
+  private closeSession(source: Source): void {
+    const session = this.sessions.get(source);
+    if (!session) return;
+    this.sessions.delete(source);
+    session.upstream?.close();
   }
 
   /**
@@ -234,7 +238,7 @@ export class UdpListener implements PortListener {
     if (!this.listening) return;
     this.listening = false;
     clearInterval(this.sweeper);
-    await new Promise<void>((resolve) => this.socket?.close(() => resolve()) ?? resolve());
+    await this.socket?.close();
     this.socket = undefined;
     for (const key of [...this.sessions.keys()]) this.closeSession(key);
     this.options.logger.info({ serviceId: this.options.serviceId, port: this.options.port }, "udp-listener-closed");

@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "udpio",
+      "sources": ["native/udpio.c"],
+      "cflags": ["-O2", "-Wall", "-Wextra"]
+    }
+  ]
+}
