@@ -95,6 +95,8 @@ export class UdpListener implements PortListener {
   }
 
   private fromClient(payload: Payload, source: Source): void {
+    const port = this.socket;
+    if (!port) return; // closing
     let session = this.sessions.get(source);
     if (!session) {
       const backend = this.primary();
@@ -102,11 +104,11 @@ export class UdpListener implements PortListener {
         this.options.counters.udpDropped++;
         return;
       }
-      session = this.openSession(source, backend);
+      session = this.openSession(port, source, backend);
     }
     session.lastSeen = Date.now();
     if (session.pending) {
-      if (session.pending.length < MAX_PENDING) session.pending.push((this.socket as PortSocket).hold(payload));
+      if (session.pending.length < MAX_PENDING) session.pending.push(port.hold(payload));
       return;
     }
     this.forward(session, payload);
@@ -128,12 +130,11 @@ export class UdpListener implements PortListener {
     return backends[0];
   }
 
-  private openSession(source: Source, backend: Backend): Session {
+  private openSession(port: PortSocket, source: Source, backend: Backend): Session {
     if (this.sessions.size >= this.options.maxSessions) {
       const oldest = this.sessions.keys().next().value as Source;
       this.closeSession(oldest);
     }
-    const port = this.socket as PortSocket;
     const client = port.describe(source);
     const session: Session = {
       source,
@@ -160,7 +161,7 @@ export class UdpListener implements PortListener {
       (err?: Error) => {
         if (err) {
           this.ejections.eject(session.backendKey);
-          this.closeSession(source);
+          this.endSession(session);
           return;
         }
         const held = session.pending ?? [];
@@ -184,11 +185,16 @@ export class UdpListener implements PortListener {
       // a session already on the primary has nowhere better to go, and no set is built.
       const primary = this.primary();
       if (primary !== undefined && backendKey(primary) === session.backendKey) return;
-      if (this.shouldMove(session, this.backendKeys(), primary)) this.closeSession(session.source);
+      if (this.shouldMove(session, this.backendKeys(), primary)) this.endSession(session);
       return;
     }
     this.options.logger.debug({ err: err.message, backend: session.backendKey }, "udp-session-error");
-    this.closeSession(session.source);
+    this.endSession(session);
+  }
+
+  /** Closes `session` if it is still its client's: a late callback of an old one leaves the new one alone. */
+  private endSession(session: Session): void {
+    if (this.sessions.get(session.source) === session) this.closeSession(session.source);
   }
 
   private closeSession(source: Source): void {
@@ -238,8 +244,10 @@ export class UdpListener implements PortListener {
     if (!this.listening) return;
     this.listening = false;
     clearInterval(this.sweeper);
-    await this.socket?.close();
+    // Unset first: a reply that arrives while it closes is not sent from a closing socket.
+    const socket = this.socket;
     this.socket = undefined;
+    await socket?.close();
     for (const key of [...this.sessions.keys()]) this.closeSession(key);
     this.options.logger.info({ serviceId: this.options.serviceId, port: this.options.port }, "udp-listener-closed");
   }
