@@ -1,8 +1,8 @@
 {
   "targets": [
     {
-      "target_name": "udpio",
-      "sources": ["native/udpio.c"],
+      "target_name": "dataplane",
+      "sources": ["native/module.c", "native/udp.c", "native/tcp.c"],
       "cflags": ["-O2", "-Wall", "-Wextra"]
     }
   ]

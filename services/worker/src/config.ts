@@ -1,5 +1,6 @@
 import { validateNodeId } from "@harbor/core";
 import { DEFAULT_API_ADDRESS, EnvReader } from "@harbor/runtime";
+import type { IoSetting } from "./proxy/native.js";
 
 export interface WorkerConfig {
   nodeId: string;
@@ -24,8 +25,8 @@ export interface WorkerConfig {
   mode: "userspace" | "kernel";
   /** Userspace mode: processes that carry TCP connections for the worker (0: the worker carries them). */
   relays: number;
-  /** Userspace UDP: batched native I/O (`native`), node:dgram (`dgram`), or native where it is built (`auto`). */
-  udpIo: "auto" | "native" | "dgram";
+  /** Userspace: the native module carries UDP ports and TCP pairs (`native`), Node's sockets do (`node`), or native where it is built (`auto`). */
+  io: IoSetting;
 }
 
 export function loadWorkerConfig(env: Record<string, string | undefined> = process.env): WorkerConfig {
@@ -47,14 +48,14 @@ export function loadWorkerConfig(env: Record<string, string | undefined> = proce
     token: reader.optional("HARBOR_TOKEN"),
     mode: "userspace",
     relays: reader.int("HARBOR_WORKER_RELAYS", 0, 0, 64),
-    udpIo: "auto",
+    io: "auto",
   };
   const mode = reader.string("HARBOR_WORKER_MODE", "userspace");
   if (mode === "userspace" || mode === "kernel") config.mode = mode;
   else reader.problem(`HARBOR_WORKER_MODE=${mode}: use userspace or kernel`);
-  const udpIo = reader.string("HARBOR_WORKER_UDP_IO", "auto");
-  if (udpIo === "auto" || udpIo === "native" || udpIo === "dgram") config.udpIo = udpIo;
-  else reader.problem(`HARBOR_WORKER_UDP_IO=${udpIo}: use auto, native or dgram`);
+  const io = reader.string("HARBOR_WORKER_IO", "auto");
+  if (io === "auto" || io === "native" || io === "node") config.io = io;
+  else reader.problem(`HARBOR_WORKER_IO=${io}: use auto, native or node`);
   try {
     validateNodeId(config.nodeId);
   } catch (err) {

@@ -9,8 +9,10 @@ import { NodeView, protocolsOf, type ServiceView } from "./domain/node-view.js";
 import type { PortListener } from "./proxy/listener.js";
 import { TcpListener } from "./proxy/tcp.js";
 import { UdpListener } from "./proxy/udp.js";
-import { batchedIoUnavailable, chooseDatagramIo } from "./proxy/batched.js";
+import { batchedIo } from "./proxy/batched.js";
 import { dgramIo } from "./proxy/datagram.js";
+import { nativeModule, nativeUnavailable } from "./proxy/native.js";
+import { nativePairs, nodePairs } from "./proxy/pairs.js";
 import { RelayPool } from "./proxy/relays.js";
 import { HealthChecker } from "./proxy/health.js";
 import { KernelListener } from "./kernel/listener.js";
@@ -81,9 +83,12 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const kernel = config.mode === "kernel" ? new KernelTable(kernelTable, () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
   // UDP stays in this process: a client's datagrams keep one session and FIFO stays FIFO.
   const relays = config.mode === "userspace" && config.relays > 0 ? new RelayPool(config.relays, config.connectTimeoutMs, counters, logger) : undefined;
-  const udpIo = chooseDatagramIo(config.udpIo);
+  // Throws for HARBOR_WORKER_IO=native where the module is not built: the operator asked for it.
+  const native = config.mode === "userspace" ? nativeModule(config.io) : undefined;
+  const udpIo = native ? batchedIo(native) : dgramIo;
+  const pairs = native ? nativePairs(native) : nodePairs;
   if (config.mode === "userspace") {
-    logger.info({ udpIo: udpIo.name, ...(udpIo.name === "dgram" && config.udpIo === "auto" ? { reason: batchedIoUnavailable } : {}) }, "udp-io-chosen");
+    logger.info({ io: native ? "native" : "node", ...(!native && config.io === "auto" ? { reason: nativeUnavailable } : {}) }, "worker-io-chosen");
   }
   const createListener = (service: ServiceView, protocol: "tcp" | "udp", host: string): PortListener => {
     if (kernel) {
@@ -91,7 +96,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     }
     const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, counters, logger };
     return protocol === "tcp"
-      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort, relays })
+      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort, relays, pairs })
       : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions, io: isIPv4(host) ? udpIo : dgramIo });
   };
   /** Active checks per listener, for services that ask for them. */

@@ -1,55 +1,12 @@
 import { lookup } from "node:dns/promises";
-import { createRequire } from "node:module";
 import { isIP, isIPv4 } from "node:net";
-import { getSystemErrorName } from "node:util";
-import { dgramIo, type DatagramIo, type Payload, type PortHandlers, type PortSocket, type Source, type Upstream, type UpstreamHandlers } from "./datagram.js";
-
-/** The native module (`native/udpio.c`): -errno for a failed syscall, never a throw. */
-interface UdpIo {
-  readonly BATCH: number;
-  socket(family: 4 | 6): number;
-  bind(fd: number, address: string, port: number): number;
-  connect(fd: number, address: string, port: number): number;
-  localPort(fd: number): number;
-  close(fd: number): number;
-  recv(fd: number, meta: Int32Array): number;
-  send(fd: number, first: number, count: number): number;
-  sendTo(fd: number, first: number, count: number, ipv4: number, port: number): number;
-  copy(slot: number): Buffer;
-  sendBuffer(fd: number, datagram: Buffer): number;
-  poll(fd: number, onReadable: () => void): unknown;
-  unpoll(handle: unknown): void;
-}
+import type { DatagramIo, Payload, PortHandlers, PortSocket, Source, Upstream, UpstreamHandlers } from "./datagram.js";
+import { errnoError as errno, type NativeModule } from "./native.js";
 
 const EAGAIN = -11;
 
 /** Batches read per readable event before the event loop gets a turn (other ports, timers). */
 const BATCHES_PER_TURN = 4;
-
-/** The module if it was built and loads here, else why not. */
-function load(): UdpIo | Error {
-  if (process.platform !== "linux") return new Error(`recvmmsg/sendmmsg are Linux only (this is ${process.platform})`);
-  try {
-    // From src/proxy (tests) and dist/proxy (built) alike.
-    return createRequire(import.meta.url)("../../build/Release/udpio.node") as UdpIo;
-  } catch (err) {
-    return new Error(`the native module is not built (npm run build in services/worker): ${(err as Error).message.split("\n")[0]}`);
-  }
-}
-
-const loaded = load();
-
-/** Why batched I/O is not available here, or undefined when it is. */
-export const batchedIoUnavailable: string | undefined = loaded instanceof Error ? loaded.message : undefined;
-
-function errno(code: number, syscall: string): NodeJS.ErrnoException {
-  const name = getSystemErrorName(code);
-  const err: NodeJS.ErrnoException = new Error(`${syscall} ${name}`);
-  err.code = name;
-  err.errno = code;
-  err.syscall = syscall;
-  return err;
-}
 
 /** An IPv4 client as one number: address × 65536 + port. */
 const sourceOf = (ipv4: number, port: number): number => (ipv4 >>> 0) * 65_536 + port;
@@ -59,25 +16,11 @@ function dotted(ipv4: number): string {
 }
 
 /**
- * The I/O for a worker's IPv4 UDP ports, per HARBOR_WORKER_UDP_IO; throws
- * when `native` is asked for and cannot be had. IPv6 ports always use dgram.
- */
-export function chooseDatagramIo(setting: "auto" | "native" | "dgram"): DatagramIo {
-  if (setting === "dgram") return dgramIo;
-  const batched = batchedIo();
-  if (batched) return batched;
-  if (setting === "native") throw new Error(`HARBOR_WORKER_UDP_IO=native: ${batchedIoUnavailable}`);
-  return dgramIo;
-}
-
-/**
  * Batched native I/O: one recvmmsg per up to BATCH datagrams, one sendmmsg
  * per run of them to the same place. IPv4 ports only (a client's address
  * and port fit one number); backends of either family.
  */
-export function batchedIo(): DatagramIo | undefined {
-  if (loaded instanceof Error) return undefined;
-  const io = loaded;
+export function batchedIo(io: NativeModule): DatagramIo {
   // Shared by every socket: a batch is read, forwarded and done before the next recv (the module's invariant).
   const meta = new Int32Array(io.BATCH * 3);
   return {
@@ -103,7 +46,7 @@ class BatchedPort implements PortSocket {
   private closed = false;
 
   constructor(
-    private readonly io: UdpIo,
+    private readonly io: NativeModule,
     private readonly meta: Int32Array,
     private readonly fd: number,
     private readonly handlers: PortHandlers,
@@ -177,7 +120,7 @@ class BatchedUpstream implements Upstream {
   private closed = false;
 
   constructor(
-    private readonly io: UdpIo,
+    private readonly io: NativeModule,
     private readonly meta: Int32Array,
     private readonly port: BatchedPort,
     private readonly handlers: UpstreamHandlers,

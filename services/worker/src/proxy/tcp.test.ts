@@ -4,10 +4,14 @@ import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { connectLines, freePort, startEchoBackend, startSilentPort, waitFor, type EchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
+import { nativeModule, type NativeModule } from "./native.js";
+import { nativePairs, nodePairs, type PairCarrier } from "./pairs.js";
 import type { RelayPool } from "./relays.js";
 import { TcpListener, type TcpListenerOptions } from "./tcp.js";
 
 const logger = createLogger("test", "silent");
+// Both carriers run every test; "native" throws here, failing the file, when the module is not built.
+const CARRIERS: PairCarrier[] = [nativePairs(nativeModule("native") as NativeModule), nodePairs];
 const cleanup: Array<() => unknown> = [];
 
 afterEach(async () => {
@@ -15,7 +19,7 @@ afterEach(async () => {
 });
 
 /** A listening TcpListener on 127.0.0.1 over backends on 127.0.0.1 at `ports`, closed after the test. */
-async function listenerOver(ports: number[], options: Partial<TcpListenerOptions> = {}) {
+async function listenerOver(pairs: PairCarrier, ports: number[], options: Partial<TcpListenerOptions> = {}) {
   const set: Backend[] = ports.map((port, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port, availableSince: undefined }));
   const counters = new DataPlaneCounters();
   const listener = new TcpListener({
@@ -28,6 +32,7 @@ async function listenerOver(ports: number[], options: Partial<TcpListenerOptions
     passiveEjectMs: 5_000,
     counters,
     logger,
+    pairs,
     ...options,
   });
   expect(await listener.listen()).toBe(true);
@@ -52,7 +57,7 @@ function unavailableRelays(): RelayPool & { offered: number } {
   return pool as unknown as RelayPool & { offered: number };
 }
 
-describe("tcp listener - no relay can take a connection", () => {
+describe.each(CARRIERS)("tcp listener ($name pairs) - no relay can take a connection", (pairs) => {
   it("the worker carries it itself, in the same exact turns", async () => {
     const backends: EchoBackend[] = [];
     for (const name of ["t0", "t1", "t2"]) {
@@ -61,7 +66,7 @@ describe("tcp listener - no relay can take a connection", () => {
       cleanup.push(() => b.close());
     }
     const relays = unavailableRelays();
-    const { listener, counters } = await listenerOver(backends.map((b) => b.port), { relays });
+    const { listener, counters } = await listenerOver(pairs, backends.map((b) => b.port), { relays });
 
     const reached: Record<string, number> = {};
     for (let i = 0; i < 9; i++) {
@@ -78,13 +83,13 @@ describe("tcp listener - no relay can take a connection", () => {
   });
 });
 
-describe("tcp listener - a backend that never answers", () => {
+describe.each(CARRIERS)("tcp listener ($name pairs) - a backend that never answers", (pairs) => {
   it("is given up at the connect timeout: the next backend carries the connection, and the silent one is passed over after", async () => {
     const silent = await startSilentPort();
     cleanup.push(() => silent.close());
     const answering = await startEchoBackend("t1");
     cleanup.push(() => answering.close());
-    const { listener, counters } = await listenerOver([silent.port, answering.port], { connectTimeoutMs: 300, passiveEjectMs: 60_000 });
+    const { listener, counters } = await listenerOver(pairs, [silent.port, answering.port], { connectTimeoutMs: 300, passiveEjectMs: 60_000 });
 
     for (let i = 0; i < 3; i++) {
       const client = await connectLines(listener.port);
@@ -97,11 +102,11 @@ describe("tcp listener - a backend that never answers", () => {
   });
 });
 
-describe("tcp listener - peers that vanish", () => {
+describe.each(CARRIERS)("tcp listener ($name pairs) - peers that vanish", (pairs) => {
   it("both sockets of a proxied pair have TCP keep-alive on, so a dead peer is found and its pair closed", async () => {
     const b = await startEchoBackend("k0");
     cleanup.push(() => b.close());
-    const { listener } = await listenerOver([b.port]);
+    const { listener } = await listenerOver(pairs, [b.port]);
     const client = await connectLines(listener.port);
     cleanup.push(() => client.close());
     expect(await client.nextLine()).toBe("k0");

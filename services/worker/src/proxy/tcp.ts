@@ -1,11 +1,11 @@
 import net from "node:net";
 import type { Logger } from "pino";
 import { Ejections, RoundRobin, systemClock } from "@harbor/core";
-import { spliceSockets } from "@harbor/runtime";
 import type { Backend } from "@harbor/proto";
 import type { DataPlaneCounters } from "../metrics.js";
 import { allEjected, backendKey, dial, isLocalFailure, type DialHooks, type Endpoint } from "./dial.js";
 import type { PortListener } from "./listener.js";
+import type { Pair, PairCarrier } from "./pairs.js";
 import type { RelayedListener, RelayPool } from "./relays.js";
 
 export interface TcpListenerOptions {
@@ -21,13 +21,9 @@ export interface TcpListenerOptions {
   passiveEjectMs: number;
   counters: DataPlaneCounters;
   logger: Logger;
-  /** Relay processes to carry the connections; without them this process carries them. */
+  /** Relay processes to carry the connections; without them this process carries them, with `pairs`. */
   relays?: RelayPool;
-}
-
-interface Pair {
-  client: net.Socket;
-  upstream: net.Socket;
+  pairs: PairCarrier;
 }
 
 /**
@@ -116,10 +112,7 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   async drain(deadlineMs: number): Promise<void> {
     const until = Date.now() + deadlineMs;
     while (this.connections > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
-    for (const pair of this.open) {
-      pair.client.destroy();
-      pair.upstream.destroy();
-    }
+    for (const pair of this.open) pair.cut();
     for (const socket of this.pending) socket.destroy();
   }
 
@@ -183,16 +176,14 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
 
   connected(client: net.Socket, upstream: net.Socket): void {
     this.pending.delete(client);
-    const pair: Pair = { client, upstream };
-    this.open.add(pair);
     this.options.counters.tcpProxied++;
-    spliceSockets(client, upstream, () => {
+    const pair = this.options.pairs.join(client, upstream, (toBackend, toClient) => {
       this.open.delete(pair);
       // Counted once, at close: nothing is added up per chunk.
-      this.options.counters.tcpBytesToBackend += upstream.bytesWritten;
-      this.options.counters.tcpBytesToClient += client.bytesWritten;
+      this.options.counters.tcpBytesToBackend += toBackend;
+      this.options.counters.tcpBytesToClient += toClient;
     });
-    client.resume();
+    this.open.add(pair);
   }
 
   // RelayedListener, for connections handed to relay processes.

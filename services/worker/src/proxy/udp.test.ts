@@ -4,12 +4,14 @@ import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { freePort, startUdpEchoBackend, udpClient, waitFor, type UdpClient, type UdpEchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
-import { chooseDatagramIo } from "./batched.js";
+import { batchedIo } from "./batched.js";
 import { dgramIo, type DatagramIo } from "./datagram.js";
+import { nativeModule, type NativeModule } from "./native.js";
 import { UdpListener } from "./udp.js";
 
 // Both kinds of sockets run every test; "native" throws here, failing the file, when the module is not built.
-const IOS: DatagramIo[] = [chooseDatagramIo("native"), dgramIo];
+const NATIVE = nativeModule("native") as NativeModule;
+const IOS: DatagramIo[] = [batchedIo(NATIVE), dgramIo];
 
 const logger = createLogger("test", "silent");
 const cleanup: Array<() => unknown> = [];
@@ -184,6 +186,6 @@ describe.each(IOS)("udp listener ($name sockets) - datagrams", (io) => {
 
 describe("udp listener - batched native sockets", () => {
   it("bind IPv4 addresses only: an IPv6 port is refused with the reason (the worker gives such ports node:dgram)", async () => {
-    await expect(chooseDatagramIo("native").bind("::1", 0, { datagram: () => undefined, error: () => undefined })).rejects.toThrow(/IPv4 addresses only/);
+    await expect(batchedIo(NATIVE).bind("::1", 0, { datagram: () => undefined, error: () => undefined })).rejects.toThrow(/IPv4 addresses only/);
   });
 });

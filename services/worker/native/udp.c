@@ -1,5 +1,5 @@
 /*
- * udpio: batched UDP I/O for the worker's UDP ports (Linux).
+ * Batched UDP I/O for the worker's UDP ports (Linux).
  *
  * Node's dgram costs, per datagram, a 64 KiB allocation, an address object,
  * a call into JavaScript and a send request; on a 2-core host that is more
@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include "native.h"
 
 #define BATCH 64
 #define SLOT 65536 /* the largest UDP payload, so no datagram is ever truncated */
@@ -31,30 +32,7 @@
 static char *arena;
 static unsigned lens[BATCH];
 
-#define CALL(x) do { if ((x) != napi_ok) { napi_throw_error(env, NULL, "udpio: bad arguments to " #x); return NULL; } } while (0)
-
-static napi_value number(napi_env env, double v) {
-  napi_value r;
-  napi_create_double(env, v, &r);
-  return r;
-}
-
-static int args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
-  size_t argc = want;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
-    napi_throw_type_error(env, NULL, "udpio: too few arguments");
-    return 0;
-  }
-  return 1;
-}
-
-static int int_arg(napi_env env, napi_value v, int32_t *out) {
-  if (napi_get_value_int32(env, v, out) != napi_ok) {
-    napi_throw_type_error(env, NULL, "udpio: expected a number");
-    return 0;
-  }
-  return 1;
-}
+#define CALL(x) do { if ((x) != napi_ok) { napi_throw_error(env, NULL, "dataplane: bad arguments to " #x); return NULL; } } while (0)
 
 /* A literal IPv4 or IPv6 address and a port; -EINVAL for anything else. */
 static int to_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len) {
@@ -83,20 +61,20 @@ static int to_sockaddr(napi_env env, napi_value host, int32_t port, struct socka
 static napi_value js_socket(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t family;
-  if (!args(env, info, 1, argv) || !int_arg(env, argv[0], &family)) return NULL;
+  if (!native_args(env, info, 1, argv) || !native_int(env, argv[0], &family)) return NULL;
   int fd = socket(family == 6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  return number(env, fd < 0 ? -errno : fd);
+  return native_number(env, fd < 0 ? -errno : fd);
 }
 
 static napi_value address_call(napi_env env, napi_callback_info info, int binding) {
   napi_value argv[3];
   int32_t fd, port;
-  if (!args(env, info, 3, argv) || !int_arg(env, argv[0], &fd) || !int_arg(env, argv[2], &port)) return NULL;
+  if (!native_args(env, info, 3, argv) || !native_int(env, argv[0], &fd) || !native_int(env, argv[2], &port)) return NULL;
   struct sockaddr_storage ss;
   socklen_t len = 0;
   int r = to_sockaddr(env, argv[1], port, &ss, &len);
   if (r == 0) r = (binding ? bind(fd, (struct sockaddr *)&ss, len) : connect(fd, (struct sockaddr *)&ss, len)) < 0 ? -errno : 0;
-  return number(env, r);
+  return native_number(env, r);
 }
 
 /* bind(fd, address, port) / connect(fd, address, port) -> 0 */
@@ -107,18 +85,18 @@ static napi_value js_connect(napi_env env, napi_callback_info info) { return add
 static napi_value js_local_port(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t fd;
-  if (!args(env, info, 1, argv) || !int_arg(env, argv[0], &fd)) return NULL;
+  if (!native_args(env, info, 1, argv) || !native_int(env, argv[0], &fd)) return NULL;
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
-  if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0) return number(env, -errno);
-  return number(env, ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port : ((struct sockaddr_in *)&ss)->sin_port));
+  if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0) return native_number(env, -errno);
+  return native_number(env, ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port : ((struct sockaddr_in *)&ss)->sin_port));
 }
 
 static napi_value js_close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t fd;
-  if (!args(env, info, 1, argv) || !int_arg(env, argv[0], &fd)) return NULL;
-  return number(env, close(fd) < 0 ? -errno : 0);
+  if (!native_args(env, info, 1, argv) || !native_int(env, argv[0], &fd)) return NULL;
+  return native_number(env, close(fd) < 0 ? -errno : 0);
 }
 
 /*
@@ -132,10 +110,10 @@ static napi_value js_recv(napi_env env, napi_callback_info info) {
   napi_typedarray_type type;
   size_t length;
   void *data;
-  if (!args(env, info, 2, argv) || !int_arg(env, argv[0], &fd)) return NULL;
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd)) return NULL;
   CALL(napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
   if (type != napi_int32_array || length < BATCH * 3) {
-    napi_throw_type_error(env, NULL, "udpio: recv needs an Int32Array of BATCH * 3");
+    napi_throw_type_error(env, NULL, "dataplane: recv needs an Int32Array of BATCH * 3");
     return NULL;
   }
   int32_t *meta = data;
@@ -152,7 +130,7 @@ static napi_value js_recv(napi_env env, napi_callback_info info) {
     msgs[i].msg_hdr.msg_namelen = sizeof from[i];
   }
   int n = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
-  if (n < 0) return number(env, -errno);
+  if (n < 0) return native_number(env, -errno);
   for (int i = 0; i < n; i++) {
     struct sockaddr_in *a4 = (struct sockaddr_in *)&from[i];
     lens[i] = msgs[i].msg_len;
@@ -160,7 +138,7 @@ static napi_value js_recv(napi_env env, napi_callback_info info) {
     meta[i * 3 + 1] = a4->sin_family == AF_INET ? ntohs(a4->sin_port) : ntohs(((struct sockaddr_in6 *)a4)->sin6_port);
     meta[i * 3 + 2] = a4->sin_family == AF_INET ? (int32_t)ntohl(a4->sin_addr.s_addr) : 0;
   }
-  return number(env, n);
+  return native_number(env, n);
 }
 
 /* Sends slots first..first+count-1 of the last batch, to `to` when given (else the connected peer). */
@@ -192,23 +170,23 @@ static int send_slots(int fd, int32_t first, int32_t count, struct sockaddr_in *
 static napi_value js_send(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   int32_t fd, first, count;
-  if (!args(env, info, 3, argv) || !int_arg(env, argv[0], &fd) || !int_arg(env, argv[1], &first) || !int_arg(env, argv[2], &count)) return NULL;
-  return number(env, send_slots(fd, first, count, NULL));
+  if (!native_args(env, info, 3, argv) || !native_int(env, argv[0], &fd) || !native_int(env, argv[1], &first) || !native_int(env, argv[2], &count)) return NULL;
+  return native_number(env, send_slots(fd, first, count, NULL));
 }
 
 /* sendTo(fd, first, count, ipv4 (host order), port) -> datagrams sent to that address */
 static napi_value js_send_to(napi_env env, napi_callback_info info) {
   napi_value argv[5];
   int32_t fd, first, count, ip, port;
-  if (!args(env, info, 5, argv) || !int_arg(env, argv[0], &fd) || !int_arg(env, argv[1], &first) || !int_arg(env, argv[2], &count) ||
-      !int_arg(env, argv[3], &ip) || !int_arg(env, argv[4], &port))
+  if (!native_args(env, info, 5, argv) || !native_int(env, argv[0], &fd) || !native_int(env, argv[1], &first) || !native_int(env, argv[2], &count) ||
+      !native_int(env, argv[3], &ip) || !native_int(env, argv[4], &port))
     return NULL;
   struct sockaddr_in to;
   memset(&to, 0, sizeof to);
   to.sin_family = AF_INET;
   to.sin_port = htons((uint16_t)port);
   to.sin_addr.s_addr = htonl((uint32_t)ip);
-  return number(env, send_slots(fd, first, count, &to));
+  return native_number(env, send_slots(fd, first, count, &to));
 }
 
 /* copy(slot) -> a Buffer holding that datagram of the last batch */
@@ -216,9 +194,9 @@ static napi_value js_copy(napi_env env, napi_callback_info info) {
   napi_value argv[1], result;
   int32_t slot;
   void *data;
-  if (!args(env, info, 1, argv) || !int_arg(env, argv[0], &slot)) return NULL;
+  if (!native_args(env, info, 1, argv) || !native_int(env, argv[0], &slot)) return NULL;
   if (slot < 0 || slot >= BATCH) {
-    napi_throw_range_error(env, NULL, "udpio: no such slot");
+    napi_throw_range_error(env, NULL, "dataplane: no such slot");
     return NULL;
   }
   CALL(napi_create_buffer_copy(env, lens[slot], arena + (size_t)slot * SLOT, &data, &result));
@@ -231,9 +209,9 @@ static napi_value js_send_buffer(napi_env env, napi_callback_info info) {
   int32_t fd;
   void *data;
   size_t length;
-  if (!args(env, info, 2, argv) || !int_arg(env, argv[0], &fd)) return NULL;
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd)) return NULL;
   CALL(napi_get_buffer_info(env, argv[1], &data, &length));
-  return number(env, send(fd, data, length, MSG_DONTWAIT) < 0 ? -errno : 0);
+  return native_number(env, send(fd, data, length, MSG_DONTWAIT) < 0 ? -errno : 0);
 }
 
 typedef struct {
@@ -270,17 +248,17 @@ static napi_value js_poll(napi_env env, napi_callback_info info) {
   napi_value argv[2], name, external;
   int32_t fd;
   uv_loop_t *loop;
-  if (!args(env, info, 2, argv) || !int_arg(env, argv[0], &fd)) return NULL;
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd)) return NULL;
   Poller *p = calloc(1, sizeof *p);
   if (!p) {
-    napi_throw_error(env, NULL, "udpio: out of memory");
+    napi_throw_error(env, NULL, "dataplane: out of memory");
     return NULL;
   }
   p->env = env;
   CALL(napi_get_uv_event_loop(env, &loop));
   if (uv_poll_init(loop, &p->handle, fd) != 0) {
     free(p);
-    napi_throw_error(env, NULL, "udpio: cannot poll that descriptor");
+    napi_throw_error(env, NULL, "dataplane: cannot poll that descriptor");
     return NULL;
   }
   napi_create_reference(env, argv[1], 1, &p->callback);
@@ -295,7 +273,7 @@ static napi_value js_poll(napi_env env, napi_callback_info info) {
 static napi_value js_unpoll(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   Poller *p;
-  if (!args(env, info, 1, argv)) return NULL;
+  if (!native_args(env, info, 1, argv)) return NULL;
   CALL(napi_get_value_external(env, argv[0], (void **)&p));
   uv_poll_stop(&p->handle);
   napi_delete_reference(env, p->callback);
@@ -304,11 +282,11 @@ static napi_value js_unpoll(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-NAPI_MODULE_INIT() {
+int udp_init(napi_env env, napi_value exports) {
   arena = malloc((size_t)BATCH * SLOT);
   if (!arena) {
-    napi_throw_error(env, NULL, "udpio: cannot allocate the datagram arena");
-    return NULL;
+    napi_throw_error(env, NULL, "dataplane: cannot allocate the datagram arena");
+    return 0;
   }
   napi_property_descriptor functions[] = {
     {"socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL},
@@ -328,5 +306,5 @@ NAPI_MODULE_INIT() {
   napi_value batch;
   napi_create_int32(env, BATCH, &batch);
   napi_set_named_property(env, exports, "BATCH", batch);
-  return exports;
+  return 1;
 }

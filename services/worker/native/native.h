@@ -1,0 +1,15 @@
+/* The worker's native data-plane module: what its parts share. */
+#ifndef HARBOR_NATIVE_H
+#define HARBOR_NATIVE_H
+#include <node_api.h>
+
+napi_value native_number(napi_env env, double v);
+/* Fills argv with `want` arguments; throws a TypeError and returns 0 when fewer came. */
+int native_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv);
+/* Reads a whole number; throws a TypeError and returns 0 for anything else. */
+int native_int(napi_env env, napi_value v, int32_t *out);
+
+/* Each part adds its functions to the exports; 0 (with an exception pending) on failure. */
+int udp_init(napi_env env, napi_value exports);
+void tcp_init(napi_env env, napi_value exports);
+#endif

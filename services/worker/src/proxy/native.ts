@@ -1,0 +1,68 @@
+import { createRequire } from "node:module";
+import { getSystemErrorName } from "node:util";
+
+/**
+ * The worker's native module (`native/`, built by `npm run build` with
+ * node-gyp): batched UDP I/O and TCP pairs carried in C. Functions return
+ * -errno for a failed syscall; they throw only for arguments of the wrong type.
+ */
+export interface NativeModule {
+  // UDP (native/udp.c)
+  readonly BATCH: number;
+  socket(family: 4 | 6): number;
+  bind(fd: number, address: string, port: number): number;
+  connect(fd: number, address: string, port: number): number;
+  localPort(fd: number): number;
+  close(fd: number): number;
+  recv(fd: number, meta: Int32Array): number;
+  send(fd: number, first: number, count: number): number;
+  sendTo(fd: number, first: number, count: number, ipv4: number, port: number): number;
+  copy(slot: number): Buffer;
+  sendBuffer(fd: number, datagram: Buffer): number;
+  poll(fd: number, onReadable: () => void): unknown;
+  unpoll(handle: unknown): void;
+  // TCP (native/tcp.c)
+  join(clientFd: number, upstreamFd: number, onClosed: (toBackend: number, toClient: number) => void): unknown;
+  cut(pair: unknown): void;
+}
+
+/** HARBOR_WORKER_IO: the native module (`native`), Node's own sockets (`node`), or native where it is built (`auto`). */
+export type IoSetting = "auto" | "native" | "node";
+
+function load(): NativeModule | Error {
+  if (process.platform !== "linux") return new Error(`the native module is for Linux (recvmmsg, sendmmsg); this is ${process.platform}`);
+  try {
+    // From src/proxy (tests) and dist/proxy (built) alike.
+    return createRequire(import.meta.url)("../../build/Release/dataplane.node") as NativeModule;
+  } catch (err) {
+    return new Error(`the native module is not built (npm run build in services/worker): ${(err as Error).message.split("\n")[0]}`);
+  }
+}
+
+const loaded = load();
+
+/** Why the native module is not available here, or undefined when it is. */
+export const nativeUnavailable: string | undefined = loaded instanceof Error ? loaded.message : undefined;
+
+/** The module per the setting: undefined for `node`, or for `auto` where it is not built; throws for `native` then. */
+export function nativeModule(setting: IoSetting): NativeModule | undefined {
+  if (setting === "node") return undefined;
+  if (!(loaded instanceof Error)) return loaded;
+  if (setting === "native") throw new Error(`HARBOR_WORKER_IO=native: ${loaded.message}`);
+  return undefined;
+}
+
+/** A syscall's -errno as the error Node would have made of it. */
+export function errnoError(code: number, syscall: string): NodeJS.ErrnoException {
+  let name: string;
+  try {
+    name = getSystemErrorName(code);
+  } catch {
+    name = `errno ${-code}`;
+  }
+  const err: NodeJS.ErrnoException = new Error(`${syscall} ${name}`);
+  err.code = name;
+  err.errno = code;
+  err.syscall = syscall;
+  return err;
+}

@@ -1,0 +1,154 @@
+import { createHash } from "node:crypto";
+import net from "node:net";
+import { afterEach, describe, expect, it } from "vitest";
+import { waitFor } from "@harbor/testkit";
+import { nativeModule, type NativeModule } from "./native.js";
+import { nativePairs, nodePairs, type Pair, type PairCarrier } from "./pairs.js";
+
+// Both carriers run every test; "native" throws here, failing the file, when the module is not built.
+const CARRIERS: PairCarrier[] = [nativePairs(nativeModule("native") as NativeModule), nodePairs];
+
+const cleanup: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const c of cleanup.splice(0).reverse()) await c();
+});
+
+async function listen(server: net.Server): Promise<number> {
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  cleanup.push(() => new Promise((resolve) => server.close(resolve)));
+  return (server.address() as net.AddressInfo).port;
+}
+
+/**
+ * A proxy as the worker builds one: accepted paused, upstream dialled, then
+ * joined by `carrier`. Every pair's end is recorded.
+ */
+async function proxyTo(carrier: PairCarrier, backendPort: number) {
+  const ended: Array<{ toBackend: number; toClient: number }> = [];
+  const pairs: Pair[] = [];
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (client) => {
+    client.on("error", () => undefined);
+    sockets.add(client);
+    const upstream = net.connect({ host: "127.0.0.1", port: backendPort, allowHalfOpen: true });
+    sockets.add(upstream);
+    upstream.once("connect", () => pairs.push(carrier.join(client, upstream, (toBackend, toClient) => ended.push({ toBackend, toClient }))));
+  });
+  const port = await listen(server);
+  // Before the server's close (cleanups run in reverse), which waits for its connections.
+  cleanup.push(() => sockets.forEach((s) => s.destroy()));
+  return { port, ended, pairs };
+}
+
+/** A backend that runs `onConnection` for each connection (half-open allowed). */
+async function backend(onConnection: (socket: net.Socket) => void): Promise<number> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    sockets.add(socket);
+    socket.on("error", () => undefined);
+    onConnection(socket);
+  });
+  const port = await listen(server);
+  cleanup.push(() => sockets.forEach((s) => s.destroy()));
+  return port;
+}
+
+function connect(port: number): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: "127.0.0.1", port, allowHalfOpen: true }, () => resolve(socket));
+    socket.once("error", reject);
+    cleanup.push(() => socket.destroy());
+  });
+}
+
+/** Everything a socket receives, and whether the other side finished (FIN or reset; half-open sockets stay open after a FIN). */
+function collect(socket: net.Socket) {
+  const state = { chunks: [] as Buffer[], ended: false, closed: false, bytes: 0, get finished() { return state.ended || state.closed; } };
+  socket.on("data", (chunk: Buffer) => {
+    state.chunks.push(chunk);
+    state.bytes += chunk.length;
+  });
+  socket.on("end", () => (state.ended = true));
+  socket.on("close", () => (state.closed = true));
+  socket.on("error", () => undefined);
+  return state;
+}
+
+const sha = (buffers: Buffer[]) => createHash("sha256").update(Buffer.concat(buffers)).digest("hex");
+
+describe.each(CARRIERS)("proxied pairs ($name) - carrying bytes", (carrier) => {
+  it("carries 8 MiB each way unchanged, and reports the bytes written to each side once, when both are closed", async () => {
+    const port = await backend((s) => s.pipe(s));
+    const proxy = await proxyTo(carrier, port);
+    const client = await connect(proxy.port);
+    const got = collect(client);
+    const payload = Buffer.alloc(8 * 1024 * 1024);
+    for (let i = 0; i < payload.length; i += 4) payload.writeUInt32LE(i, i);
+    client.end(payload);
+    await waitFor(() => got.finished, "the echo back and its end", 20_000);
+    expect(got.bytes).toBe(payload.length);
+    expect(sha(got.chunks)).toBe(sha([payload]));
+    await waitFor(() => proxy.ended.length === 1, "the pair's end reported");
+    expect(proxy.ended).toEqual([{ toBackend: payload.length, toClient: payload.length }]);
+  });
+
+  it("passes a half-close on: a client that has finished sending still gets the whole answer", async () => {
+    const port = await backend((s) => {
+      const received: Buffer[] = [];
+      s.on("data", (c: Buffer) => received.push(c));
+      s.on("end", () => s.end(`got ${Buffer.concat(received).toString()}; bye`));
+    });
+    const proxy = await proxyTo(carrier, port);
+    const client = await connect(proxy.port);
+    const got = collect(client);
+    client.end("hello");
+    await waitFor(() => got.ended, "the backend's answer and end");
+    expect(Buffer.concat(got.chunks).toString()).toBe("got hello; bye");
+  });
+
+  it("holds a fast backend while the client does not read, and loses nothing (backpressure)", async () => {
+    const size = 24 * 1024 * 1024;
+    const blob = Buffer.alloc(size, 0x5a);
+    blob.write("end", size - 3);
+    const port = await backend((s) => s.end(blob));
+    const proxy = await proxyTo(carrier, port);
+    const client = await connect(proxy.port);
+    client.pause();
+    // Far more than the socket buffers hold: the carrier must queue and stop reading the backend.
+    await new Promise((r) => setTimeout(r, 300));
+    const got = collect(client);
+    client.resume();
+    await waitFor(() => got.ended, "the whole blob", 20_000);
+    expect(got.bytes).toBe(size);
+    expect(sha(got.chunks)).toBe(sha([blob]));
+  });
+});
+
+describe.each(CARRIERS)("proxied pairs ($name) - ends", (carrier) => {
+  it("a reset on the backend's side closes the client's, and the end is reported once", async () => {
+    const port = await backend((s) => s.once("data", () => s.resetAndDestroy()));
+    const proxy = await proxyTo(carrier, port);
+    const client = await connect(proxy.port);
+    const got = collect(client);
+    client.write("anything");
+    await waitFor(() => got.finished, "the client's side finished");
+    await waitFor(() => proxy.ended.length === 1, "the pair's end reported");
+    await new Promise((r) => setTimeout(r, 100));
+    expect(proxy.ended).toHaveLength(1);
+  });
+
+  it("cut closes both sides at once (a drain's deadline), and the end is still reported once", async () => {
+    let backendSide: ReturnType<typeof collect> | undefined;
+    const port = await backend((s) => (backendSide = collect(s)));
+    const proxy = await proxyTo(carrier, port);
+    const client = await connect(proxy.port);
+    const got = collect(client);
+    client.write("x");
+    await waitFor(() => proxy.pairs.length === 1 && (backendSide?.bytes ?? 0) === 1, "the pair carrying");
+    proxy.pairs[0]!.cut();
+    proxy.pairs[0]!.cut(); // a second cut before the end is reported changes nothing
+    await waitFor(() => got.finished && backendSide!.finished, "both sides finished");
+    await waitFor(() => proxy.ended.length === 1, "the pair's end reported");
+    expect(proxy.ended[0]!.toBackend).toBe(1);
+  });
+});
