@@ -262,7 +262,7 @@ static napi_value js_poll(napi_env env, napi_callback_info info) {
     return NULL;
   }
   napi_create_reference(env, argv[1], 1, &p->callback);
-  napi_create_string_utf8(env, "udpio", NAPI_AUTO_LENGTH, &name);
+  napi_create_string_utf8(env, "harbor-udp", NAPI_AUTO_LENGTH, &name);
   napi_async_init(env, NULL, name, &p->context);
   uv_poll_start(&p->handle, UV_READABLE, on_readable);
   CALL(napi_create_external(env, p, NULL, NULL, &external));
