@@ -18,6 +18,7 @@
 #include <node_api.h>
 #include <uv.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -134,11 +135,34 @@ static int forward(Side *to, const char *data, size_t len) {
   return 0;
 }
 
+/*
+ * Before a side that failed is closed: what it received before the error (a last message
+ * sent just before a reset is still readable) goes to its peer, as far as the peer takes
+ * it now. Nothing is queued: both sides close right after.
+ */
+static void salvage(Side *s) {
+  Side *peer = s->peer;
+  if (peer->closed) return;
+  if (peer->queued) {
+    ssize_t w = write(peer->fd, peer->queued + peer->queued_off, peer->queued_len - peer->queued_off);
+    if (w > 0) peer->written += (double)w;
+    if (w < 0 || (size_t)w < peer->queued_len - peer->queued_off) return;
+  }
+  for (;;) {
+    ssize_t r = read(s->fd, scratch, SCRATCH);
+    if (r <= 0) return;
+    ssize_t w = write(peer->fd, scratch, (size_t)r);
+    if (w > 0) peer->written += (double)w;
+    if (w < r) return;
+  }
+}
+
 static void on_io(uv_poll_t *handle, int status, int events) {
   Side *s = (Side *)handle;
   Pair *p = s->pair;
   Side *peer = s->peer;
   if (status < 0) { /* a socket error (reset, unreachable) */
+    salvage(s);
     teardown(p);
     return;
   }
@@ -195,7 +219,8 @@ static void free_unjoined(uv_handle_t *handle) { free(((Side *)handle)->pair); }
 static int open_side(uv_loop_t *loop, Side *s, Pair *p, Side *peer, int fd) {
   s->pair = p;
   s->peer = peer;
-  s->fd = dup(fd);
+  /* Close-on-exec, as Node's own sockets: a child spawned later (a relay) must not keep the connection alive. */
+  s->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (s->fd < 0) return -errno;
   if (uv_poll_init(loop, &s->poll, s->fd) != 0) {
     close(s->fd);
@@ -228,9 +253,13 @@ static napi_value js_join(napi_env env, napi_callback_info info) {
   napi_create_reference(env, argv[2], 1, &p->callback);
   napi_create_string_utf8(env, "harbor-pair", NAPI_AUTO_LENGTH, &name);
   napi_async_init(env, NULL, name, &p->context);
+  /* The handle first: a pair that polls must be reachable by cut. */
+  if (napi_create_external(env, p, NULL, NULL, &external) != napi_ok) {
+    teardown(p);
+    return NULL;
+  }
   update(&p->client);
   update(&p->upstream);
-  if (napi_create_external(env, p, NULL, NULL, &external) != napi_ok) return NULL;
   return external;
 }
 

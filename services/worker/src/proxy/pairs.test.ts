@@ -1,4 +1,6 @@
+import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
+import { readdirSync, readlinkSync } from "node:fs";
 import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { waitFor } from "@harbor/testkit";
@@ -150,5 +152,48 @@ describe.each(CARRIERS)("proxied pairs ($name) - ends", (carrier) => {
     await waitFor(() => got.finished && backendSide!.finished, "both sides finished");
     await waitFor(() => proxy.ended.length === 1, "the pair's end reported");
     expect(proxy.ended[0]!.toBackend).toBe(1);
+  });
+});
+
+describe.each(CARRIERS)("proxied pairs ($name) - edges", (carrier) => {
+  it("a client's last bytes before it resets still reach the backend", async () => {
+    let backendSide: ReturnType<typeof collect> | undefined;
+    const port = await backend((s) => (backendSide = collect(s)));
+    const proxy = await proxyTo(carrier, port);
+    const client = await connect(proxy.port);
+    await waitFor(() => proxy.pairs.length === 1, "the pair joined");
+    // Written and reset in one turn: both reach the proxy's socket before it is read.
+    client.write("last words");
+    client.resetAndDestroy();
+    await waitFor(() => Buffer.concat(backendSide?.chunks ?? []).toString() === "last words", "the last words at the backend");
+    await waitFor(() => backendSide?.finished === true, "the backend told the client is gone");
+    // The native carrier sees the reset itself and ends the pair. Node's sockets read it as an
+    // EOF (a half-close, passed on) and learn of the reset only at their next write.
+    if (carrier.name === "native") await waitFor(() => proxy.ended.length === 1, "the pair's end reported");
+  });
+
+  it("a process spawned while pairs are open holds none of their sockets (they close when the pair does)", async () => {
+    /** Sockets a child of this process holds: any this process leaks across exec. */
+    const socketsOfChild = async (): Promise<number> => {
+      const child = spawn("sleep", ["5"], { stdio: "ignore" });
+      cleanup.push(() => child.kill());
+      await new Promise((resolve) => child.once("spawn", resolve));
+      await new Promise((r) => setTimeout(r, 100)); // exec done
+      const count = readdirSync(`/proc/${child.pid}/fd`).filter((fd) => {
+        try {
+          return readlinkSync(`/proc/${child.pid}/fd/${fd}`).startsWith("socket:");
+        } catch {
+          return false;
+        }
+      }).length;
+      child.kill();
+      return count;
+    };
+    const before = await socketsOfChild();
+    const port = await backend(() => undefined);
+    const proxy = await proxyTo(carrier, port);
+    await connect(proxy.port);
+    await waitFor(() => proxy.pairs.length === 1, "the pair joined");
+    expect(await socketsOfChild()).toBe(before);
   });
 });
