@@ -81,17 +81,6 @@ static napi_value address_call(napi_env env, napi_callback_info info, int bindin
 static napi_value js_bind(napi_env env, napi_callback_info info) { return address_call(env, info, 1); }
 static napi_value js_connect(napi_env env, napi_callback_info info) { return address_call(env, info, 0); }
 
-/* localPort(fd) -> the port the socket is bound to */
-static napi_value js_local_port(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
-  int32_t fd;
-  if (!native_args(env, info, 1, argv) || !native_int(env, argv[0], &fd)) return NULL;
-  struct sockaddr_storage ss;
-  socklen_t len = sizeof ss;
-  if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0) return native_number(env, -errno);
-  return native_number(env, ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port : ((struct sockaddr_in *)&ss)->sin_port));
-}
-
 static napi_value js_close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t fd;
@@ -292,7 +281,6 @@ int udp_init(napi_env env, napi_value exports) {
     {"socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL},
     {"bind", NULL, js_bind, NULL, NULL, NULL, napi_default, NULL},
     {"connect", NULL, js_connect, NULL, NULL, NULL, napi_default, NULL},
-    {"localPort", NULL, js_local_port, NULL, NULL, NULL, napi_default, NULL},
     {"close", NULL, js_close, NULL, NULL, NULL, napi_default, NULL},
     {"recv", NULL, js_recv, NULL, NULL, NULL, napi_default, NULL},
     {"send", NULL, js_send, NULL, NULL, NULL, napi_default, NULL},

@@ -1,9 +1,11 @@
 import { lookup } from "node:dns/promises";
 import { isIP, isIPv4 } from "node:net";
+import { constants } from "node:os";
 import type { DatagramIo, Payload, PortHandlers, PortSocket, Source, Upstream, UpstreamHandlers } from "./datagram.js";
 import { errnoError as errno, type NativeModule } from "./native.js";
 
-const EAGAIN = -11;
+/** What the module returns for "would block": nothing more to read, or no room to send. */
+const EAGAIN = -constants.errno.EAGAIN;
 
 /** Batches read per readable event before the event loop gets a turn (other ports, timers). */
 const BATCHES_PER_TURN = 4;

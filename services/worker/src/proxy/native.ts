@@ -12,7 +12,6 @@ export interface NativeModule {
   socket(family: 4 | 6): number;
   bind(fd: number, address: string, port: number): number;
   connect(fd: number, address: string, port: number): number;
-  localPort(fd: number): number;
   close(fd: number): number;
   recv(fd: number, meta: Int32Array): number;
   send(fd: number, first: number, count: number): number;
