@@ -5,6 +5,9 @@
  * return a count, or 0, or -errno for a failed syscall; they throw only for
  * arguments of the wrong type.
  */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <string.h>
 #include "native.h"
 
 napi_value native_number(napi_env env, double v) {
@@ -28,6 +31,28 @@ int native_int(napi_env env, napi_value v, int32_t *out) {
     return 0;
   }
   return 1;
+}
+
+int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len) {
+  char text[INET6_ADDRSTRLEN + 1];
+  size_t n;
+  if (napi_get_value_string_utf8(env, host, text, sizeof text, &n) != napi_ok || port < 0 || port > 65535) return -EINVAL;
+  memset(ss, 0, sizeof *ss);
+  struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+  if (inet_pton(AF_INET, text, &a4->sin_addr) == 1) {
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons((uint16_t)port);
+    *len = sizeof *a4;
+    return 0;
+  }
+  if (inet_pton(AF_INET6, text, &a6->sin6_addr) == 1) {
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons((uint16_t)port);
+    *len = sizeof *a6;
+    return 0;
+  }
+  return -EINVAL;
 }
 
 NAPI_MODULE_INIT() {

@@ -2,12 +2,16 @@
 #ifndef HARBOR_NATIVE_H
 #define HARBOR_NATIVE_H
 #include <node_api.h>
+#include <sys/socket.h>
 
 napi_value native_number(napi_env env, double v);
 /* Fills argv with `want` arguments; throws a TypeError and returns 0 when fewer came. */
 int native_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv);
 /* Reads a whole number; throws a TypeError and returns 0 for anything else. */
 int native_int(napi_env env, napi_value v, int32_t *out);
+
+/* A literal IPv4 or IPv6 address and a port; -EINVAL for anything else. */
+int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len);
 
 /* Each part adds its functions to the exports; 0 (with an exception pending) on failure. */
 int udp_init(napi_env env, napi_value exports);

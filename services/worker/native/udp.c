@@ -34,29 +34,6 @@ static unsigned lens[BATCH];
 
 #define CALL(x) do { if ((x) != napi_ok) { napi_throw_error(env, NULL, "dataplane: bad arguments to " #x); return NULL; } } while (0)
 
-/* A literal IPv4 or IPv6 address and a port; -EINVAL for anything else. */
-static int to_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len) {
-  char text[INET6_ADDRSTRLEN + 1];
-  size_t n;
-  if (napi_get_value_string_utf8(env, host, text, sizeof text, &n) != napi_ok || port < 0 || port > 65535) return -EINVAL;
-  memset(ss, 0, sizeof *ss);
-  struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
-  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
-  if (inet_pton(AF_INET, text, &a4->sin_addr) == 1) {
-    a4->sin_family = AF_INET;
-    a4->sin_port = htons((uint16_t)port);
-    *len = sizeof *a4;
-    return 0;
-  }
-  if (inet_pton(AF_INET6, text, &a6->sin6_addr) == 1) {
-    a6->sin6_family = AF_INET6;
-    a6->sin6_port = htons((uint16_t)port);
-    *len = sizeof *a6;
-    return 0;
-  }
-  return -EINVAL;
-}
-
 /* socket(family 4|6) -> fd: non-blocking, close-on-exec. */
 static napi_value js_socket(napi_env env, napi_callback_info info) {
   napi_value argv[1];
@@ -72,7 +49,7 @@ static napi_value address_call(napi_env env, napi_callback_info info, int bindin
   if (!native_args(env, info, 3, argv) || !native_int(env, argv[0], &fd) || !native_int(env, argv[2], &port)) return NULL;
   struct sockaddr_storage ss;
   socklen_t len = 0;
-  int r = to_sockaddr(env, argv[1], port, &ss, &len);
+  int r = native_sockaddr(env, argv[1], port, &ss, &len);
   if (r == 0) r = (binding ? bind(fd, (struct sockaddr *)&ss, len) : connect(fd, (struct sockaddr *)&ss, len)) < 0 ? -errno : 0;
   return native_number(env, r);
 }
@@ -251,7 +228,7 @@ static napi_value js_poll(napi_env env, napi_callback_info info) {
     return NULL;
   }
   napi_create_reference(env, argv[1], 1, &p->callback);
-  napi_create_string_utf8(env, "harbor-udp", NAPI_AUTO_LENGTH, &name);
+  napi_create_string_utf8(env, "harbor-poll", NAPI_AUTO_LENGTH, &name);
   napi_async_init(env, NULL, name, &p->context);
   uv_poll_start(&p->handle, UV_READABLE, on_readable);
   CALL(napi_create_external(env, p, NULL, NULL, &external));

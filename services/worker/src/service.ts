@@ -12,7 +12,6 @@ import { UdpListener } from "./proxy/udp.js";
 import { batchedIo } from "./proxy/batched.js";
 import { dgramIo } from "./proxy/datagram.js";
 import { nativeModule, nativeUnavailable } from "./proxy/native.js";
-import { nativePairs, nodePairs } from "./proxy/pairs.js";
 import { RelayPool } from "./proxy/relays.js";
 import { HealthChecker } from "./proxy/health.js";
 import { KernelListener } from "./kernel/listener.js";
@@ -86,7 +85,6 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   // Throws for HARBOR_WORKER_IO=native where the module is not built: the operator asked for it.
   const native = config.mode === "userspace" ? nativeModule(config.io) : undefined;
   const udpIo = native ? batchedIo(native) : dgramIo;
-  const pairs = native ? nativePairs(native) : nodePairs;
   if (config.mode === "userspace") {
     logger.info({ io: native ? "native" : "node", ...(!native && config.io === "auto" ? { reason: nativeUnavailable } : {}) }, "worker-io-chosen");
   }
@@ -96,7 +94,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     }
     const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, counters, logger };
     return protocol === "tcp"
-      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort, relays, pairs })
+      ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort, relays, native })
       : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions, io: isIPv4(host) ? udpIo : dgramIo });
   };
   /** Active checks per listener, for services that ask for them. */

@@ -41,15 +41,13 @@ export interface DialHooks {
  */
 export function dial(client: net.Socket, backends: readonly Endpoint[], start: number, attempt: number, anyBackend: boolean, hooks: DialHooks): void {
   if (client.destroyed) return;
-  const n = backends.length;
-  let i = attempt;
-  while (i < n && !anyBackend && hooks.isEjected(backends[(start + i) % n] as Endpoint)) i++;
-  if (i >= n) {
+  const i = nextAttempt(backends, start, attempt, anyBackend, hooks);
+  if (i < 0) {
     client.destroy();
     hooks.allFailed();
     return;
   }
-  const backend = backends[(start + i) % n] as Endpoint;
+  const backend = backends[(start + i) % backends.length] as Endpoint;
   const upstream = net.connect({ host: backend.host, port: backend.port, allowHalfOpen: true });
   const timer = setTimeout(() => upstream.destroy(new Error(`connect timed out after ${hooks.connectTimeoutMs} ms`)), hooks.connectTimeoutMs);
   const abandon = () => {
@@ -77,6 +75,18 @@ export function dial(client: net.Socket, backends: readonly Endpoint[], start: n
     upstream.setKeepAlive(true, KEEPALIVE_IDLE_MS);
     hooks.connected(client, upstream);
   });
+}
+
+/**
+ * The attempt (from `attempt` on) whose backend, `start` places on in the
+ * rotation, is the next to try: backends out of rotation are passed over
+ * unless `anyBackend`. -1 when none is left.
+ */
+export function nextAttempt(backends: readonly Endpoint[], start: number, attempt: number, anyBackend: boolean, hooks: Pick<DialHooks, "isEjected">): number {
+  const n = backends.length;
+  let i = attempt;
+  while (i < n && !anyBackend && hooks.isEjected(backends[(start + i) % n] as Endpoint)) i++;
+  return i < n ? i : -1;
 }
 
 /** Whether every backend is out of rotation (then all are tried anyway). */

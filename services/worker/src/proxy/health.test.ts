@@ -6,7 +6,6 @@ import { DataPlaneCounters } from "../metrics.js";
 import { HealthChecker } from "./health.js";
 import { TcpListener } from "./tcp.js";
 import { dgramIo } from "./datagram.js";
-import { nodePairs } from "./pairs.js";
 import { UdpListener } from "./udp.js";
 
 const logger = createLogger("test", "silent");
@@ -32,7 +31,6 @@ describe("health checker", () => {
       passiveEjectMs: 60_000,
       counters: new DataPlaneCounters(),
       logger,
-      pairs: nodePairs,
     });
     const spec = { intervalMs: 100, timeoutMs: 50, unhealthyThreshold: 1, healthyThreshold: 1, udpProbe: "" };
     const checker = new HealthChecker(listener, spec, () => set, logger);

@@ -3,7 +3,7 @@ import { getSystemErrorName } from "node:util";
 
 /**
  * The worker's native module (`native/`, built by `npm run build` with
- * node-gyp): batched UDP I/O and TCP pairs carried in C. Functions return
+ * node-gyp): batched UDP I/O, and TCP accepted, dialled and carried in C. Functions return
  * -errno for a failed syscall; they throw only for arguments of the wrong type.
  */
 export interface NativeModule {
@@ -21,9 +21,23 @@ export interface NativeModule {
   poll(fd: number, onReadable: () => void): unknown;
   unpoll(handle: unknown): void;
   // TCP (native/tcp.c)
-  join(clientFd: number, upstreamFd: number, onClosed: (toBackend: number, toClient: number) => void): unknown;
+  listen(address: string, port: number, backlog: number): number;
+  accept(fd: number, accepted: Int32Array): number;
+  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, onEvent: PairEvents): unknown;
+  join(clientFd: number, upstreamFd: number, onEvent: PairEvents): unknown;
   cut(pair: unknown): void;
 }
+
+/**
+ * A native pair's callback: `event` is PAIR_CONNECTED when a dial connected;
+ * negative (-errno) when it failed, and the client descriptor is the
+ * caller's again; PAIR_ENDED when both sides are closed, with the bytes
+ * written to the backend (`a`) and to the client (`b`). The failure or the
+ * end comes once, last.
+ */
+export type PairEvents = (event: number, a: number, b: number) => void;
+export const PAIR_ENDED = 0;
+export const PAIR_CONNECTED = 1;
 
 /** HARBOR_WORKER_IO: the native module (`native`), Node's own sockets (`node`), or native where it is built (`auto`). */
 export type IoSetting = "auto" | "native" | "node";

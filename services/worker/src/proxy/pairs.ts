@@ -50,7 +50,8 @@ export function nativePairs(module: NativeModule): PairCarrier {
     join(client, upstream, onClosed) {
       const clientFd = descriptorOf(client);
       const upstreamFd = descriptorOf(upstream);
-      const handle = clientFd >= 0 && upstreamFd >= 0 ? module.join(clientFd, upstreamFd, onClosed) : -1;
+      // A joined pair's only event is its end.
+      const handle = clientFd >= 0 && upstreamFd >= 0 ? module.join(clientFd, upstreamFd, (_ended, toBackend, toClient) => onClosed(toBackend, toClient)) : -1;
       if (typeof handle === "number") return nodePairs.join(client, upstream, onClosed);
       // Nothing was read from either (the client was accepted paused, the upstream just connected).
       client.destroy();

@@ -6,7 +6,6 @@ import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { connectLines, freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
-import { nodePairs } from "./pairs.js";
 import { RelayPool } from "./relays.js";
 import { TcpListener } from "./tcp.js";
 
@@ -44,7 +43,6 @@ async function relayedListener(set: () => readonly Backend[]) {
     connectTimeoutMs: 1_000,
     maxConnections: 100,
     passiveEjectMs: 60_000,
-    pairs: nodePairs,
     counters,
     logger,
     relays,

@@ -1,17 +1,25 @@
 import { execFileSync } from "node:child_process";
+import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { connectLines, freePort, startEchoBackend, startSilentPort, waitFor, type EchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
 import { nativeModule, type NativeModule } from "./native.js";
-import { nativePairs, nodePairs, type PairCarrier } from "./pairs.js";
 import type { RelayPool } from "./relays.js";
 import { TcpListener, type TcpListenerOptions } from "./tcp.js";
 
 const logger = createLogger("test", "silent");
-// Both carriers run every test; "native" throws here, failing the file, when the module is not built.
-const CARRIERS: PairCarrier[] = [nativePairs(nativeModule("native") as NativeModule), nodePairs];
+/**
+ * Both data paths run every test: the native module accepting, dialling and
+ * carrying (with relays it carries only the pairs Node's sockets made), and
+ * Node's sockets doing all of it. "native" throws here, failing the file,
+ * when the module is not built.
+ */
+const PATHS: Array<{ name: string; native: NativeModule | undefined }> = [
+  { name: "native", native: nativeModule("native") },
+  { name: "node", native: undefined },
+];
 const cleanup: Array<() => unknown> = [];
 
 afterEach(async () => {
@@ -19,8 +27,8 @@ afterEach(async () => {
 });
 
 /** A listening TcpListener on 127.0.0.1 over backends on 127.0.0.1 at `ports`, closed after the test. */
-async function listenerOver(pairs: PairCarrier, ports: number[], options: Partial<TcpListenerOptions> = {}) {
-  const set: Backend[] = ports.map((port, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port, availableSince: undefined }));
+async function listenerOver(native: NativeModule | undefined, ports: number[], options: Partial<TcpListenerOptions> = {}, backendHost = "127.0.0.1") {
+  const set: Backend[] = ports.map((port, i) => ({ instanceId: `i${i}`, app: "a", host: backendHost, port, availableSince: undefined }));
   const counters = new DataPlaneCounters();
   const listener = new TcpListener({
     serviceId: "s",
@@ -32,7 +40,7 @@ async function listenerOver(pairs: PairCarrier, ports: number[], options: Partia
     passiveEjectMs: 5_000,
     counters,
     logger,
-    pairs,
+    native,
     ...options,
   });
   expect(await listener.listen()).toBe(true);
@@ -57,7 +65,7 @@ function unavailableRelays(): RelayPool & { offered: number } {
   return pool as unknown as RelayPool & { offered: number };
 }
 
-describe.each(CARRIERS)("tcp listener ($name pairs) - no relay can take a connection", (pairs) => {
+describe.each(PATHS)("tcp listener ($name) - no relay can take a connection", ({ native }) => {
   it("the worker carries it itself, in the same exact turns", async () => {
     const backends: EchoBackend[] = [];
     for (const name of ["t0", "t1", "t2"]) {
@@ -66,7 +74,7 @@ describe.each(CARRIERS)("tcp listener ($name pairs) - no relay can take a connec
       cleanup.push(() => b.close());
     }
     const relays = unavailableRelays();
-    const { listener, counters } = await listenerOver(pairs, backends.map((b) => b.port), { relays });
+    const { listener, counters } = await listenerOver(native, backends.map((b) => b.port), { relays });
 
     const reached: Record<string, number> = {};
     for (let i = 0; i < 9; i++) {
@@ -83,13 +91,13 @@ describe.each(CARRIERS)("tcp listener ($name pairs) - no relay can take a connec
   });
 });
 
-describe.each(CARRIERS)("tcp listener ($name pairs) - a backend that never answers", (pairs) => {
+describe.each(PATHS)("tcp listener ($name) - a backend that never answers", ({ native }) => {
   it("is given up at the connect timeout: the next backend carries the connection, and the silent one is passed over after", async () => {
     const silent = await startSilentPort();
     cleanup.push(() => silent.close());
     const answering = await startEchoBackend("t1");
     cleanup.push(() => answering.close());
-    const { listener, counters } = await listenerOver(pairs, [silent.port, answering.port], { connectTimeoutMs: 300, passiveEjectMs: 60_000 });
+    const { listener, counters } = await listenerOver(native, [silent.port, answering.port], { connectTimeoutMs: 300, passiveEjectMs: 60_000 });
 
     for (let i = 0; i < 3; i++) {
       const client = await connectLines(listener.port);
@@ -102,11 +110,11 @@ describe.each(CARRIERS)("tcp listener ($name pairs) - a backend that never answe
   });
 });
 
-describe.each(CARRIERS)("tcp listener ($name pairs) - peers that vanish", (pairs) => {
+describe.each(PATHS)("tcp listener ($name) - peers that vanish", ({ native }) => {
   it("both sockets of a proxied pair have TCP keep-alive on, so a dead peer is found and its pair closed", async () => {
     const b = await startEchoBackend("k0");
     cleanup.push(() => b.close());
-    const { listener } = await listenerOver(pairs, [b.port]);
+    const { listener } = await listenerOver(native, [b.port]);
     const client = await connectLines(listener.port);
     cleanup.push(() => client.close());
     expect(await client.nextLine()).toBe("k0");
@@ -115,5 +123,113 @@ describe.each(CARRIERS)("tcp listener ($name pairs) - peers that vanish", (pairs
     const timers = (filter: string) => execFileSync("ss", ["-tnoH", "state", "established", filter]).toString();
     expect(timers(`( sport = :${listener.port} )`)).toMatch(/timer:\(keepalive,/);
     expect(timers(`( dport = :${b.port} )`)).toMatch(/timer:\(keepalive,/);
+  });
+});
+
+/** Two echo backends t0 and t1, closed after the test. */
+async function twoBackends(): Promise<EchoBackend[]> {
+  const backends: EchoBackend[] = [];
+  for (const name of ["t0", "t1"]) {
+    const b = await startEchoBackend(name);
+    backends.push(b);
+    cleanup.push(() => b.close());
+  }
+  return backends;
+}
+
+describe.each(PATHS)("tcp listener ($name) - choosing and refusing", ({ native }) => {
+  it("passes over a backend that refuses, and takes it out of rotation", async () => {
+    const [good] = await twoBackends();
+    const refusing = await freePort();
+    const { listener, counters } = await listenerOver(native, [refusing, (good as EchoBackend).port], { passiveEjectMs: 60_000 });
+    for (let i = 0; i < 4; i++) {
+      const client = await connectLines(listener.port);
+      expect(await client.nextLine()).toBe("t0");
+      client.close();
+    }
+    expect(counters.tcpBackendFailures).toBe(1);
+    expect(counters.tcpProxied).toBe(4);
+    expect(listener.ejections.isEjected(`127.0.0.1:${refusing}`)).toBe(true);
+  });
+
+  it("closes the client when every backend refuses, and when there is none", async () => {
+    const { listener, counters } = await listenerOver(native, [await freePort(), await freePort()]);
+    const client = await connectLines(listener.port);
+    await client.closed;
+    expect(counters.tcpAllBackendsFailed).toBe(1);
+    expect(counters.tcpBackendFailures).toBe(2);
+
+    const empty = await listenerOver(native, []);
+    const other = await connectLines(empty.listener.port);
+    await other.closed;
+    expect(empty.counters.tcpNoBackend).toBe(1);
+    await waitFor(() => listener.connections === 0 && empty.listener.connections === 0, "nothing left open");
+  });
+
+  it("closes a client beyond the port's connection limit at once, and keeps the ones it took", async () => {
+    const [b] = await twoBackends();
+    const { listener, counters } = await listenerOver(native, [(b as EchoBackend).port], { maxConnections: 2 });
+    const kept = [await connectLines(listener.port), await connectLines(listener.port)];
+    for (const c of kept) {
+      cleanup.push(() => c.close());
+      expect(await c.nextLine()).toBe("t0");
+    }
+    const beyond = await connectLines(listener.port);
+    await beyond.closed;
+    expect(counters.tcpOverLimit).toBe(1);
+    expect(await (kept[0] as Awaited<ReturnType<typeof connectLines>>).roundTrip("still here")).toBe("still here");
+  });
+
+  it("reaches a backend given by host name", async () => {
+    const [b] = await twoBackends();
+    const { listener } = await listenerOver(native, [(b as EchoBackend).port], {}, "localhost");
+    const client = await connectLines(listener.port);
+    cleanup.push(() => client.close());
+    expect(await client.nextLine()).toBe("t0");
+    expect(await client.roundTrip("by name")).toBe("by name");
+  });
+
+  it("passes a half-close through both ways, and counts the bytes each way once the pair ends", async () => {
+    const [b] = await twoBackends();
+    const { listener, counters } = await listenerOver(native, [(b as EchoBackend).port]);
+    const socket = net.connect({ port: listener.port, host: "127.0.0.1", allowHalfOpen: true });
+    const received: Buffer[] = [];
+    socket.on("data", (chunk: Buffer) => received.push(chunk));
+    const ended = new Promise<void>((resolve) => socket.once("end", () => resolve()));
+    await new Promise((resolve) => socket.once("connect", resolve));
+    socket.end("last words\n");
+    // The echo backend pipes to itself: our FIN reaches it, it ends its side, and that FIN comes back.
+    await ended;
+    expect(Buffer.concat(received).toString()).toBe("t0\nlast words\n");
+    socket.destroy();
+    await waitFor(() => listener.connections === 0, "the pair ended");
+    expect(counters.tcpBytesToBackend).toBe("last words\n".length);
+    expect(counters.tcpBytesToClient).toBe("t0\nlast words\n".length);
+  });
+
+  it("drain cuts the connections still open at its deadline", async () => {
+    const [b] = await twoBackends();
+    const { listener } = await listenerOver(native, [(b as EchoBackend).port]);
+    const client = await connectLines(listener.port);
+    expect(await client.nextLine()).toBe("t0");
+    await listener.close();
+    await listener.drain(100);
+    await client.closed;
+    await waitFor(() => listener.connections === 0 && (b as EchoBackend).open === 0, "both sides closed");
+  });
+
+  it("records a port another socket holds as a failed bind, and frees its port at close", async () => {
+    const holder = net.createServer();
+    await new Promise<void>((resolve) => holder.listen(0, "127.0.0.1", resolve));
+    const port = (holder.address() as net.AddressInfo).port;
+    const listener = new TcpListener({ serviceId: "s", host: "127.0.0.1", port, backends: () => [], connectTimeoutMs: 1_000, maxConnections: 10, passiveEjectMs: 1_000, counters: new DataPlaneCounters(), logger, native });
+    expect(await listener.listen()).toBe(false);
+    expect(listener.error).toMatch(/EADDRINUSE/);
+    await new Promise((resolve) => holder.close(resolve));
+    expect(await listener.listen()).toBe(true);
+    await listener.close();
+    // Freed: the port can be bound again at once.
+    await new Promise<void>((resolve, reject) => holder.once("error", reject).listen(port, "127.0.0.1", resolve));
+    await new Promise((resolve) => holder.close(resolve));
   });
 });

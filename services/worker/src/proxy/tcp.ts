@@ -1,11 +1,14 @@
+import { lookup } from "node:dns";
 import net from "node:net";
 import type { Logger } from "pino";
 import { Ejections, RoundRobin, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
 import type { DataPlaneCounters } from "../metrics.js";
-import { allEjected, backendKey, dial, isLocalFailure, type DialHooks, type Endpoint } from "./dial.js";
+import { NativeAcceptor } from "./accept.js";
+import { allEjected, backendKey, dial, isLocalFailure, KEEPALIVE_IDLE_MS, nextAttempt, type DialHooks, type Endpoint } from "./dial.js";
 import type { PortListener } from "./listener.js";
-import type { Pair, PairCarrier } from "./pairs.js";
+import { errnoError, PAIR_CONNECTED, PAIR_ENDED, type NativeModule } from "./native.js";
+import { nativePairs, nodePairs, type Pair, type PairCarrier } from "./pairs.js";
 import type { RelayedListener, RelayPool } from "./relays.js";
 
 export interface TcpListenerOptions {
@@ -21,10 +24,19 @@ export interface TcpListenerOptions {
   passiveEjectMs: number;
   counters: DataPlaneCounters;
   logger: Logger;
-  /** Relay processes to carry the connections; without them this process carries them, with `pairs`. */
+  /** Relay processes to carry the connections; without them this process carries them. */
   relays?: RelayPool;
-  pairs: PairCarrier;
+  /**
+   * The native module: without relays, on a literal IP address, it accepts,
+   * dials and carries every connection (JavaScript chooses each one's
+   * backend); otherwise it carries the pairs Node's sockets accepted and
+   * dialled. Without it Node's sockets do all of it.
+   */
+  native?: NativeModule;
 }
+
+const BACKLOG = 1024;
+const KEEPALIVE_IDLE_S = KEEPALIVE_IDLE_MS / 1000;
 
 /**
  * One TCP port of a service. Each new connection goes to the next backend in
@@ -32,18 +44,30 @@ export interface TcpListenerOptions {
  * connections belong to their pair of sockets, not to the backend set, so no
  * set change ever cuts them. With no backend the client is closed at once.
  * With relays, this listener still accepts and chooses; a relay connects and
- * copies.
+ * copies. With the native module and no relays, a connection is never a Node
+ * socket: the module accepts it, JavaScript chooses, the module dials and
+ * carries (`acceptNative`).
  */
 export class TcpListener implements PortListener, DialHooks, RelayedListener {
   readonly protocol = "tcp" as const;
-  private readonly server: net.Server;
+  /** Node's sockets accept (with relays, on a host name, or without the native module)... */
+  private readonly server: net.Server | undefined;
+  private readonly pairs: PairCarrier;
+  /** ...or the native module does. */
+  private acceptor: NativeAcceptor | undefined;
   private readonly rotation = new RoundRobin();
+  /** Pairs carried here: connected, or (native) dialling. */
   private readonly open = new Set<Pair>();
+  /** Node-accepted clients whose backend is being dialled. */
   private readonly pending = new Set<net.Socket>();
+  /** Native-accepted clients waiting for a backend's host name to resolve. */
+  private resolving = 0;
   /** Connections handed to relays and not yet reported ended. */
   private relayed = 0;
   private relayId: number | undefined;
   private closed = false;
+  /** drain() has cut what was open: a client whose backend's name resolves after that is closed. */
+  private drained = false;
   /** When a connect that failed for a reason of this host was last logged. */
   private localFailureLoggedAt = 0;
   listening = false;
@@ -52,14 +76,17 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
 
   constructor(private readonly options: TcpListenerOptions) {
     this.ejections = new Ejections(systemClock, options.passiveEjectMs);
-    this.server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
-    this.server.on("error", (err) => {
+    this.pairs = options.native ? nativePairs(options.native) : nodePairs;
+    this.relayId = options.relays?.register(this);
+    if (options.native && this.relayId === undefined && net.isIP(options.host) !== 0) return;
+    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
+    server.on("error", (err) => {
       // A failed bind is handled (and logged once) by listen().
       if (!this.listening) return;
       this.error = err.message;
       this.options.logger.warn({ err, port: options.port }, "tcp-listener-error");
     });
-    this.relayId = options.relays?.register(this);
+    this.server = server;
   }
 
   get port(): number {
@@ -67,21 +94,29 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   }
 
   get connections(): number {
-    return this.open.size + this.pending.size + this.relayed;
+    return this.open.size + this.pending.size + this.relayed + this.resolving;
   }
 
   /** Binds the port; a failure (e.g. taken by another process) is recorded, not thrown. */
   async listen(): Promise<boolean> {
     const { host, port, logger, serviceId } = this.options;
     try {
-      await new Promise<void>((resolve, reject) => {
-        const onError = (err: Error) => reject(err);
-        this.server.once("error", onError);
-        this.server.listen({ host, port, backlog: 1024, exclusive: true }, () => {
-          this.server.removeListener("error", onError);
-          resolve();
+      const { server, options } = this;
+      if (server) {
+        await new Promise<void>((resolve, reject) => {
+          const onError = (err: Error) => reject(err);
+          server.once("error", onError);
+          server.listen({ host, port, backlog: BACKLOG, exclusive: true }, () => {
+            server.removeListener("error", onError);
+            resolve();
+          });
         });
-      });
+      } else {
+        this.acceptor = NativeAcceptor.listen(options.native as NativeModule, host, port, BACKLOG, {
+          accepted: (fd) => this.acceptNative(fd),
+          acceptFailed: (err) => this.hereFailed("accept-failed", undefined, err),
+        });
+      }
       this.listening = true;
       this.error = undefined;
       logger.info({ serviceId, host, port }, "tcp-listener-opened");
@@ -101,7 +136,9 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     this.listening = false;
     // Stops accepting and frees the port now; server.close()'s callback would wait
     // for every open connection, stalling whoever awaits this (drain() handles those).
-    this.server.close();
+    this.server?.close();
+    this.acceptor?.close();
+    this.acceptor = undefined;
     this.options.logger.info({ serviceId: this.options.serviceId, port: this.options.port, open: this.connections }, "tcp-listener-closed");
   }
 
@@ -114,23 +151,37 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     while (this.connections > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
     for (const pair of this.open) pair.cut();
     for (const socket of this.pending) socket.destroy();
+    this.drained = true;
   }
 
-  private accept(client: net.Socket): void {
-    client.on("error", () => undefined); // the pair's close handling tears both down
+  /** Whether a new connection is taken (else it is counted and its owner closes it). */
+  private admit(): boolean {
     if (this.connections >= this.options.maxConnections) {
       this.options.counters.tcpOverLimit++;
-      client.destroy();
-      return;
+      return false;
     }
+    return true;
+  }
+
+  /** The backends, the rotation's start among them, and whether all are out of rotation; undefined (counted) when there is none. */
+  private choose(): { backends: readonly Backend[]; start: number; anyBackend: boolean } | undefined {
     const backends = this.options.backends();
     const start = this.rotation.start(backends.length);
     if (start < 0) {
       this.options.counters.tcpNoBackend++;
+      return undefined;
+    }
+    return { backends, start, anyBackend: this.ejections.size > 0 && allEjected(backends, this.isEjected) };
+  }
+
+  private accept(client: net.Socket): void {
+    client.on("error", () => undefined); // the pair's close handling tears both down
+    const chosen = this.admit() ? this.choose() : undefined;
+    if (!chosen) {
       client.destroy();
       return;
     }
-    const anyBackend = this.ejections.size > 0 && allEjected(backends, this.isEjected);
+    const { backends, start, anyBackend } = chosen;
     if (this.relayId !== undefined) {
       const ejected = this.ejections.size > 0 && !anyBackend ? backends.filter(this.isEjected).map(backendKey) : undefined;
       if (this.options.relays?.dispatch(this.relayId, client, backends, start, anyBackend, ejected)) {
@@ -157,17 +208,21 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     const key = backendKey(backend);
     this.options.counters.tcpBackendFailures++;
     if (isLocalFailure(err)) {
-      // Out of descriptors or ports here: no backend is to blame (said at most every 10 s).
-      const now = Date.now();
-      if (now - this.localFailureLoggedAt >= 10_000) {
-        this.localFailureLoggedAt = now;
-        this.options.logger.warn({ serviceId: this.options.serviceId, backend: key, err: err.message }, "upstream-connect-failed-here");
-      }
+      // Out of descriptors or ports here: no backend is to blame.
+      this.hereFailed("upstream-connect-failed-here", key, err);
       return;
     }
     // Refused or timed out: out of rotation for a while, then tried again.
     if (!this.ejections.isEjected(key)) this.options.logger.info({ serviceId: this.options.serviceId, backend: key, err: err.message }, "backend-ejected");
     this.ejections.eject(key);
+  }
+
+  /** A failure of this host (out of descriptors, ports or memory), logged at most every 10 s. */
+  private hereFailed(msg: string, backend: string | undefined, err: Error): void {
+    const now = Date.now();
+    if (now - this.localFailureLoggedAt < 10_000) return;
+    this.localFailureLoggedAt = now;
+    this.options.logger.warn({ serviceId: this.options.serviceId, port: this.options.port, backend, err: err.message }, msg);
   }
 
   allFailed(): void {
@@ -177,13 +232,76 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   connected(client: net.Socket, upstream: net.Socket): void {
     this.pending.delete(client);
     this.options.counters.tcpProxied++;
-    const pair = this.options.pairs.join(client, upstream, (toBackend, toClient) => {
-      this.open.delete(pair);
-      // Counted once, at close: nothing is added up per chunk.
-      this.options.counters.tcpBytesToBackend += toBackend;
-      this.options.counters.tcpBytesToClient += toClient;
-    });
+    const pair = this.pairs.join(client, upstream, (toBackend, toClient) => this.ended(pair, toBackend, toClient));
     this.open.add(pair);
+  }
+
+  private ended(pair: Pair, toBackend: number, toClient: number): void {
+    this.open.delete(pair);
+    // Counted once, at close: nothing is added up per chunk.
+    this.options.counters.tcpBytesToBackend += toBackend;
+    this.options.counters.tcpBytesToClient += toClient;
+  }
+
+  // The native path: connections as descriptors, never Node sockets.
+
+  private acceptNative(fd: number): void {
+    const chosen = this.admit() ? this.choose() : undefined;
+    if (!chosen) {
+      this.closeClient(fd);
+      return;
+    }
+    this.dialNative(fd, chosen.backends, chosen.start, 0, chosen.anyBackend);
+  }
+
+  /** As dial(), with the module connecting: the next backend from `attempt` on, the one after it when that fails. */
+  private dialNative(fd: number, backends: readonly Endpoint[], start: number, attempt: number, anyBackend: boolean): void {
+    const i = nextAttempt(backends, start, attempt, anyBackend, this);
+    if (i < 0) {
+      this.closeClient(fd);
+      this.allFailed();
+      return;
+    }
+    const backend = backends[(start + i) % backends.length] as Endpoint;
+    if (net.isIP(backend.host) === 0) {
+      this.resolving++;
+      lookup(backend.host, (err, address) => {
+        this.resolving--;
+        if (this.drained) this.closeClient(fd);
+        else if (err) this.failedOver(fd, backends, start, i, anyBackend, backend, err);
+        else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: address, port: backend.port });
+      });
+      return;
+    }
+    this.connectNative(fd, backends, start, i, anyBackend, backend, backend);
+  }
+
+  private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint): void {
+    const module = this.options.native as NativeModule;
+    const handle = module.dial(fd, address.host, address.port, this.options.connectTimeoutMs, KEEPALIVE_IDLE_S, (event, toBackend, toClient) => {
+      if (event === PAIR_CONNECTED) this.options.counters.tcpProxied++;
+      else if (event === PAIR_ENDED) this.ended(pair, toBackend, toClient);
+      else {
+        this.open.delete(pair);
+        this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(event, "connect"));
+      }
+    });
+    if (typeof handle === "number") {
+      this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect"));
+      return;
+    }
+    const pair: Pair = { cut: () => module.cut(handle) };
+    this.open.add(pair);
+  }
+
+  private failedOver(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, err: Error): void {
+    this.backendFailed(backend, err);
+    if (this.drained) this.closeClient(fd);
+    else this.dialNative(fd, backends, start, i + 1, anyBackend);
+  }
+
+  private closeClient(fd: number): void {
+    (this.options.native as NativeModule).close(fd);
   }
 
   // RelayedListener, for connections handed to relay processes.
