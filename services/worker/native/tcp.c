@@ -6,39 +6,54 @@
  * it (timeout included); a failed connect hands the client back to JavaScript
  * to try the next backend. `join`: JavaScript accepted and dialled with Node's
  * sockets and hands both over; each is duplicated and the JavaScript sockets
- * are destroyed. Either way libuv polls the descriptors. A read goes into one shared scratch buffer and straight to
- * the other side; only what a full socket buffer refuses is kept (per side,
- * and that side's reader then waits: backpressure). Half-close passes
- * through (an EOF shuts the other side's write side once its queue is out);
- * an error on either side closes both. When both sides are closed, the
- * pair's callback gets the bytes written each way, once.
+ * are destroyed.
+ *
+ * Every pair's descriptors sit in one epoll set of this module, registered
+ * once, edge-triggered, for reading and writing: libuv polls that set's
+ * descriptor, and nothing is re-armed as a pair's needs change (with libuv's
+ * own poll handles, a connection cost some fifteen epoll_ctl calls). A side
+ * is `readable` from an edge until a read finds nothing more, `writable`
+ * from an edge until a write is refused. A read goes into one shared scratch
+ * buffer and straight to the other side; only what a full socket buffer
+ * refuses is kept (per side, and that side's reader then waits:
+ * backpressure). Half-close passes through (an EOF shuts the other side's
+ * write side once its queue is out); an error on either side closes both.
+ * A pair that used its turn's reads with more to read goes on a ready list,
+ * run in libuv's idle phase, so one busy pair does not hold up the others.
  *
  * The pair's callback gets (event, a, b): CONNECTED (1) when a dial's connect
  * succeeded; FAILED (-errno) when it did not, and the client descriptor is
  * the caller's again; ENDED (0, bytes to the backend, bytes to the client)
- * when both sides are closed. ENDED or FAILED comes once, last.
+ * when both sides are closed. ENDED or FAILED comes once, last, from the idle
+ * phase (never from inside `cut`).
  *
- * Invariant: a pair is freed only after its last callback ran; JavaScript
- * drops its handle in that callback, so `cut` never sees a freed pair.
+ * Invariants: a pair is freed only after its last callback ran and its timer
+ * closed; JavaScript drops its handle in that callback, so `cut` never sees a
+ * freed pair. Closing a descriptor takes it out of the epoll set: every one
+ * is close-on-exec and held by this module alone (join's duplicates outlive
+ * the Node sockets it destroys), so no other copy keeps it registered.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
 #include <uv.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include "native.h"
 
 #define SCRATCH 65536
-/* Reads per readable event before the loop gets a turn (other connections, timers). */
+/* Reads per pair per turn before the others get theirs. */
 #define READS_PER_TURN 4
 /* Connections accepted per readable event of a listening socket. */
 #define ACCEPTS_PER_TURN 64
+/* Events taken from the epoll set per readable event of it. */
+#define EVENTS_PER_TURN 256
 
 enum { ENDED = 0, CONNECTED = 1 };
 
@@ -46,15 +61,16 @@ static char scratch[SCRATCH];
 
 typedef struct Pair Pair;
 typedef struct Side {
-  uv_poll_t poll;
   int fd;
-  int events;       /* what the poll asks for now */
   Pair *pair;
   struct Side *peer;
   char *queued;     /* bytes this side's socket has not taken yet */
   size_t queued_len, queued_off;
   double written;   /* bytes written to this side */
-  int polled;       /* the poll handle is initialised (a dialling pair's client is not, yet) */
+  int registered;   /* in the epoll set (a dialling pair's client is not, yet) */
+  int readable;     /* an edge said so and no read has found the socket empty since */
+  int writable;     /* an edge said so and no write has been refused since */
+  int eof_pending;  /* the peer's FIN is in (EPOLLRDHUP): a short read is the end */
   int eof;          /* this side's reader saw EOF */
   int shut;         /* this side's write side is shut down */
   int closed;
@@ -62,19 +78,32 @@ typedef struct Side {
 
 struct Pair {
   Side client, upstream;
-  uv_timer_t connect_timer; /* a dial's; initialised only by dial */
+  uv_timer_t connect_timer; /* a dial's, while `timer_open` */
+  int timer_open;
   int dialing;              /* the upstream connect is in flight */
-  int failed;               /* -errno of a failed connect: the client fd is not ours */
+  int failed;               /* -errno of a failed connect: the client fd is the caller's again */
+  int ended;                /* torn down: on the ended list, or notified */
   int keepalive_idle_s;
+  Pair *ready_prev, *ready_next; /* on the ready list */
+  int on_ready;
+  Pair *ended_next;
   napi_env env;
   napi_ref callback;
   napi_async_context context;
-  int open_handles;
 };
 
-static void on_io(uv_poll_t *handle, int status, int events);
+/* The module's epoll set, libuv's poll of it, and the idle handle that runs the ready and ended lists. */
+static int epfd = -1;
+static uv_poll_t epoll_poll;
+static uv_idle_t later;
+static int later_running;
+static Pair *ready_head;
+static Pair *ended_head, *ended_tail;
+/* Pairs not yet freed: while there are any, the set's poll keeps the loop alive. */
+static size_t live_pairs;
 
-/* Calls the pair's callback with (event, a, b). */
+static void pump(Pair *p);
+
 static void notify(Pair *p, int event, double a, double b) {
   napi_env env = p->env;
   napi_handle_scope scope;
@@ -93,74 +122,124 @@ static void notify(Pair *p, int event, double a, double b) {
   napi_close_handle_scope(env, scope);
 }
 
-static void pair_closed(uv_handle_t *handle) {
-  Pair *p = handle->data;
-  if (--p->open_handles > 0) return;
-  napi_env env = p->env;
-  if (p->failed) notify(p, p->failed, 0, 0);
-  else notify(p, ENDED, p->upstream.written, p->client.written);
-  napi_delete_reference(env, p->callback);
-  napi_async_destroy(env, p->context);
+static void pair_freed(void) {
+  if (--live_pairs == 0) uv_unref((uv_handle_t *)&epoll_poll);
+}
+
+static void free_pair(Pair *p) {
+  napi_delete_reference(p->env, p->callback);
+  napi_async_destroy(p->env, p->context);
   free(p);
+  pair_freed();
+}
+
+static void timer_closed(uv_handle_t *handle) {
+  Pair *p = handle->data;
+  p->timer_open = 0;
+  if (p->ended == 2) free_pair(p);
+}
+
+static void run_later(uv_idle_t *idle);
+
+static void start_later(void) {
+  if (later_running) return;
+  later_running = 1;
+  uv_idle_start(&later, run_later);
+}
+
+static void unready(Pair *p) {
+  if (!p->on_ready) return;
+  p->on_ready = 0;
+  if (p->ready_prev) p->ready_prev->ready_next = p->ready_next;
+  else ready_head = p->ready_next;
+  if (p->ready_next) p->ready_next->ready_prev = p->ready_prev;
+  p->ready_prev = p->ready_next = NULL;
+}
+
+static void make_ready(Pair *p) {
+  if (p->on_ready || p->ended) return;
+  p->on_ready = 1;
+  p->ready_prev = NULL;
+  p->ready_next = ready_head;
+  if (ready_head) ready_head->ready_prev = p;
+  ready_head = p;
+  start_later();
 }
 
 static void stop_dialing(Pair *p) {
   if (!p->dialing) return;
   p->dialing = 0;
   uv_timer_stop(&p->connect_timer);
-  uv_close((uv_handle_t *)&p->connect_timer, pair_closed);
+  uv_close((uv_handle_t *)&p->connect_timer, timer_closed);
 }
 
-/* Closes both sides (a failed dial: the upstream only); idempotent. */
+/* Closes both sides (a failed dial: the upstream only) and queues the last callback; idempotent. */
 static void teardown(Pair *p) {
-  Side *sides[2] = {&p->client, &p->upstream};
+  if (p->ended) return;
+  p->ended = 1;
   stop_dialing(p);
+  unready(p);
+  Side *sides[2] = {&p->client, &p->upstream};
   for (int i = 0; i < 2; i++) {
     Side *s = sides[i];
-    if (s->closed) continue;
     s->closed = 1;
-    if (s == &p->client && p->failed) continue; /* handed back to the caller */
-    if (s->polled) uv_poll_stop(&s->poll);
-    close(s->fd);
     free(s->queued);
     s->queued = NULL;
-    if (s->polled) uv_close((uv_handle_t *)&s->poll, pair_closed);
+    if (s == &p->client && p->failed) continue; /* handed back to the caller */
+    close(s->fd);
+  }
+  p->ended_next = NULL;
+  if (ended_tail) ended_tail->ended_next = p;
+  else ended_head = p;
+  ended_tail = p;
+  start_later();
+}
+
+/* Ready pairs get another turn; ended pairs their last callback, then they are freed. */
+static void run_later(uv_idle_t *idle) {
+  Pair *ready = ready_head;
+  ready_head = NULL;
+  while (ready) {
+    Pair *p = ready;
+    ready = p->ready_next;
+    p->on_ready = 0;
+    p->ready_prev = p->ready_next = NULL;
+    if (!p->ended) pump(p);
+  }
+  Pair *ended = ended_head;
+  ended_head = ended_tail = NULL;
+  while (ended) {
+    Pair *p = ended;
+    ended = p->ended_next;
+    if (p->failed) notify(p, p->failed, 0, 0);
+    else notify(p, ENDED, p->upstream.written, p->client.written);
+    p->ended = 2;
+    if (!p->timer_open) free_pair(p);
+  }
+  if (!ready_head && !ended_head) {
+    later_running = 0;
+    uv_idle_stop(idle);
   }
 }
 
-/* Polls for what the side needs: reading while it has no EOF and its peer nothing queued; writing while it has something queued. */
-static void update(Side *s) {
-  if (s->closed) return;
-  int want = 0;
-  if (!s->eof && !s->peer->queued) want |= UV_READABLE;
-  if (s->queued) want |= UV_WRITABLE;
-  if (want == s->events) return;
-  s->events = want;
-  if (want) uv_poll_start(&s->poll, want, on_io);
-  else uv_poll_stop(&s->poll);
-}
-
-/* Shuts `s`'s write side once its peer has sent EOF and nothing is queued for `s`. */
+/* Shuts `s`'s write side once its peer has sent EOF and nothing is queued for `s` (not when `s` is done too: closing says it). */
 static void pass_eof(Side *s) {
   if (s->peer->eof && !s->queued && !s->shut) {
-    shutdown(s->fd, SHUT_WR);
     s->shut = 1;
+    if (!s->eof) shutdown(s->fd, SHUT_WR);
   }
 }
 
-static void finish_if_done(Pair *p) {
-  if (p->client.eof && p->upstream.eof && !p->client.queued && !p->upstream.queued) teardown(p);
-}
-
-/* Writes `len` bytes to `to`; keeps what it refuses. 0, or -1 when the pair is torn down. */
+/* Writes `len` bytes to `to` as far as it takes them; keeps the rest. 0, or -1 on an error. */
 static int forward(Side *to, const char *data, size_t len) {
-  ssize_t w = write(to->fd, data, len);
+  ssize_t w = to->writable ? write(to->fd, data, len) : 0;
   if (w < 0) {
     if (errno != EAGAIN && errno != EINTR) return -1;
     w = 0;
   }
   to->written += (double)w;
   if ((size_t)w < len) {
+    to->writable = 0;
     to->queued_len = len - (size_t)w;
     to->queued_off = 0;
     to->queued = malloc(to->queued_len);
@@ -170,6 +249,62 @@ static int forward(Side *to, const char *data, size_t len) {
   return 0;
 }
 
+/* Writes what is queued for `s` while its socket takes it. 0, or -1 on an error. */
+static int flush(Side *s) {
+  while (s->queued && s->writable) {
+    ssize_t w = write(s->fd, s->queued + s->queued_off, s->queued_len - s->queued_off);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) return -1;
+      s->writable = 0;
+      break;
+    }
+    s->queued_off += (size_t)w;
+    s->written += (double)w;
+    if (s->queued_off == s->queued_len) {
+      free(s->queued);
+      s->queued = NULL;
+      pass_eof(s);
+    }
+  }
+  return 0;
+}
+
+/*
+ * One read from `s` to its peer: 1 when `s` may have more now, 0 when it has
+ * nothing more to give until an edge (or its peer's queue is out), -1 on an
+ * error of either side.
+ */
+static int carry(Side *s) {
+  Side *to = s->peer;
+  if (!s->readable || s->eof || to->queued) return 0;
+  ssize_t r = read(s->fd, scratch, SCRATCH);
+  if (r < 0) {
+    if (errno == EINTR) return 1;
+    if (errno != EAGAIN) return -1;
+    s->readable = 0;
+    return 0;
+  }
+  if (r == 0) {
+    s->eof = 1;
+    s->readable = 0;
+    pass_eof(to);
+    return 0;
+  }
+  if (forward(to, scratch, (size_t)r) < 0) return -1;
+  if (r < SCRATCH) {
+    /* A short read emptied the socket: what comes later brings an edge. If the FIN was
+       already in (eof_pending), everything before it has been read: that is the EOF,
+       without a read to be told so. */
+    s->readable = 0;
+    if (s->eof_pending) {
+      s->eof = 1;
+      pass_eof(to);
+    }
+  }
+  return s->readable && !to->queued;
+}
+
 /*
  * Before a side that failed is closed: what it received before the error (a last message
  * sent just before a reset is still readable) goes to its peer, as far as the peer takes
@@ -177,7 +312,6 @@ static int forward(Side *to, const char *data, size_t len) {
  */
 static void salvage(Side *s) {
   Side *peer = s->peer;
-  if (peer->closed) return;
   if (peer->queued) {
     ssize_t w = write(peer->fd, peer->queued + peer->queued_off, peer->queued_len - peer->queued_off);
     if (w > 0) peer->written += (double)w;
@@ -192,128 +326,32 @@ static void salvage(Side *s) {
   }
 }
 
-static void on_io(uv_poll_t *handle, int status, int events) {
-  Side *s = (Side *)handle;
-  Pair *p = s->pair;
-  Side *peer = s->peer;
-  if (status < 0) { /* a socket error (reset, unreachable) */
-    salvage(s);
-    teardown(p);
-    return;
-  }
-  if ((events & UV_WRITABLE) && s->queued) {
-    ssize_t w = write(s->fd, s->queued + s->queued_off, s->queued_len - s->queued_off);
-    if (w < 0 && errno != EAGAIN && errno != EINTR) {
-      teardown(p);
-      return;
-    }
-    if (w > 0) {
-      s->queued_off += (size_t)w;
-      s->written += (double)w;
-    }
-    if (s->queued_off == s->queued_len) {
-      free(s->queued);
-      s->queued = NULL;
-      pass_eof(s);
-    }
-    update(s);
-    update(peer);
-    finish_if_done(p);
-    if (s->closed) return;
-  }
-  if (!(events & UV_READABLE) || s->eof || peer->queued) return;
+/* Moves what both sides can move, up to the turn's reads; a pair with more goes on the ready list. */
+static void pump(Pair *p) {
+  Side *c = &p->client, *u = &p->upstream;
+  int more = 0;
   for (int turn = 0; turn < READS_PER_TURN; turn++) {
-    ssize_t r = read(s->fd, scratch, SCRATCH);
-    if (r < 0) {
-      if (errno == EAGAIN || errno == EINTR) break;
+    if (flush(c) < 0 || flush(u) < 0) {
       teardown(p);
       return;
     }
-    if (r == 0) {
-      s->eof = 1;
-      pass_eof(peer);
-      update(s);
-      finish_if_done(p);
-      return;
-    }
-    if (forward(peer, scratch, (size_t)r) < 0) {
+    int from_client = carry(c), from_upstream = carry(u);
+    if (from_client < 0 || from_upstream < 0) {
       teardown(p);
       return;
     }
-    if (peer->queued) { /* backpressure: read no more until the peer took it */
-      update(s);
-      update(peer);
-      return;
-    }
-    if (r < SCRATCH) break;
+    more = from_client || from_upstream;
+    if (!more) break;
   }
+  if (c->eof && u->eof && !c->queued && !u->queued) teardown(p);
+  else if (more) make_ready(p);
 }
 
-static void free_unjoined(uv_handle_t *handle) { free(handle->data); }
-
-static void init_side(Side *s, Pair *p, Side *peer, int fd) {
-  s->pair = p;
-  s->peer = peer;
-  s->fd = fd;
-  s->poll.data = p;
-}
-
-/* Starts polling a side's descriptor (not yet for any event); -errno, and nothing changed, on failure. */
-static int poll_side(uv_loop_t *loop, Side *s) {
-  if (uv_poll_init(loop, &s->poll, s->fd) != 0) return -EBADF;
-  s->polled = 1;
-  s->pair->open_handles++;
+static int watch(Side *s) {
+  struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = s};
+  if (epoll_ctl(epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0) return -errno;
+  s->registered = 1;
   return 0;
-}
-
-/* join's sides are duplicates: Node's sockets own the originals. */
-static int open_duplicate(uv_loop_t *loop, Side *s, Pair *p, Side *peer, int fd) {
-  /* Close-on-exec, as Node's own sockets: a child spawned later (a relay) must not keep the connection alive. */
-  int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (dup < 0) return -errno;
-  init_side(s, p, peer, dup);
-  int r = poll_side(loop, s);
-  if (r < 0) close(dup);
-  return r;
-}
-
-/* The callback and its async context; a handle for JavaScript. 0, or with an exception pending. */
-static int start_callbacks(napi_env env, Pair *p, napi_value callback, napi_value *external) {
-  napi_value name;
-  p->env = env;
-  napi_create_reference(env, callback, 1, &p->callback);
-  napi_create_string_utf8(env, "harbor-pair", NAPI_AUTO_LENGTH, &name);
-  napi_async_init(env, NULL, name, &p->context);
-  /* The handle before any poll: a pair that polls must be reachable by cut. */
-  return napi_create_external(env, p, NULL, NULL, external) == napi_ok;
-}
-
-/* join(clientFd, upstreamFd, onEvent(event, a, b)) -> a handle, or -errno (nothing taken). */
-static napi_value js_join(napi_env env, napi_callback_info info) {
-  napi_value argv[3], external;
-  int32_t client_fd, upstream_fd;
-  uv_loop_t *loop;
-  if (!native_args(env, info, 3, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[1], &upstream_fd)) return NULL;
-  if (napi_get_uv_event_loop(env, &loop) != napi_ok) return native_number(env, -EINVAL);
-  Pair *p = calloc(1, sizeof *p);
-  if (!p) return native_number(env, -ENOMEM);
-  int r = open_duplicate(loop, &p->client, p, &p->upstream, client_fd);
-  if (r == 0) r = open_duplicate(loop, &p->upstream, p, &p->client, upstream_fd);
-  if (r < 0) {
-    /* Nothing was handed over: the JavaScript sockets still own the connection. */
-    if (p->open_handles == 1) {
-      close(p->client.fd);
-      uv_close((uv_handle_t *)&p->client.poll, free_unjoined);
-    } else free(p);
-    return native_number(env, r);
-  }
-  if (!start_callbacks(env, p, argv[2], &external)) {
-    teardown(p);
-    return NULL;
-  }
-  update(&p->client);
-  update(&p->upstream);
-  return external;
 }
 
 /* Nagle off (a proxy adds no delay of its own) and TCP keep-alive, so a peer that vanished without a FIN is found. */
@@ -329,31 +367,123 @@ static void dial_failed(Pair *p, int err) {
   teardown(p);
 }
 
-static void on_connect(uv_poll_t *handle, int status, int events) {
-  (void)status;
-  (void)events;
-  Pair *p = handle->data;
+static void connect_done(Pair *p) {
   int err = 0;
   socklen_t len = sizeof err;
   if (getsockopt(p->upstream.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
-  if (err == 0 && status < 0) err = ECONNREFUSED;
   if (err) {
     dial_failed(p, err);
     return;
   }
-  uv_loop_t *loop = handle->loop;
   stop_dialing(p);
-  tune(p->client.fd, p->keepalive_idle_s);
   tune(p->upstream.fd, p->keepalive_idle_s);
-  p->upstream.events = 0;
-  uv_poll_stop(handle);
-  if (poll_side(loop, &p->client) < 0) {
+  /* The client was accepted from a listener with the same options: it has them already. */
+  if (watch(&p->client) < 0) {
     teardown(p);
     return;
   }
-  update(&p->client);
-  update(&p->upstream);
+  /* Both fresh: their send buffers are empty (a refused write would clear it, and the next edge set it again). */
+  p->upstream.writable = p->client.writable = 1;
   notify(p, CONNECTED, 0, 0);
+  /* A request the client sent already comes with the client's first edge. */
+}
+
+static void on_event(Side *s, uint32_t events) {
+  Pair *p = s->pair;
+  if (p->ended) return;
+  if (p->dialing) {
+    if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
+    connect_done(p);
+    /* Connected: the same event may bring the backend's first bytes, and no other edge will. */
+    if (p->ended) return;
+  }
+  if (events & EPOLLERR) { /* a reset, or unreachable */
+    salvage(s);
+    teardown(p);
+    return;
+  }
+  if (events & (EPOLLRDHUP | EPOLLHUP)) s->eof_pending = 1;
+  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) s->readable = 1;
+  if (events & EPOLLOUT) s->writable = 1;
+  pump(p);
+}
+
+static void on_epoll(uv_poll_t *handle, int status, int events) {
+  (void)handle;
+  (void)status;
+  (void)events;
+  struct epoll_event ready[EVENTS_PER_TURN];
+  int n = epoll_wait(epfd, ready, EVENTS_PER_TURN, 0);
+  /* Pairs are freed only in the idle phase: a later event of this batch never meets a freed pair. */
+  for (int i = 0; i < n; i++) on_event(ready[i].data.ptr, ready[i].events);
+}
+
+/* The epoll set and its poll, at the first pair. 0, or -errno. */
+static int ensure_epoll(uv_loop_t *loop) {
+  if (epfd >= 0) return 0;
+  int fd = epoll_create1(EPOLL_CLOEXEC);
+  if (fd < 0) return -errno;
+  if (uv_poll_init(loop, &epoll_poll, fd) != 0) {
+    close(fd);
+    return -EBADF;
+  }
+  epfd = fd;
+  uv_idle_init(loop, &later);
+  uv_poll_start(&epoll_poll, UV_READABLE, on_epoll);
+  uv_unref((uv_handle_t *)&epoll_poll);
+  return 0;
+}
+
+/* A pair with its callback and async context, and a handle for JavaScript; NULL (nothing made) on failure. */
+static Pair *new_pair(napi_env env, napi_value callback, napi_value *external) {
+  napi_value name;
+  Pair *p = calloc(1, sizeof *p);
+  if (!p) return NULL;
+  if (napi_create_external(env, p, NULL, NULL, external) != napi_ok) {
+    free(p);
+    return NULL;
+  }
+  p->env = env;
+  p->client.pair = p->upstream.pair = p;
+  p->client.peer = &p->upstream;
+  p->upstream.peer = &p->client;
+  p->client.fd = p->upstream.fd = -1;
+  napi_create_reference(env, callback, 1, &p->callback);
+  napi_create_string_utf8(env, "harbor-pair", NAPI_AUTO_LENGTH, &name);
+  napi_async_init(env, NULL, name, &p->context);
+  if (live_pairs++ == 0) uv_ref((uv_handle_t *)&epoll_poll);
+  return p;
+}
+
+/* Frees a pair that never started (nothing was handed over, no callback is owed). */
+static void discard_pair(Pair *p) { free_pair(p); }
+
+/* join(clientFd, upstreamFd, onEvent(event, a, b)) -> a handle, or -errno (nothing taken). */
+static napi_value js_join(napi_env env, napi_callback_info info) {
+  napi_value argv[3], external;
+  int32_t client_fd, upstream_fd;
+  uv_loop_t *loop;
+  if (!native_args(env, info, 3, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[1], &upstream_fd)) return NULL;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) return native_number(env, -EINVAL);
+  int r = ensure_epoll(loop);
+  if (r < 0) return native_number(env, r);
+  Pair *p = new_pair(env, argv[2], &external);
+  if (!p) return native_number(env, -ENOMEM);
+  /* Duplicates, close-on-exec as Node's own sockets: Node's sockets own the originals and are destroyed next. */
+  p->client.fd = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
+  p->upstream.fd = p->client.fd < 0 ? -1 : fcntl(upstream_fd, F_DUPFD_CLOEXEC, 0);
+  r = p->client.fd < 0 || p->upstream.fd < 0 ? -errno : 0;
+  if (r == 0) r = watch(&p->client);
+  if (r == 0) r = watch(&p->upstream);
+  p->client.writable = p->upstream.writable = 1;
+  if (r < 0) {
+    /* Nothing was handed over: the JavaScript sockets still own the connection. */
+    if (p->client.fd >= 0) close(p->client.fd);
+    if (p->upstream.fd >= 0) close(p->upstream.fd);
+    discard_pair(p);
+    return native_number(env, r);
+  }
+  return external;
 }
 
 static void on_connect_timeout(uv_timer_t *timer) { dial_failed(timer->data, ETIMEDOUT); }
@@ -361,7 +491,7 @@ static void on_connect_timeout(uv_timer_t *timer) { dial_failed(timer->data, ETI
 /*
  * dial(clientFd, address, port, timeoutMs, keepAliveIdleS, onEvent) -> a handle, or -errno
  * when the connect failed at once (the client is still the caller's). The address is a
- * literal IPv4 or IPv6 one.
+ * literal IPv4 or IPv6 one; the client comes from `accept` of a `listen` socket here.
  */
 static napi_value js_dial(napi_env env, napi_callback_info info) {
   napi_value argv[6], external;
@@ -374,6 +504,7 @@ static napi_value js_dial(napi_env env, napi_callback_info info) {
   int r = native_sockaddr(env, argv[1], port, &ss, &len);
   if (r < 0) return native_number(env, r);
   if (napi_get_uv_event_loop(env, &loop) != napi_ok) return native_number(env, -EINVAL);
+  if ((r = ensure_epoll(loop)) < 0) return native_number(env, r);
   int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return native_number(env, -errno);
   if (connect(fd, (struct sockaddr *)&ss, len) < 0 && errno != EINPROGRESS) {
@@ -381,39 +512,38 @@ static napi_value js_dial(napi_env env, napi_callback_info info) {
     close(fd);
     return native_number(env, r);
   }
-  Pair *p = calloc(1, sizeof *p);
+  Pair *p = new_pair(env, argv[5], &external);
   if (!p) {
     close(fd);
     return native_number(env, -ENOMEM);
   }
-  init_side(&p->client, p, &p->upstream, client_fd);
-  init_side(&p->upstream, p, &p->client, fd);
+  p->client.fd = client_fd;
+  p->upstream.fd = fd;
   p->keepalive_idle_s = keepalive_idle_s;
-  if (poll_side(loop, &p->upstream) < 0) {
+  /* Writable once connected, or once the connect failed (SO_ERROR says which). */
+  if ((r = watch(&p->upstream)) < 0) {
     close(fd);
-    free(p);
-    return native_number(env, -EBADF);
+    discard_pair(p);
+    return native_number(env, r);
   }
   uv_timer_init(loop, &p->connect_timer);
   p->connect_timer.data = p;
-  p->open_handles++;
+  p->timer_open = 1;
   p->dialing = 1;
-  if (!start_callbacks(env, p, argv[5], &external)) {
-    dial_failed(p, ENOMEM);
-    return NULL;
-  }
-  /* Writable once connected, or once the connect failed (SO_ERROR says which). */
-  p->upstream.events = UV_WRITABLE;
-  uv_poll_start(&p->upstream.poll, UV_WRITABLE, on_connect);
   uv_timer_start(&p->connect_timer, on_connect_timeout, (uint64_t)timeout_ms, 0);
   return external;
 }
 
-/* listen(address, port, backlog) -> a listening, non-blocking descriptor, or -errno. */
+/*
+ * listen(address, port, backlog, keepAliveIdleS) -> a listening, non-blocking descriptor,
+ * or -errno. Its connections inherit Nagle off and keep-alive (set here once, not per
+ * connection).
+ */
 static napi_value js_listen(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  int32_t port, backlog;
-  if (!native_args(env, info, 3, argv) || !native_int(env, argv[1], &port) || !native_int(env, argv[2], &backlog)) return NULL;
+  napi_value argv[4];
+  int32_t port, backlog, keepalive_idle_s;
+  if (!native_args(env, info, 4, argv) || !native_int(env, argv[1], &port) || !native_int(env, argv[2], &backlog) ||
+      !native_int(env, argv[3], &keepalive_idle_s)) return NULL;
   struct sockaddr_storage ss;
   socklen_t len;
   int r = native_sockaddr(env, argv[0], port, &ss, &len);
@@ -423,6 +553,7 @@ static napi_value js_listen(napi_env env, napi_callback_info info) {
   int on = 1;
   /* As Node's listening sockets: a port whose last connections are in TIME_WAIT can be bound again. */
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+  tune(fd, keepalive_idle_s);
   if (bind(fd, (struct sockaddr *)&ss, len) < 0 || listen(fd, backlog) < 0) {
     r = -errno;
     close(fd);

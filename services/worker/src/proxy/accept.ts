@@ -33,9 +33,9 @@ export class NativeAcceptor {
     this.poller = module.poll(fd, () => this.readable());
   }
 
-  /** Binds and listens on a literal IP address; throws the bind's or listen's error. */
-  static listen(module: NativeModule, host: string, port: number, backlog: number, hooks: AcceptorHooks): NativeAcceptor {
-    const fd = module.listen(host, port, backlog);
+  /** Binds and listens on a literal IP address; throws the bind's or listen's error. Connections inherit Nagle off and keep-alive. */
+  static listen(module: NativeModule, host: string, port: number, backlog: number, keepAliveIdleS: number, hooks: AcceptorHooks): NativeAcceptor {
+    const fd = module.listen(host, port, backlog, keepAliveIdleS);
     if (fd < 0) throw errnoError(fd, "listen");
     return new NativeAcceptor(module, fd, new Int32Array(64), hooks);
   }

@@ -21,7 +21,7 @@ export interface NativeModule {
   poll(fd: number, onReadable: () => void): unknown;
   unpoll(handle: unknown): void;
   // TCP (native/tcp.c)
-  listen(address: string, port: number, backlog: number): number;
+  listen(address: string, port: number, backlog: number, keepAliveIdleS: number): number;
   accept(fd: number, accepted: Int32Array): number;
   dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, onEvent: PairEvents): unknown;
   join(clientFd: number, upstreamFd: number, onEvent: PairEvents): unknown;

@@ -112,7 +112,7 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
           });
         });
       } else {
-        this.acceptor = NativeAcceptor.listen(options.native as NativeModule, host, port, BACKLOG, {
+        this.acceptor = NativeAcceptor.listen(options.native as NativeModule, host, port, BACKLOG, KEEPALIVE_IDLE_S, {
           accepted: (fd) => this.acceptNative(fd),
           acceptFailed: (err) => this.hereFailed("accept-failed", undefined, err),
         });
