@@ -7,6 +7,8 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <net/if.h>
+#include <stdlib.h>
 #include <string.h>
 #include "native.h"
 
@@ -34,7 +36,7 @@ int native_int(napi_env env, napi_value v, int32_t *out) {
 }
 
 int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len) {
-  char text[INET6_ADDRSTRLEN + 1];
+  char text[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
   size_t n;
   if (napi_get_value_string_utf8(env, host, text, sizeof text, &n) != napi_ok || port < 0 || port > 65535) return -EINVAL;
   memset(ss, 0, sizeof *ss);
@@ -46,9 +48,18 @@ int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr
     *len = sizeof *a4;
     return 0;
   }
+  /* A link-local address may name its interface: fe80::1%eth0 (or %2). */
+  char *zone = strchr(text, '%');
+  if (zone) *zone++ = '\0';
   if (inet_pton(AF_INET6, text, &a6->sin6_addr) == 1) {
     a6->sin6_family = AF_INET6;
     a6->sin6_port = htons((uint16_t)port);
+    if (zone) {
+      char *end;
+      unsigned long index = strtoul(zone, &end, 10);
+      a6->sin6_scope_id = *zone && !*end ? (uint32_t)index : if_nametoindex(zone);
+      if (a6->sin6_scope_id == 0) return -EINVAL;
+    }
     *len = sizeof *a6;
     return 0;
   }

@@ -29,9 +29,12 @@
  *
  * Invariants: a pair is freed only after its last callback ran and its timer
  * closed; JavaScript drops its handle in that callback, so `cut` never sees a
- * freed pair. Closing a descriptor takes it out of the epoll set: every one
- * is close-on-exec and held by this module alone (join's duplicates outlive
- * the Node sockets it destroys), so no other copy keeps it registered.
+ * freed pair. Closing a descriptor takes it out of the epoll set, without an
+ * epoll_ctl, because no other descriptor shares its socket by then: dial's
+ * are the module's own, join's duplicates outlive the Node sockets it
+ * destroys as soon as it returns (until then, a failed join takes its
+ * duplicates out of the set before closing them), and all are close-on-exec,
+ * which a child has applied before uv_spawn returns.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -71,6 +74,7 @@ typedef struct Side {
   int readable;     /* an edge said so and no read has found the socket empty since */
   int writable;     /* an edge said so and no write has been refused since */
   int eof_pending;  /* the peer's FIN is in (EPOLLRDHUP): a short read is the end */
+  int urgent;       /* urgent data came (EPOLLPRI): a read stops short at its mark, so only EAGAIN or 0 says empty */
   int eof;          /* this side's reader saw EOF */
   int shut;         /* this side's write side is shut down */
   int closed;
@@ -292,7 +296,7 @@ static int carry(Side *s) {
     return 0;
   }
   if (forward(to, scratch, (size_t)r) < 0) return -1;
-  if (r < SCRATCH) {
+  if (r < SCRATCH && !s->urgent) {
     /* A short read emptied the socket: what comes later brings an edge. If the FIN was
        already in (eof_pending), everything before it has been read: that is the EOF,
        without a read to be told so. */
@@ -348,10 +352,16 @@ static void pump(Pair *p) {
 }
 
 static int watch(Side *s) {
-  struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = s};
+  struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET, .data.ptr = s};
   if (epoll_ctl(epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0) return -errno;
   s->registered = 1;
   return 0;
+}
+
+static void unwatch_and_close(Side *s) {
+  if (s->fd < 0) return;
+  if (s->registered) epoll_ctl(epfd, EPOLL_CTL_DEL, s->fd, NULL);
+  close(s->fd);
 }
 
 /* Nagle off (a proxy adds no delay of its own) and TCP keep-alive, so a peer that vanished without a FIN is found. */
@@ -363,6 +373,7 @@ static void tune(int fd, int keepalive_idle_s) {
 }
 
 static void dial_failed(Pair *p, int err) {
+  if (p->ended) return; /* cut first: the client was closed with the rest, and ENDED is owed */
   p->failed = -err;
   teardown(p);
 }
@@ -402,6 +413,7 @@ static void on_event(Side *s, uint32_t events) {
     teardown(p);
     return;
   }
+  if (events & EPOLLPRI) s->urgent = 1; /* for the connection's life: rare, and then one more read per wake-up */
   if (events & (EPOLLRDHUP | EPOLLHUP)) s->eof_pending = 1;
   if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) s->readable = 1;
   if (events & EPOLLOUT) s->writable = 1;
@@ -477,9 +489,11 @@ static napi_value js_join(napi_env env, napi_callback_info info) {
   if (r == 0) r = watch(&p->upstream);
   p->client.writable = p->upstream.writable = 1;
   if (r < 0) {
-    /* Nothing was handed over: the JavaScript sockets still own the connection. */
-    if (p->client.fd >= 0) close(p->client.fd);
-    if (p->upstream.fd >= 0) close(p->upstream.fd);
+    /* Nothing was handed over: the JavaScript sockets still own the connection. Their
+       descriptors share the duplicates' sockets, so closing a duplicate would leave its
+       registration in the set, pointing at a freed pair: it is taken out first. */
+    unwatch_and_close(&p->client);
+    unwatch_and_close(&p->upstream);
     discard_pair(p);
     return native_number(env, r);
   }

@@ -1,4 +1,4 @@
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
@@ -231,5 +231,43 @@ describe.each(PATHS)("tcp listener ($name) - choosing and refusing", ({ native }
     // Freed: the port can be bound again at once.
     await new Promise<void>((resolve, reject) => holder.once("error", reject).listen(port, "127.0.0.1", resolve));
     await new Promise((resolve) => holder.close(resolve));
+  });
+});
+
+/** A client that connects, waits for a line on stdin, then sends "abc", an urgent "X" and "def" (and its FIN when asked). */
+const URGENT_CLIENT = `
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sys.stdin.readline()
+s.send(b"abc"); s.send(b"X", socket.MSG_OOB); s.send(b"def")
+if sys.argv[2] == "fin": s.shutdown(socket.SHUT_WR)
+sys.stdin.readline()
+`;
+
+describe.each(PATHS)("tcp listener ($name) - urgent data", ({ native }) => {
+  // Node has no MSG_OOB: the client is python3, which building the native module needs anyway.
+  it.each(["open", "fin"])("carries the bytes after an urgent mark (client then: %s); the urgent byte itself is out of band and dropped", async (then) => {
+    let received = "";
+    let ended = false;
+    const accepted: net.Socket[] = [];
+    const backend = net.createServer({ allowHalfOpen: true }, (socket) => {
+      accepted.push(socket);
+      socket.on("data", (chunk: Buffer) => (received += chunk.toString()));
+      socket.on("end", () => (ended = true));
+      socket.on("error", () => undefined);
+    });
+    await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", resolve));
+    cleanup.push(() => new Promise((resolve) => backend.close(resolve)));
+    // The backend half-closes nothing itself: its side is ended here, or the pair (and close()) would wait for it.
+    cleanup.push(() => accepted.forEach((socket) => socket.destroy()));
+    const { listener } = await listenerOver(native, [(backend.address() as net.AddressInfo).port]);
+    const client = spawn("python3", ["-c", URGENT_CLIENT, String(listener.port), then], { stdio: ["pipe", "ignore", "inherit"] });
+    cleanup.push(() => client.kill());
+    await waitFor(() => accepted.length === 1, "the pair connected");
+    client.stdin.write("go\n");
+    // Held here while the client sends, so that one read meets the urgent mark with "def" queued behind it.
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 300);
+    await waitFor(() => received === "abcdef" && (then === "open" || ended), `"abcdef"${then === "fin" ? " and the client's FIN" : ""} at the backend (got ${JSON.stringify(received)})`, 3_000);
+    if (then === "open") expect(ended).toBe(false);
   });
 });
