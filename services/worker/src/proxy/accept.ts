@@ -36,7 +36,7 @@ export class NativeAcceptor {
   /** Binds and listens on a literal IP address; throws the bind's or listen's error. Connections inherit Nagle off and keep-alive. */
   static listen(module: NativeModule, host: string, port: number, backlog: number, keepAliveIdleS: number, hooks: AcceptorHooks): NativeAcceptor {
     const fd = module.listen(host, port, backlog, keepAliveIdleS);
-    if (fd < 0) throw errnoError(fd, "listen");
+    if (fd < 0) throw errnoError(fd, "listen", `${host}:${port}`);
     return new NativeAcceptor(module, fd, new Int32Array(64), hooks);
   }
 

@@ -34,7 +34,7 @@ export function batchedIo(io: NativeModule): DatagramIo {
       const bound = io.bind(fd, host, port);
       if (bound < 0) {
         io.close(fd);
-        throw errno(bound, "bind");
+        throw errno(bound, "bind", `${host}:${port}`);
       }
       return new BatchedPort(io, meta, fd, handlers);
     },

@@ -1,5 +1,5 @@
 import { createRequire } from "node:module";
-import { getSystemErrorName } from "node:util";
+import { getSystemErrorMap } from "node:util";
 
 /**
  * The worker's native module (`native/`, built by `npm run build` with
@@ -65,15 +65,10 @@ export function nativeModule(setting: IoSetting): NativeModule | undefined {
   return undefined;
 }
 
-/** A syscall's -errno as the error Node would have made of it. */
-export function errnoError(code: number, syscall: string): NodeJS.ErrnoException {
-  let name: string;
-  try {
-    name = getSystemErrorName(code);
-  } catch {
-    name = `errno ${-code}`;
-  }
-  const err: NodeJS.ErrnoException = new Error(`${syscall} ${name}`);
+/** A syscall's -errno as the error Node would have made of it ("listen EADDRINUSE: address already in use 127.0.0.1:80"). */
+export function errnoError(code: number, syscall: string, address?: string): NodeJS.ErrnoException {
+  const [name, description] = getSystemErrorMap().get(code) ?? [`errno ${-code}`, "unknown error"];
+  const err: NodeJS.ErrnoException = new Error(`${syscall} ${name}: ${description}${address ? ` ${address}` : ""}`);
   err.code = name;
   err.errno = code;
   err.syscall = syscall;

@@ -283,11 +283,11 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       else if (event === PAIR_ENDED) this.ended(pair, toBackend, toClient);
       else {
         this.open.delete(pair);
-        this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(event, "connect"));
+        this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(event, "connect", backendKey(address)));
       }
     });
     if (typeof handle === "number") {
-      this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect"));
+      this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect", backendKey(address)));
       return;
     }
     const pair: Pair = { cut: () => module.cut(handle) };
