@@ -29,12 +29,13 @@
  *
  * Invariants: a pair is freed only after its last callback ran and its timer
  * closed; JavaScript drops its handle in that callback, so `cut` never sees a
- * freed pair. Closing a descriptor takes it out of the epoll set, without an
- * epoll_ctl, because no other descriptor shares its socket by then: dial's
- * are the module's own, join's duplicates outlive the Node sockets it
- * destroys as soon as it returns (until then, a failed join takes its
- * duplicates out of the set before closing them), and all are close-on-exec,
- * which a child has applied before uv_spawn returns.
+ * freed pair. An epoll registration lasts while any descriptor of its
+ * socket is open, so a pair's descriptors leave the set before they are
+ * closed wherever another may share the socket: join's duplicates (a relay's
+ * client is still open in the worker that sent it until that send is done).
+ * Dial's are the module's own (from accept4 and socket, close-on-exec,
+ * which a child has applied before uv_spawn returns): their close is enough,
+ * and saves a syscall per descriptor.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -88,6 +89,7 @@ struct Pair {
   int failed;               /* -errno of a failed connect: the client fd is the caller's again */
   int ended;                /* torn down: on the ended list, or notified */
   int keepalive_idle_s;
+  int joined;               /* its descriptors are duplicates: another may share their sockets */
   Pair *ready_prev, *ready_next; /* on the ready list */
   int on_ready;
   Pair *ended_next;
@@ -107,6 +109,7 @@ static Pair *ended_head, *ended_tail;
 static size_t live_pairs;
 
 static void pump(Pair *p);
+static void unwatch_and_close(Side *s);
 
 static void notify(Pair *p, int event, double a, double b) {
   napi_env env = p->env;
@@ -190,7 +193,8 @@ static void teardown(Pair *p) {
     free(s->queued);
     s->queued = NULL;
     if (s == &p->client && p->failed) continue; /* handed back to the caller */
-    close(s->fd);
+    if (p->joined) unwatch_and_close(s);
+    else close(s->fd);
   }
   p->ended_next = NULL;
   if (ended_tail) ended_tail->ended_next = p;
@@ -481,6 +485,7 @@ static napi_value js_join(napi_env env, napi_callback_info info) {
   if (r < 0) return native_number(env, r);
   Pair *p = new_pair(env, argv[2], &external);
   if (!p) return native_number(env, -ENOMEM);
+  p->joined = 1;
   /* Duplicates, close-on-exec as Node's own sockets: Node's sockets own the originals and are destroyed next. */
   p->client.fd = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
   p->upstream.fd = p->client.fd < 0 ? -1 : fcntl(upstream_fd, F_DUPFD_CLOEXEC, 0);

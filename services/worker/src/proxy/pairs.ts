@@ -1,5 +1,6 @@
 import type net from "node:net";
-import { spliceSockets } from "@harbor/runtime";
+// The subpath: relay processes load this module and no more of the runtime than they need.
+import { spliceSockets } from "@harbor/runtime/splice";
 import type { NativeModule } from "./native.js";
 
 /** A proxied connection's pair of sockets, being carried. */
@@ -41,7 +42,8 @@ const descriptorOf = (socket: net.Socket): number => (socket as unknown as { _ha
  * The native module carries the bytes: it takes duplicates of both
  * descriptors and Node's sockets are destroyed, so each read and write is a
  * syscall and nothing more (no Buffer, no call into JavaScript). Where it
- * cannot take them (no descriptor, out of descriptors) Node's sockets carry
+ * cannot take them (no descriptor, out of descriptors, or bytes Node has
+ * read already, which the duplicates would never see) Node's sockets carry
  * the pair.
  */
 export function nativePairs(module: NativeModule): PairCarrier {
@@ -50,10 +52,11 @@ export function nativePairs(module: NativeModule): PairCarrier {
     join(client, upstream, onClosed) {
       const clientFd = descriptorOf(client);
       const upstreamFd = descriptorOf(upstream);
+      // A client accepted paused, or an upstream that just connected, has nothing read; a client a relay received may have.
+      const untouched = clientFd >= 0 && upstreamFd >= 0 && client.readableLength === 0 && upstream.readableLength === 0;
       // A joined pair's only event is its end.
-      const handle = clientFd >= 0 && upstreamFd >= 0 ? module.join(clientFd, upstreamFd, (_ended, toBackend, toClient) => onClosed(toBackend, toClient)) : -1;
+      const handle = untouched ? module.join(clientFd, upstreamFd, (_ended, toBackend, toClient) => onClosed(toBackend, toClient)) : -1;
       if (typeof handle === "number") return nodePairs.join(client, upstream, onClosed);
-      // Nothing was read from either (the client was accepted paused, the upstream just connected).
       client.destroy();
       upstream.destroy();
       // The module frees a pair only after onClosed ran, and the owner forgets the pair there: a cut never meets a freed one.

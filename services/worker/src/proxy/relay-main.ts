@@ -6,14 +6,20 @@
  */
 import type net from "node:net";
 import { createLogger } from "@harbor/runtime/logger";
-import { spliceSockets } from "@harbor/runtime/splice";
 import { backendKey, dial, type DialHooks, type Endpoint } from "./dial.js";
+import { nativeModule } from "./native.js";
+import { nativePairs, nodePairs, type Pair } from "./pairs.js";
 import type { FromRelay, HandOff, Stats, ToRelay } from "./relay-protocol.js";
 
 const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
 const send = (message: FromRelay) => process.send?.(message);
+// The worker says which (it loaded the module itself); should this process fail to load it, Node's sockets carry.
+const native = process.env.HARBOR_RELAY_IO === "native" ? nativeModule("auto") : undefined;
+const pairs = native ? nativePairs(native) : nodePairs;
 
+/** Clients not yet joined to a backend, and joined pairs: what a stopping relay cuts. */
 const open = new Set<net.Socket>();
+const joined = new Set<Pair>();
 /** Each listener's rotation, as the worker last sent it. */
 const rotations = new Map<number, Endpoint[]>();
 /** Connections this relay joined to a backend, for its last log line. */
@@ -40,7 +46,22 @@ function ended(listener: number): void {
   flushSoon();
 }
 
+/**
+ * A received handle becomes a socket that has started reading (in the tick
+ * this runs in, nothing is read yet). For native pairs it is stopped here,
+ * as the worker accepts paused, so that every byte is still in the kernel
+ * when the pair is joined (the module's duplicate would never see what Node
+ * had read; `join` would fall back to Node's sockets).
+ */
+function stopReading(client: net.Socket): void {
+  const handle = (client as unknown as { _handle?: { reading: boolean; readStop(): number } })._handle;
+  if (!handle) return;
+  handle.reading = false;
+  handle.readStop();
+}
+
 function relay(message: HandOff, client: net.Socket): void {
+  if (native) stopReading(client);
   // Received handles become sockets that close on the first FIN; a proxy must pass half-closes on.
   client.allowHalfOpen = true;
   client.on("error", () => undefined); // the pair's close handling tears both down
@@ -61,14 +82,16 @@ function relay(message: HandOff, client: net.Socket): void {
       settled = true;
       stats.proxied++;
       carried++;
-      spliceSockets(c, upstream, () => {
-        stats.bytesToBackend += upstream.bytesWritten;
-        stats.bytesToClient += c.bytesWritten;
+      const pair = pairs.join(c, upstream, (toBackend, toClient) => {
+        joined.delete(pair);
+        stats.bytesToBackend += toBackend;
+        stats.bytesToClient += toClient;
         ended(listener);
       });
+      joined.add(pair);
     },
   };
-  // A client that never reached a backend ends here; one that did ends in the splice.
+  // A client that never reached a backend ends here; one that did ends with its pair.
   client.once("close", () => {
     if (!settled) ended(listener);
   });
@@ -88,8 +111,9 @@ async function stop(deadlineMs: number): Promise<void> {
   if (stopping) return;
   stopping = true;
   const until = Date.now() + deadlineMs;
-  while (open.size > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+  while (open.size + joined.size > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
   for (const socket of open) socket.destroy();
+  for (const pair of joined) pair.cut();
   // Let the closes land in the last report.
   await new Promise((r) => setImmediate(r));
   clearTimeout(flushTimer);
@@ -118,4 +142,4 @@ process.on("disconnect", () => {
 process.on("SIGTERM", () => undefined);
 process.on("SIGINT", () => undefined);
 send({ t: "ready" });
-logger.info("relay-started");
+logger.info({ io: pairs.name }, "relay-started");

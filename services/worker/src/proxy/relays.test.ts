@@ -30,9 +30,9 @@ async function backends(...names: string[]): Promise<EchoBackend[]> {
 
 const asSet = (bs: EchoBackend[]): Backend[] => bs.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
 
-async function relayedListener(set: () => readonly Backend[]) {
+async function relayedListener(set: () => readonly Backend[], io: "native" | "node") {
   const counters = new DataPlaneCounters();
-  const relays = new RelayPool(2, 1_000, counters, logger, RELAY_MAIN);
+  const relays = new RelayPool(2, 1_000, counters, logger, io, RELAY_MAIN);
   await relays.start();
   cleanup.push(() => relays.stop(2_000));
   const listener = new TcpListener({
@@ -41,7 +41,8 @@ async function relayedListener(set: () => readonly Backend[]) {
     port: await freePort(),
     backends: set,
     connectTimeoutMs: 1_000,
-    maxConnections: 100,
+    // Relays report ended connections every 100 ms: a limit near the tests' load would refuse some.
+    maxConnections: 2_000,
     passiveEjectMs: 60_000,
     counters,
     logger,
@@ -81,27 +82,52 @@ async function reach(port: number, count: number): Promise<Record<string, number
   return reached;
 }
 
-describe("tcp listener with two relay processes", () => {
-  beforeAll(() => {
-    if (!existsSync(RELAY_MAIN)) throw new Error(`${RELAY_MAIN} is missing: build first (npm run build)`);
-    // The relays inherit this process's environment.
-    process.env.LOG_LEVEL = "silent";
-  });
+beforeAll(() => {
+  if (!existsSync(RELAY_MAIN)) throw new Error(`${RELAY_MAIN} is missing: build first (npm run build)`);
+  // The relays inherit this process's environment.
+  process.env.LOG_LEVEL = "silent";
+});
 
-  it("keeps round-robin exact across the relays, and accounts for every connection", async () => {
+// The relays carry their pairs with the native module (as the worker does where it is built), or with Node's sockets.
+describe.each(["native", "node"] as const)("tcp listener with two relay processes (%s pairs)", (io) => {
+  it("keeps round-robin exact across the relays, and accounts for every connection and byte", async () => {
     const set = asSet(await backends("r0", "r1", "r2"));
-    const { listener, counters } = await relayedListener(() => set);
+    const { listener, counters } = await relayedListener(() => set, io);
 
     expect(await reach(listener.port, 9)).toEqual({ r0: 3, r1: 3, r2: 3 });
-    // The relays report what they carried, and that each connection ended.
+    // The relays report what they carried, and that each connection ended: "hello i\n" each way, and the greeting.
     await waitFor(() => counters.tcpProxied === 9 && listener.connections === 0, "the relays' reports");
-    expect(counters.tcpBytesToBackend).toBeGreaterThan(0);
+    const sent = Array.from({ length: 9 }, (_, i) => `hello ${i}\n`.length).reduce((a, b) => a + b, 0);
+    await waitFor(() => counters.tcpBytesToBackend === sent, "the byte counts");
+    expect(counters.tcpBytesToClient).toBe(sent + 9 * "r0\n".length);
+  });
+
+  it("carries 1,024 short connections, 32 at a time, clients speaking first, and loses no relay", async () => {
+    const [b] = await backends("s0");
+    const set = asSet([b as EchoBackend]);
+    const { listener, counters } = await relayedListener(() => set, io);
+    for (let round = 0; round < 32; round++) {
+      await Promise.all(
+        Array.from({ length: 32 }, async (_, i) => {
+          const client = await connectLines(listener.port);
+          // Sent before the greeting arrives: the relay has it waiting when it joins the pair.
+          client.socket.write(`early ${i}\n`);
+          expect(await client.nextLine()).toBe("s0");
+          expect(await client.nextLine()).toBe(`early ${i}`);
+          client.close();
+        }),
+      );
+    }
+    // A relay that died would lose its open connections from these counts.
+    await waitFor(() => counters.tcpProxied === 1_024 && listener.connections === 0, "every connection carried and ended").catch((err: Error) => {
+      throw new Error(`${err.message}: proxied ${counters.tcpProxied}, open ${listener.connections}`);
+    });
   });
 
   it("sends a changed set to every relay before the next connection", async () => {
     const [a, b, c, d] = await backends("a", "b", "c", "d");
     let set = asSet([a as EchoBackend, b as EchoBackend]);
-    const { listener } = await relayedListener(() => set);
+    const { listener } = await relayedListener(() => set, io);
     // Both relays have the first rotation (connections alternate between them).
     expect(await reach(listener.port, 4)).toEqual({ a: 2, b: 2 });
 
@@ -113,7 +139,7 @@ describe("tcp listener with two relay processes", () => {
     const [up, down] = await backends("up", "down");
     const set = asSet([up as EchoBackend, down as EchoBackend]);
     await (down as EchoBackend).close();
-    const { listener, counters } = await relayedListener(() => set);
+    const { listener, counters } = await relayedListener(() => set, io);
 
     // The relay that met the refusal went on to the next backend; the client never saw it.
     expect(await reach(listener.port, 6)).toEqual({ up: 6 });
@@ -122,11 +148,14 @@ describe("tcp listener with two relay processes", () => {
     expect(counters.tcpBackendFailures).toBe(1);
   });
 
+});
+
+describe("relay pool", () => {
   it("a relay that died just before stop is not restarted after it: stop leaves no relay behind", async () => {
     const before = relayChildren();
     const events: string[] = [];
     const watched = pino({ level: "info" }, { write: (line: string) => void events.push(String(JSON.parse(line).msg)) });
-    const relays = new RelayPool(2, 1_000, new DataPlaneCounters(), watched, RELAY_MAIN);
+    const relays = new RelayPool(2, 1_000, new DataPlaneCounters(), watched, "node", RELAY_MAIN);
     await relays.start();
     const mine = relayChildren().filter((pid) => !before.includes(pid));
     expect(mine).toHaveLength(2);

@@ -49,6 +49,8 @@ export class RelayPool {
     private readonly connectTimeoutMs: number,
     private readonly counters: DataPlaneCounters,
     private readonly logger: Logger,
+    /** Who carries the relays' pairs: the native module (as in the worker), or Node's sockets. */
+    private readonly io: "native" | "node" = "node",
     /** The relay's entry point; tests running from source pass the built one. */
     private readonly relayMain = RELAY_MAIN,
   ) {}
@@ -129,7 +131,7 @@ export class RelayPool {
   }
 
   private spawn(index: number): Promise<void> {
-    const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs) };
+    const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs), HARBOR_RELAY_IO: this.io };
     const child = fork(this.relayMain, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
     const relay: Relay = { index, child, open: new Map(), rotations: new Map(), dead: false, sending: new Set(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
     this.relays[index] = relay;
