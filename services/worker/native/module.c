@@ -35,6 +35,17 @@ int native_int(napi_env env, napi_value v, int32_t *out) {
   return 1;
 }
 
+int native_int32_array(napi_env env, napi_value v, size_t min_length, int32_t **data, size_t *length, const char *message) {
+  napi_typedarray_type type;
+  void *bytes;
+  if (napi_get_typedarray_info(env, v, &type, length, &bytes, NULL, NULL) != napi_ok || type != napi_int32_array || *length < min_length) {
+    napi_throw_type_error(env, NULL, message);
+    return 0;
+  }
+  *data = bytes;
+  return 1;
+}
+
 int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len) {
   char text[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
   size_t n;

@@ -10,6 +10,8 @@ int native_args(napi_env env, napi_callback_info info, size_t want, napi_value *
 /* Reads a whole number; throws a TypeError and returns 0 for anything else. */
 int native_int(napi_env env, napi_value v, int32_t *out);
 
+/* An Int32Array of at least min_length elements; throws a TypeError with `message` and returns 0 for anything else. */
+int native_int32_array(napi_env env, napi_value v, size_t min_length, int32_t **data, size_t *length, const char *message);
 /* A literal IPv4 or IPv6 address and a port; -EINVAL for anything else. */
 int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len);
 

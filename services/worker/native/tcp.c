@@ -588,16 +588,10 @@ static napi_value js_listen(napi_env env, napi_callback_info info) {
  */
 static napi_value js_accept(napi_env env, napi_callback_info info) {
   napi_value argv[2];
-  int32_t fd;
-  napi_typedarray_type type;
+  int32_t fd, *fds;
   size_t length;
-  void *data;
-  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd)) return NULL;
-  if (napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL) != napi_ok || type != napi_int32_array) {
-    napi_throw_type_error(env, NULL, "dataplane: accept needs an Int32Array");
-    return NULL;
-  }
-  int32_t *fds = data;
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd) ||
+      !native_int32_array(env, argv[1], 1, &fds, &length, "dataplane: accept needs an Int32Array")) return NULL;
   size_t n = 0;
   if (length > ACCEPTS_PER_TURN) length = ACCEPTS_PER_TURN;
   while (n < length) {

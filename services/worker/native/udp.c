@@ -72,17 +72,10 @@ static napi_value js_close(napi_env env, napi_callback_info info) {
  */
 static napi_value js_recv(napi_env env, napi_callback_info info) {
   napi_value argv[2];
-  int32_t fd;
-  napi_typedarray_type type;
+  int32_t fd, *meta;
   size_t length;
-  void *data;
-  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd)) return NULL;
-  CALL(napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
-  if (type != napi_int32_array || length < BATCH * 3) {
-    napi_throw_type_error(env, NULL, "dataplane: recv needs an Int32Array of BATCH * 3");
-    return NULL;
-  }
-  int32_t *meta = data;
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd) ||
+      !native_int32_array(env, argv[1], BATCH * 3, &meta, &length, "dataplane: recv needs an Int32Array of BATCH * 3")) return NULL;
   struct mmsghdr msgs[BATCH];
   struct iovec iov[BATCH];
   struct sockaddr_storage from[BATCH];
