@@ -1,6 +1,7 @@
 /*
  * dataplane: the worker's native module. `udp.c`: batched UDP I/O for UDP
- * ports; `tcp.c`: proxied TCP pairs carried in C. JavaScript keeps every
+ * ports, and `poll`, which TCP's listening sockets use too; `tcp.c`: TCP
+ * listened on, accepted, dialled and carried in C. JavaScript keeps every
  * decision (rotation, sessions, ejections); this only moves bytes. Functions
  * return a count, or 0, or -errno for a failed syscall; they throw only for
  * arguments of the wrong type.

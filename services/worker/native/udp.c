@@ -202,7 +202,7 @@ static void on_readable(uv_poll_t *handle, int status, int events) {
 
 static void free_poller(uv_handle_t *handle) { free(handle); }
 
-/* poll(fd, callback) -> a handle: callback() runs whenever fd is readable, until unpoll. */
+/* poll(fd, callback) -> a handle: callback() runs whenever fd is readable, until unpoll (UDP ports, TCP listening sockets). */
 static napi_value js_poll(napi_env env, napi_callback_info info) {
   napi_value argv[2], name, external;
   int32_t fd;
