@@ -53,11 +53,22 @@ function ended(listener: number): void {
  * when the pair is joined (the module's duplicate would never see what Node
  * had read; `join` would fall back to Node's sockets).
  */
+type StreamHandle = { reading: boolean; readStop(): number; readStart(): number };
+const handleOf = (client: net.Socket) => (client as unknown as { _handle?: StreamHandle })._handle;
+
 function stopReading(client: net.Socket): void {
-  const handle = (client as unknown as { _handle?: { reading: boolean; readStop(): number } })._handle;
+  const handle = handleOf(client);
   if (!handle) return;
   handle.reading = false;
   handle.readStop();
+}
+
+/** Undoes stopReading when Node's sockets carry the pair after all (the module could not take it). */
+function startReading(client: net.Socket): void {
+  const handle = handleOf(client);
+  if (!handle || handle.reading) return;
+  handle.reading = true;
+  handle.readStart();
 }
 
 function relay(message: HandOff, client: net.Socket): void {
@@ -89,6 +100,8 @@ function relay(message: HandOff, client: net.Socket): void {
         ended(listener);
       });
       joined.add(pair);
+      // A native join destroys both sockets; a live client means Node's sockets carry it, and must read.
+      if (native && !c.destroyed) startReading(c);
     },
   };
   // A client that never reached a backend ends here; one that did ends with its pair.
