@@ -42,9 +42,9 @@ const descriptorOf = (socket: net.Socket): number => (socket as unknown as { _ha
  * The native module carries the bytes: it takes duplicates of both
  * descriptors and Node's sockets are destroyed, so each read and write is a
  * syscall and nothing more (no Buffer, no call into JavaScript). Where it
- * cannot take them (no descriptor, out of descriptors, or bytes Node has
- * read already, which the duplicates would never see) Node's sockets carry
- * the pair.
+ * cannot take them (no descriptor, out of descriptors, or a socket Node
+ * has read from, whose bytes the duplicates would never see) Node's sockets
+ * carry the pair.
  */
 export function nativePairs(module: NativeModule): PairCarrier {
   return {
@@ -52,15 +52,46 @@ export function nativePairs(module: NativeModule): PairCarrier {
     join(client, upstream, onClosed) {
       const clientFd = descriptorOf(client);
       const upstreamFd = descriptorOf(upstream);
-      // A client accepted paused, or an upstream that just connected, has nothing read; a client a relay received may have.
-      const untouched = clientFd >= 0 && upstreamFd >= 0 && client.readableLength === 0 && upstream.readableLength === 0;
+      // Nothing ever read (a client accepted paused, a relay's client it stopped reading, an upstream just connected).
+      const untouched = clientFd >= 0 && upstreamFd >= 0 && unread(client) && unread(upstream);
+      let pair: NativePair | undefined;
       // A joined pair's only event is its end.
-      const handle = untouched ? module.join(clientFd, upstreamFd, (_ended, toBackend, toClient) => onClosed(toBackend, toClient)) : -1;
+      const handle = untouched
+        ? module.join(clientFd, upstreamFd, (_ended, toBackend, toClient) => {
+            pair?.ended();
+            onClosed(toBackend, toClient);
+          })
+        : -1;
       if (typeof handle === "number") return nodePairs.join(client, upstream, onClosed);
       client.destroy();
       upstream.destroy();
-      // The module frees a pair only after onClosed ran, and the owner forgets the pair there: a cut never meets a freed one.
-      return { cut: () => module.cut(handle) };
+      pair = new NativePair(module, handle);
+      return pair;
     },
   };
+}
+
+const unread = (socket: net.Socket): boolean => socket.bytesRead === 0 && !socket.readableEnded;
+
+/**
+ * A pair the module carries. The module frees it once its last callback
+ * ran, and that callback marks it ended first: a cut after the end does
+ * nothing, rather than reach a freed pair.
+ */
+export class NativePair implements Pair {
+  private live = true;
+
+  constructor(
+    private readonly module: NativeModule,
+    private readonly handle: unknown,
+  ) {}
+
+  /** Called first in the pair's ENDED (or FAILED) callback. */
+  ended(): void {
+    this.live = false;
+  }
+
+  cut(): void {
+    if (this.live) this.module.cut(this.handle);
+  }
 }

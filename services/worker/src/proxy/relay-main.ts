@@ -127,8 +127,9 @@ async function stop(deadlineMs: number): Promise<void> {
   while (open.size + joined.size > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
   for (const socket of open) socket.destroy();
   for (const pair of joined) pair.cut();
-  // Let the closes land in the last report.
-  await new Promise((r) => setImmediate(r));
+  // Let the ends land in the last report: a socket's close comes in this turn's close phase, a
+  // native pair's end in the next turn's idle phase (100 ms at the most, for a peer that is slow to close).
+  for (let wait = 0; wait < 100 && open.size + joined.size > 0; wait++) await new Promise((r) => setTimeout(r, 1));
   clearTimeout(flushTimer);
   flush();
   logger.info({ carried }, "relay-stopped");

@@ -50,7 +50,7 @@ async function relayedListener(set: () => readonly Backend[], io: "native" | "no
   });
   expect(await listener.listen()).toBe(true);
   cleanup.push(() => listener.close());
-  return { listener, counters };
+  return { listener, counters, relays };
 }
 
 /** This process's relay children, by pid. */
@@ -122,6 +122,20 @@ describe.each(["native", "node"] as const)("tcp listener with two relay processe
     await waitFor(() => counters.tcpProxied === 1_024 && listener.connections === 0, "every connection carried and ended").catch((err: Error) => {
       throw new Error(`${err.message}: proxied ${counters.tcpProxied}, open ${listener.connections}`);
     });
+  });
+
+  it("stop cuts what is still open, and the relays' last reports count it", async () => {
+    const [b] = await backends("k0");
+    const { listener, counters, relays } = await relayedListener(() => asSet([b as EchoBackend]), io);
+    const client = await connectLines(listener.port);
+    expect(await client.nextLine()).toBe("k0");
+    expect(await client.roundTrip("still open")).toBe("still open");
+    await relays.stop(0);
+    await client.closed;
+    // Read from the reports that came before the relays exited: nothing is settled later.
+    expect(listener.connections).toBe(0);
+    expect(counters.tcpBytesToBackend).toBe("still open\n".length);
+    expect(counters.tcpBytesToClient).toBe("k0\nstill open\n".length);
   });
 
   it("sends a changed set to every relay before the next connection", async () => {

@@ -8,7 +8,7 @@ import { NativeAcceptor } from "./accept.js";
 import { allEjected, backendKey, dial, isLocalFailure, KEEPALIVE_IDLE_MS, nextAttempt, type DialHooks, type Endpoint } from "./dial.js";
 import type { PortListener } from "./listener.js";
 import { errnoError, PAIR_CONNECTED, PAIR_ENDED, type NativeModule } from "./native.js";
-import { nativePairs, nodePairs, type Pair, type PairCarrier } from "./pairs.js";
+import { NativePair, nativePairs, nodePairs, type Pair, type PairCarrier } from "./pairs.js";
 import type { RelayedListener, RelayPool } from "./relays.js";
 
 export interface TcpListenerOptions {
@@ -279,8 +279,12 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint): void {
     const module = this.options.native as NativeModule;
     const handle = module.dial(fd, address.host, address.port, this.options.connectTimeoutMs, KEEPALIVE_IDLE_S, (event, toBackend, toClient) => {
-      if (event === PAIR_CONNECTED) this.options.counters.tcpProxied++;
-      else if (event === PAIR_ENDED) this.ended(pair, toBackend, toClient);
+      if (event === PAIR_CONNECTED) {
+        this.options.counters.tcpProxied++;
+        return;
+      }
+      pair.ended();
+      if (event === PAIR_ENDED) this.ended(pair, toBackend, toClient);
       else {
         this.open.delete(pair);
         this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(event, "connect", backendKey(address)));
@@ -290,7 +294,7 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect", backendKey(address)));
       return;
     }
-    const pair: Pair = { cut: () => module.cut(handle) };
+    const pair = new NativePair(module, handle);
     this.open.add(pair);
   }
 
