@@ -218,6 +218,15 @@ describe.each(PATHS)("tcp listener ($name) - choosing and refusing", ({ native }
     await waitFor(() => listener.connections === 0 && (b as EchoBackend).open === 0, "both sides closed");
   });
 
+  it("listens on an IPv6 address, backends on IPv4 behind it", async () => {
+    const [b] = await twoBackends();
+    const { listener } = await listenerOver(native, [(b as EchoBackend).port], { host: "::1" });
+    const client = await connectLines(listener.port, "::1");
+    cleanup.push(() => client.close());
+    expect(await client.nextLine()).toBe("t0");
+    expect(await client.roundTrip("over v6")).toBe("over v6");
+  });
+
   it("records a port another socket holds as a failed bind, and frees its port at close", async () => {
     const holder = net.createServer();
     await new Promise<void>((resolve) => holder.listen(0, "127.0.0.1", resolve));
