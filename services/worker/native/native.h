@@ -15,6 +15,9 @@ int native_int32_array(napi_env env, napi_value v, size_t min_length, int32_t **
 /* A literal IPv4 or IPv6 address and a port; -EINVAL for anything else. */
 int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len);
 
+/* An exported function, for a part's napi_define_properties table. */
+#define NATIVE_FUNCTION(name, fn) {name, NULL, fn, NULL, NULL, NULL, napi_default, NULL}
+
 /* Each part adds its functions to the exports; 0 (with an exception pending) on failure. */
 int udp_init(napi_env env, napi_value exports);
 void tcp_init(napi_env env, napi_value exports);

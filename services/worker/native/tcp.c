@@ -78,7 +78,6 @@ typedef struct Side {
   int urgent;       /* urgent data came (EPOLLPRI): a read stops short at its mark, so only EAGAIN or 0 says empty */
   int eof;          /* this side's reader saw EOF */
   int shut;         /* this side's write side is shut down */
-  int closed;
 } Side;
 
 struct Pair {
@@ -102,7 +101,6 @@ struct Pair {
 static int epfd = -1;
 static uv_poll_t epoll_poll;
 static uv_idle_t later;
-static int later_running;
 static Pair *ready_head;
 static Pair *ended_head, *ended_tail;
 /* Pairs not yet freed: while there are any, the set's poll keeps the loop alive. */
@@ -149,9 +147,7 @@ static void timer_closed(uv_handle_t *handle) {
 static void run_later(uv_idle_t *idle);
 
 static void start_later(void) {
-  if (later_running) return;
-  later_running = 1;
-  uv_idle_start(&later, run_later);
+  if (!uv_is_active((uv_handle_t *)&later)) uv_idle_start(&later, run_later);
 }
 
 static void unready(Pair *p) {
@@ -189,7 +185,6 @@ static void teardown(Pair *p) {
   Side *sides[2] = {&p->client, &p->upstream};
   for (int i = 0; i < 2; i++) {
     Side *s = sides[i];
-    s->closed = 1;
     free(s->queued);
     s->queued = NULL;
     if (s == &p->client && p->failed) continue; /* handed back to the caller */
@@ -224,10 +219,7 @@ static void run_later(uv_idle_t *idle) {
     p->ended = 2;
     if (!p->timer_open) free_pair(p);
   }
-  if (!ready_head && !ended_head) {
-    later_running = 0;
-    uv_idle_stop(idle);
-  }
+  if (!ready_head && !ended_head) uv_idle_stop(idle);
 }
 
 /* Shuts `s`'s write side once its peer has sent EOF and nothing is queued for `s` (not when `s` is done too: closing says it). */
@@ -471,8 +463,6 @@ static Pair *new_pair(napi_env env, napi_value callback, napi_value *external) {
   return p;
 }
 
-/* Frees a pair that never started (nothing was handed over, no callback is owed). */
-static void discard_pair(Pair *p) { free_pair(p); }
 
 /* join(clientFd, upstreamFd, onEvent(event, a, b)) -> a handle, or -errno (nothing taken). */
 static napi_value js_join(napi_env env, napi_callback_info info) {
@@ -499,7 +489,7 @@ static napi_value js_join(napi_env env, napi_callback_info info) {
        registration in the set, pointing at a freed pair: it is taken out first. */
     unwatch_and_close(&p->client);
     unwatch_and_close(&p->upstream);
-    discard_pair(p);
+    free_pair(p); /* it never started: no callback is owed */
     return native_number(env, r);
   }
   return external;
@@ -542,7 +532,7 @@ static napi_value js_dial(napi_env env, napi_callback_info info) {
   /* Writable once connected, or once the connect failed (SO_ERROR says which). */
   if ((r = watch(&p->upstream)) < 0) {
     close(fd);
-    discard_pair(p);
+    free_pair(p); /* it never started: no callback is owed */
     return native_number(env, r);
   }
   uv_timer_init(loop, &p->connect_timer);
@@ -621,11 +611,11 @@ static napi_value js_cut(napi_env env, napi_callback_info info) {
 
 void tcp_init(napi_env env, napi_value exports) {
   napi_property_descriptor functions[] = {
-    {"listen", NULL, js_listen, NULL, NULL, NULL, napi_default, NULL},
-    {"accept", NULL, js_accept, NULL, NULL, NULL, napi_default, NULL},
-    {"dial", NULL, js_dial, NULL, NULL, NULL, napi_default, NULL},
-    {"join", NULL, js_join, NULL, NULL, NULL, napi_default, NULL},
-    {"cut", NULL, js_cut, NULL, NULL, NULL, napi_default, NULL},
+    NATIVE_FUNCTION("listen", js_listen),
+    NATIVE_FUNCTION("accept", js_accept),
+    NATIVE_FUNCTION("dial", js_dial),
+    NATIVE_FUNCTION("join", js_join),
+    NATIVE_FUNCTION("cut", js_cut),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
 }

@@ -248,17 +248,17 @@ int udp_init(napi_env env, napi_value exports) {
     return 0;
   }
   napi_property_descriptor functions[] = {
-    {"socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL},
-    {"bind", NULL, js_bind, NULL, NULL, NULL, napi_default, NULL},
-    {"connect", NULL, js_connect, NULL, NULL, NULL, napi_default, NULL},
-    {"close", NULL, js_close, NULL, NULL, NULL, napi_default, NULL},
-    {"recv", NULL, js_recv, NULL, NULL, NULL, napi_default, NULL},
-    {"send", NULL, js_send, NULL, NULL, NULL, napi_default, NULL},
-    {"sendTo", NULL, js_send_to, NULL, NULL, NULL, napi_default, NULL},
-    {"copy", NULL, js_copy, NULL, NULL, NULL, napi_default, NULL},
-    {"sendBuffer", NULL, js_send_buffer, NULL, NULL, NULL, napi_default, NULL},
-    {"poll", NULL, js_poll, NULL, NULL, NULL, napi_default, NULL},
-    {"unpoll", NULL, js_unpoll, NULL, NULL, NULL, napi_default, NULL},
+    NATIVE_FUNCTION("socket", js_socket),
+    NATIVE_FUNCTION("bind", js_bind),
+    NATIVE_FUNCTION("connect", js_connect),
+    NATIVE_FUNCTION("close", js_close),
+    NATIVE_FUNCTION("recv", js_recv),
+    NATIVE_FUNCTION("send", js_send),
+    NATIVE_FUNCTION("sendTo", js_send_to),
+    NATIVE_FUNCTION("copy", js_copy),
+    NATIVE_FUNCTION("sendBuffer", js_send_buffer),
+    NATIVE_FUNCTION("poll", js_poll),
+    NATIVE_FUNCTION("unpoll", js_unpoll),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
   napi_value batch;

@@ -46,6 +46,9 @@ function ended(listener: number): void {
   flushSoon();
 }
 
+type StreamHandle = { reading: boolean; readStop(): number; readStart(): number };
+const handleOf = (client: net.Socket) => (client as unknown as { _handle?: StreamHandle })._handle;
+
 /**
  * A received handle becomes a socket that has started reading (in the tick
  * this runs in, nothing is read yet). For native pairs it is stopped here,
@@ -53,9 +56,6 @@ function ended(listener: number): void {
  * when the pair is joined (the module's duplicate would never see what Node
  * had read; `join` would fall back to Node's sockets).
  */
-type StreamHandle = { reading: boolean; readStop(): number; readStart(): number };
-const handleOf = (client: net.Socket) => (client as unknown as { _handle?: StreamHandle })._handle;
-
 function stopReading(client: net.Socket): void {
   const handle = handleOf(client);
   if (!handle) return;

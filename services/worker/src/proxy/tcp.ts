@@ -1,5 +1,6 @@
 import { lookup } from "node:dns";
 import net from "node:net";
+import { constants } from "node:os";
 import type { Logger } from "pino";
 import { Ejections, RoundRobin, systemClock } from "@harbor/core";
 import type { Backend } from "@harbor/proto";
@@ -36,6 +37,8 @@ export interface TcpListenerOptions {
 }
 
 const BACKLOG = 1024;
+/** What the module's dial returns for an address that is not a literal IPv4 or IPv6 one. */
+const EINVAL = -constants.errno.EINVAL;
 const KEEPALIVE_IDLE_S = KEEPALIVE_IDLE_MS / 1000;
 
 /**
@@ -263,17 +266,18 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       return;
     }
     const backend = backends[(start + i) % backends.length] as Endpoint;
-    if (net.isIP(backend.host) === 0) {
-      this.resolving++;
-      lookup(backend.host, (err, address) => {
-        this.resolving--;
-        if (this.drained) this.closeClient(fd);
-        else if (err) this.failedOver(fd, backends, start, i, anyBackend, backend, err);
-        else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: address, port: backend.port });
-      });
-      return;
-    }
     this.connectNative(fd, backends, start, i, anyBackend, backend, backend);
+  }
+
+  /** A host name (the module takes literal addresses only) is resolved first, then dialled as its address. */
+  private resolveThenConnect(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint): void {
+    this.resolving++;
+    lookup(backend.host, (err, address) => {
+      this.resolving--;
+      if (this.drained) this.closeClient(fd);
+      else if (err) this.failedOver(fd, backends, start, i, anyBackend, backend, err);
+      else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: address, port: backend.port });
+    });
   }
 
   private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint): void {
@@ -291,7 +295,9 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       }
     });
     if (typeof handle === "number") {
-      this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect", backendKey(address)));
+      // The module parses the address: a name is told apart there, not by a second parse per connection here.
+      if (handle === EINVAL && address === backend) this.resolveThenConnect(fd, backends, start, i, anyBackend, backend);
+      else this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect", backendKey(address)));
       return;
     }
     const pair = new NativePair(module, handle);
