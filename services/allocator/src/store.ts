@@ -165,6 +165,7 @@ export class PortStore {
    * unique constraint decides.
    */
   private nodeLoad: { at: number; nodes: Array<ChosenNode & { free: number }> } | undefined;
+  private nodeLoadCounting: Promise<void> | undefined;
 
   constructor(
     private readonly pool: Pool,
@@ -418,11 +419,21 @@ export class PortStore {
 
   private async leastLoadedNode(tx: PoolClient, input: NewService): Promise<ChosenNode> {
     if (!this.nodeLoad || Date.now() - this.nodeLoad.at > 1_000) {
-      const { rows } = await tx.query<ChosenNode & { free: string }>(`${NODE_FREE_SELECT}`);
-      this.nodeLoad = { at: Date.now(), nodes: rows.map((r) => ({ ...r, free: Number(r.free) })) };
+      // One count at a time: every create that finds the counts stale would
+      // otherwise count them again, together. Until it ends, stale counts serve.
+      if (!this.nodeLoadCounting) {
+        this.nodeLoadCounting = query<ChosenNode & { free: string }>(this.pool, NODE_FREE_SELECT)
+          .then(({ rows }) => {
+            this.nodeLoad = { at: Date.now(), nodes: rows.map((r) => ({ ...r, free: Number(r.free) })) };
+          })
+          .finally(() => (this.nodeLoadCounting = undefined));
+        // A failed count fails only the creates that wait for it; the next stale look counts again.
+        this.nodeLoadCounting.catch(() => undefined);
+      }
+      if (!this.nodeLoad) await this.nodeLoadCounting;
     }
     let best: (ChosenNode & { free: number }) | undefined;
-    for (const n of this.nodeLoad.nodes) if (!best || n.free > best.free) best = n;
+    for (const n of this.nodeLoad?.nodes ?? []) if (!best || n.free > best.free) best = n;
     if (!best || best.free <= 0) return chooseNode(tx, input);
     best.free--;
     return best;
