@@ -16,7 +16,11 @@
  * from an edge until a write is refused. A read goes into one shared scratch
  * buffer and straight to the other side; only what a full socket buffer
  * refuses is kept (per side, and that side's reader then waits:
- * backpressure). Half-close passes through (an EOF shuts the other side's
+ * backpressure). A side whose read filled the scratch buffer is bulk: its
+ * bytes are then spliced through a pipe to the other side, never copied
+ * through this process (what the destination refuses waits in the pipe).
+ * A flow holds a pipe only while it moves; empty pipes are kept for the
+ * next, and past MAX_PIPES a flow is copied as before. Half-close passes through (an EOF shuts the other side's
  * write side once its queue is out); an error on either side closes both.
  * A pair that used its turn's reads with more to read goes on a ready list,
  * run in libuv's idle phase, so one busy pair does not hold up the others.
@@ -58,6 +62,10 @@
 #define ACCEPTS_PER_TURN 64
 /* Events taken from the epoll set per readable event of it. */
 #define EVENTS_PER_TURN 256
+/* Pipes for splicing: at most MAX_PIPES at once (two descriptors each), SPARE_PIPES of them kept empty for reuse. */
+#define MAX_PIPES 1024
+#define SPARE_PIPES 64
+#define PIPE_BYTES (256 * 1024)
 
 enum { ENDED = 0, CONNECTED = 1 };
 
@@ -70,6 +78,9 @@ typedef struct Side {
   struct Side *peer;
   char *queued;     /* bytes this side's socket has not taken yet */
   size_t queued_len, queued_off;
+  int pipe[2];      /* while bulk flows to this side: the pipe its bytes are spliced through, else -1 */
+  size_t piped;     /* bytes in that pipe, not yet taken by this side's socket */
+  int bulk;         /* a read from this side filled the scratch buffer: its bytes go by splice */
   double written;   /* bytes written to this side */
   int registered;   /* in the epoll set (a dialling pair's client is not, yet) */
   int readable;     /* an edge said so and no read has found the socket empty since */
@@ -102,12 +113,17 @@ static int epfd = -1;
 static uv_poll_t epoll_poll;
 static uv_idle_t later;
 static Pair *ready_head;
+/* Empty pipes kept for the next bulk flow, and how many pipes exist in all (in use or kept). */
+static int spare_pipes[SPARE_PIPES][2];
+static int spare_count, pipe_count;
+static double spliced_bytes; /* all bytes that went to a socket from a pipe */
 static Pair *ended_head, *ended_tail;
 /* Pairs not yet freed: while there are any, the set's poll keeps the loop alive. */
 static size_t live_pairs;
 
 static void pump(Pair *p);
 static void unwatch_and_close(Side *s);
+static void drop_pipe(Side *s);
 
 static void notify(Pair *p, int event, double a, double b) {
   napi_env env = p->env;
@@ -187,6 +203,7 @@ static void teardown(Pair *p) {
     Side *s = sides[i];
     free(s->queued);
     s->queued = NULL;
+    drop_pipe(s);
     if (s == &p->client && p->failed) continue; /* handed back to the caller */
     if (p->joined) unwatch_and_close(s);
     else close(s->fd);
@@ -222,9 +239,42 @@ static void run_later(uv_idle_t *idle) {
   if (!ready_head && !ended_head) uv_idle_stop(idle);
 }
 
+/* A pipe for bulk bytes to `s`: a spare one, or a new one while there are fewer than MAX_PIPES. 0 when there is none. */
+static int take_pipe(Side *s) {
+  if (spare_count > 0) {
+    spare_count--;
+    s->pipe[0] = spare_pipes[spare_count][0];
+    s->pipe[1] = spare_pipes[spare_count][1];
+    return 1;
+  }
+  if (pipe_count >= MAX_PIPES || pipe2(s->pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
+    s->pipe[0] = s->pipe[1] = -1;
+    return 0;
+  }
+  pipe_count++;
+  fcntl(s->pipe[1], F_SETPIPE_SZ, PIPE_BYTES); /* best effort: a smaller pipe only splices less per call */
+  return 1;
+}
+
+/* Gives up `s`'s pipe: kept as a spare if empty and there is room, else closed. */
+static void drop_pipe(Side *s) {
+  if (s->pipe[0] < 0) return;
+  if (s->piped == 0 && spare_count < SPARE_PIPES) {
+    spare_pipes[spare_count][0] = s->pipe[0];
+    spare_pipes[spare_count][1] = s->pipe[1];
+    spare_count++;
+  } else {
+    close(s->pipe[0]);
+    close(s->pipe[1]);
+    pipe_count--;
+  }
+  s->pipe[0] = s->pipe[1] = -1;
+  s->piped = 0;
+}
+
 /* Shuts `s`'s write side once its peer has sent EOF and nothing is queued for `s` (not when `s` is done too: closing says it). */
 static void pass_eof(Side *s) {
-  if (s->peer->eof && !s->queued && !s->shut) {
+  if (s->peer->eof && !s->queued && !s->piped && !s->shut) {
     s->shut = 1;
     if (!s->eof) shutdown(s->fd, SHUT_WR);
   }
@@ -267,7 +317,48 @@ static int flush(Side *s) {
       pass_eof(s);
     }
   }
+  while (s->piped && s->writable) {
+    ssize_t w = splice(s->pipe[0], NULL, s->fd, NULL, s->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) return -1;
+      s->writable = 0;
+      break;
+    }
+    s->piped -= (size_t)w;
+    s->written += (double)w;
+    spliced_bytes += (double)w;
+    if (!s->piped) pass_eof(s);
+  }
   return 0;
+}
+
+/*
+ * One splice from `s` through its peer's pipe to the peer: as carry. A splice
+ * takes what fits the pipe's slots, not all it is asked for, so a short one
+ * does not say the socket is empty; EAGAIN does (and then the pipe goes back:
+ * a flow holds a pipe only while it moves).
+ */
+static int carry_spliced(Side *s) {
+  Side *to = s->peer;
+  ssize_t r = splice(s->fd, NULL, to->pipe[1], NULL, PIPE_BYTES, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+  if (r < 0) {
+    if (errno == EINTR) return 1;
+    if (errno != EAGAIN) return -1;
+    s->readable = 0;
+    drop_pipe(to);
+    return 0;
+  }
+  if (r == 0) {
+    s->eof = 1;
+    s->readable = 0;
+    drop_pipe(to);
+    pass_eof(to);
+    return 0;
+  }
+  to->piped = (size_t)r;
+  if (flush(to) < 0) return -1;
+  return !to->piped;
 }
 
 /*
@@ -277,7 +368,8 @@ static int flush(Side *s) {
  */
 static int carry(Side *s) {
   Side *to = s->peer;
-  if (!s->readable || s->eof || to->queued) return 0;
+  if (!s->readable || s->eof || to->queued || to->piped) return 0;
+  if (s->bulk && !s->urgent && (to->pipe[0] >= 0 || take_pipe(to))) return carry_spliced(s);
   ssize_t r = read(s->fd, scratch, SCRATCH);
   if (r < 0) {
     if (errno == EINTR) return 1;
@@ -292,6 +384,7 @@ static int carry(Side *s) {
     return 0;
   }
   if (forward(to, scratch, (size_t)r) < 0) return -1;
+  if (r == SCRATCH) s->bulk = 1;
   if (r < SCRATCH && !s->urgent) {
     /* A short read emptied the socket: what comes later brings an edge. If the FIN was
        already in (eof_pending), everything before it has been read: that is the EOF,
@@ -316,6 +409,12 @@ static void salvage(Side *s) {
     ssize_t w = write(peer->fd, peer->queued + peer->queued_off, peer->queued_len - peer->queued_off);
     if (w > 0) peer->written += (double)w;
     if (w < 0 || (size_t)w < peer->queued_len - peer->queued_off) return;
+  }
+  if (peer->piped) {
+    ssize_t w = splice(peer->pipe[0], NULL, peer->fd, NULL, peer->piped, SPLICE_F_NONBLOCK);
+    if (w > 0) peer->written += (double)w;
+    if (w < 0 || (size_t)w < peer->piped) return;
+    peer->piped = 0;
   }
   for (;;) {
     ssize_t r = read(s->fd, scratch, SCRATCH);
@@ -456,6 +555,7 @@ static Pair *new_pair(napi_env env, napi_value callback, napi_value *external) {
   p->client.peer = &p->upstream;
   p->upstream.peer = &p->client;
   p->client.fd = p->upstream.fd = -1;
+  p->client.pipe[0] = p->client.pipe[1] = p->upstream.pipe[0] = p->upstream.pipe[1] = -1;
   napi_create_reference(env, callback, 1, &p->callback);
   napi_create_string_utf8(env, "harbor-pair", NAPI_AUTO_LENGTH, &name);
   napi_async_init(env, NULL, name, &p->context);
@@ -596,6 +696,20 @@ static napi_value js_accept(napi_env env, napi_callback_info info) {
   return native_number(env, (double)n);
 }
 
+/* pipes() -> { open, spare, splicedBytes }: the pipes that exist (two descriptors each), how many of them wait empty, and the bytes carried through them. */
+static napi_value js_pipes(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value result, value;
+  napi_create_object(env, &result);
+  napi_create_int32(env, pipe_count, &value);
+  napi_set_named_property(env, result, "open", value);
+  napi_create_int32(env, spare_count, &value);
+  napi_set_named_property(env, result, "spare", value);
+  napi_create_double(env, spliced_bytes, &value);
+  napi_set_named_property(env, result, "splicedBytes", value);
+  return result;
+}
+
 /* cut(handle): closes both sides now (a drain's deadline); the callback still runs, once. */
 static napi_value js_cut(napi_env env, napi_callback_info info) {
   napi_value argv[1];
@@ -616,6 +730,7 @@ void tcp_init(napi_env env, napi_value exports) {
     NATIVE_FUNCTION("dial", js_dial),
     NATIVE_FUNCTION("join", js_join),
     NATIVE_FUNCTION("cut", js_cut),
+    NATIVE_FUNCTION("pipes", js_pipes),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
 }

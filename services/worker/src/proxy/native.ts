@@ -26,6 +26,8 @@ export interface NativeModule {
   dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, onEvent: PairEvents): unknown;
   join(clientFd: number, upstreamFd: number, onEvent: PairEvents): unknown;
   cut(pair: unknown): void;
+  /** The pipes bulk flows are spliced through (two descriptors each), how many wait empty for the next, and the bytes they carried. */
+  pipes(): { open: number; spare: number; splicedBytes: number };
 }
 
 /**
