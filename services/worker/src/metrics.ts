@@ -38,6 +38,8 @@ export interface ListenerGauges {
   listeningPorts(): number;
   /** Kernel mode: flows the kernel sent on, from the nftables counters (read at scrape). */
   kernelFlows?(): Promise<{ tcp: number; udp: number }>;
+  /** Native data path: the pipes bulk TCP flows are spliced through, in this process. */
+  splicePipes?(): { open: number; spare: number };
 }
 
 
@@ -75,6 +77,20 @@ export function workerMetrics(counters: DataPlaneCounters, gauges: ListenerGauge
         this.reset();
         this.inc({ protocol: "tcp" }, flows.tcp);
         this.inc({ protocol: "udp" }, flows.udp);
+      },
+    });
+  }
+  const splicePipes = gauges.splicePipes;
+  if (splicePipes) {
+    new Gauge({
+      name: "harbor_worker_splice_pipes",
+      help: "Pipes the native data path splices bulk TCP flows through (two descriptors each), in_use or spare (kept empty for the next)",
+      labelNames: ["state"],
+      registers,
+      collect() {
+        const { open, spare } = splicePipes();
+        this.set({ state: "in_use" }, open - spare);
+        this.set({ state: "spare" }, spare);
       },
     });
   }

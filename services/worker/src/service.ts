@@ -55,6 +55,8 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const serviceOf = (key: string) => key.slice(0, key.indexOf("/"));
   /** Listeners whose failure to bind has been reported. */
   const bindFailures = new Set<string>();
+  // Throws for HARBOR_WORKER_IO=native where the module is not built: the operator asked for it.
+  const native = config.mode === "userspace" ? nativeModule(config.io) : undefined;
   const counters = new DataPlaneCounters();
   const metrics = workerMetrics(
     counters,
@@ -67,6 +69,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
         return tcp.length + udp.length;
       },
       ...(config.mode === "kernel" ? { kernelFlows: () => kernel?.flows() ?? Promise.resolve({ tcp: 0, udp: 0 }) } : {}),
+      ...(native ? { splicePipes: () => native.pipes() } : {}),
     },
     deps.metrics,
   );
@@ -81,8 +84,6 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const kernelTable = tableName(deps.subjects.prefix, config.nodeId);
   const kernel = config.mode === "kernel" ? new KernelTable(kernelTable, () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
   // UDP stays in this process: a client's datagrams keep one session and FIFO stays FIFO.
-  // Throws for HARBOR_WORKER_IO=native where the module is not built: the operator asked for it.
-  const native = config.mode === "userspace" ? nativeModule(config.io) : undefined;
   const relays = config.mode === "userspace" && config.relays > 0 ? new RelayPool(config.relays, config.connectTimeoutMs, counters, logger, native ? "native" : "node") : undefined;
   const udpIo = native ? batchedIo(native) : dgramIo;
   if (config.mode === "userspace") {
