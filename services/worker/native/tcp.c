@@ -442,7 +442,7 @@ static void pump(Pair *p) {
     more = from_client || from_upstream;
     if (!more) break;
   }
-  if (c->eof && u->eof && !c->queued && !u->queued) teardown(p);
+  if (c->eof && u->eof && !c->queued && !u->queued && !c->piped && !u->piped) teardown(p);
   else if (more) make_ready(p);
 }
 
