@@ -421,8 +421,11 @@ export class PortStore {
     if (!this.nodeLoad || Date.now() - this.nodeLoad.at > 1_000) {
       // One count at a time: every create that finds the counts stale would
       // otherwise count them again, together. Until it ends, stale counts serve.
+      // It runs on the caller's own client: waiting for another of the pool's,
+      // while holding one, deadlocks once every client is held by such a wait.
       if (!this.nodeLoadCounting) {
-        this.nodeLoadCounting = query<ChosenNode & { free: string }>(this.pool, NODE_FREE_SELECT)
+        this.nodeLoadCounting = tx
+          .query<ChosenNode & { free: string }>(NODE_FREE_SELECT)
           .then(({ rows }) => {
             this.nodeLoad = { at: Date.now(), nodes: rows.map((r) => ({ ...r, free: Number(r.free) })) };
           })
