@@ -350,11 +350,12 @@ static int carry_spliced(Side *s) {
     return 0;
   }
   if (r == 0) {
-    s->eof = 1;
-    s->readable = 0;
+    /* The end, or an urgent mark at the head of the queue: a splice stops at a mark and, once
+       the FIN is in, says 0 there, where a read skips the mark's byte and goes on. A read tells
+       (urgent from here: that read path trusts only EAGAIN or 0). */
     drop_pipe(to);
-    pass_eof(to);
-    return 0;
+    s->urgent = 1;
+    return 1;
   }
   to->piped = (size_t)r;
   if (flush(to) < 0) return -1;
@@ -370,6 +371,7 @@ static int carry(Side *s) {
   Side *to = s->peer;
   if (!s->readable || s->eof || to->queued || to->piped) return 0;
   if (s->bulk && !s->urgent && (to->pipe[0] >= 0 || take_pipe(to))) return carry_spliced(s);
+  drop_pipe(to); /* copied from here on (urgent data came): a flow holds a pipe only while it is spliced */
   ssize_t r = read(s->fd, scratch, SCRATCH);
   if (r < 0) {
     if (errno == EINTR) return 1;
