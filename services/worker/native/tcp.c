@@ -251,8 +251,15 @@ static int take_pipe(Side *s) {
     s->pipe[0] = s->pipe[1] = -1;
     return 0;
   }
+  /* A user past its pipe allowance (fs.pipe-user-pages-soft, unless privileged) gets pipes of
+     two pages that it may not grow: splicing through those costs more calls than copying. */
+  if (fcntl(s->pipe[1], F_SETPIPE_SZ, PIPE_BYTES) < 0 && fcntl(s->pipe[1], F_GETPIPE_SZ) < SCRATCH) {
+    close(s->pipe[0]);
+    close(s->pipe[1]);
+    s->pipe[0] = s->pipe[1] = -1;
+    return 0;
+  }
   pipe_count++;
-  fcntl(s->pipe[1], F_SETPIPE_SZ, PIPE_BYTES); /* best effort: a smaller pipe only splices less per call */
   return 1;
 }
 
