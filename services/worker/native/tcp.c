@@ -116,6 +116,9 @@ static Pair *ready_head;
 /* Empty pipes kept for the next bulk flow, and how many pipes exist in all (in use or kept). */
 static int spare_pipes[SPARE_PIPES][2];
 static int spare_count, pipe_count;
+/* When making a pipe last failed (descriptors or the user's pipe allowance ran out): no new try for a second. */
+static int pipes_refused;
+static uint64_t pipes_refused_at;
 static double spliced_bytes; /* all bytes that went to a socket from a pipe */
 static Pair *ended_head, *ended_tail;
 /* Pairs not yet freed: while there are any, the set's poll keeps the loop alive. */
@@ -247,8 +250,15 @@ static int take_pipe(Side *s) {
     s->pipe[1] = spare_pipes[spare_count][1];
     return 1;
   }
-  if (pipe_count >= MAX_PIPES || pipe2(s->pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
+  s->pipe[0] = s->pipe[1] = -1;
+  if (pipe_count >= MAX_PIPES) return 0;
+  uv_loop_t *loop = uv_handle_get_loop((uv_handle_t *)&epoll_poll);
+  if (pipes_refused && uv_now(loop) - pipes_refused_at < 1000) return 0;
+  pipes_refused = 0;
+  if (pipe2(s->pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
     s->pipe[0] = s->pipe[1] = -1;
+    pipes_refused = 1;
+    pipes_refused_at = uv_now(loop);
     return 0;
   }
   /* A user past its pipe allowance (fs.pipe-user-pages-soft, unless privileged) gets pipes of
@@ -257,6 +267,8 @@ static int take_pipe(Side *s) {
     close(s->pipe[0]);
     close(s->pipe[1]);
     s->pipe[0] = s->pipe[1] = -1;
+    pipes_refused = 1;
+    pipes_refused_at = uv_now(loop);
     return 0;
   }
   pipe_count++;
