@@ -494,13 +494,16 @@ static void dial_failed(Pair *p, int err) {
   teardown(p);
 }
 
-static void connect_done(Pair *p) {
-  int err = 0;
-  socklen_t len = sizeof err;
-  if (getsockopt(p->upstream.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
-  if (err) {
-    dial_failed(p, err);
-    return;
+/* The connect's outcome, from the upstream's first event: writable alone is success (no call to ask). */
+static void connect_done(Pair *p, uint32_t events) {
+  if (events & (EPOLLERR | EPOLLHUP)) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(p->upstream.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    if (err) {
+      dial_failed(p, err);
+      return;
+    }
   }
   stop_dialing(p);
   tune(p->upstream.fd, p->keepalive_idle_s);
@@ -520,7 +523,7 @@ static void on_event(Side *s, uint32_t events) {
   if (p->ended) return;
   if (p->dialing) {
     if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
-    connect_done(p);
+    connect_done(p, events);
     /* Connected: the same event may bring the backend's first bytes, and no other edge will. */
     if (p->ended) return;
   }
