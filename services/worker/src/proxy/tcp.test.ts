@@ -189,6 +189,22 @@ describe.each(PATHS)("tcp listener ($name) - choosing and refusing", ({ native }
     expect(await client.roundTrip("by name")).toBe("by name");
   });
 
+  it("dials a host name's addresses in turn: one that refuses is passed over, and the backend stays in rotation", async () => {
+    const [b] = await twoBackends();
+    // The backend listens on 127.0.0.1 only: its name's first address, 127.0.0.2, refuses.
+    // (The resolver is given here; Node's own sockets resolve, and try each address, themselves.)
+    const resolve: TcpListenerOptions["resolve"] = (_host, done) => done(null, [{ address: "127.0.0.2", family: 4 }, { address: "127.0.0.1", family: 4 }]);
+    const { listener, counters } = await listenerOver(native, [(b as EchoBackend).port], { resolve }, native ? "backend.example" : "localhost");
+    for (let i = 0; i < 2; i++) {
+      const client = await connectLines(listener.port);
+      cleanup.push(() => client.close());
+      expect(await client.nextLine()).toBe("t0");
+    }
+    expect(counters.tcpProxied).toBe(2);
+    expect(counters.tcpBackendFailures).toBe(0);
+    expect(listener.ejections.isEjected(`backend.example:${(b as EchoBackend).port}`)).toBe(false);
+  });
+
   it("passes a half-close through both ways, and counts the bytes each way once the pair ends", async () => {
     const [b] = await twoBackends();
     const { listener, counters } = await listenerOver(native, [(b as EchoBackend).port]);

@@ -1,4 +1,4 @@
-import { lookup } from "node:dns";
+import { lookup, type LookupAddress } from "node:dns";
 import net from "node:net";
 import { constants } from "node:os";
 import type { Logger } from "pino";
@@ -34,7 +34,11 @@ export interface TcpListenerOptions {
    * dialled. Without it Node's sockets do all of it.
    */
   native?: NativeModule;
+  /** Resolves a backend's host name to all its addresses (the native path dials addresses); dns.lookup by default. */
+  resolve?: (host: string, done: (err: Error | null, addresses: LookupAddress[]) => void) => void;
 }
+
+const resolveAll: NonNullable<TcpListenerOptions["resolve"]> = (host, done) => lookup(host, { all: true }, done);
 
 const BACKLOG = 1024;
 /** What the module's dial returns for an address that is not a literal IPv4 or IPv6 one. */
@@ -269,19 +273,32 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     this.connectNative(fd, backends, start, i, anyBackend, backend, backend);
   }
 
-  /** A host name (the module takes literal addresses only) is resolved first, then dialled as its address. */
+  /**
+   * A host name (the module takes literal addresses only) is resolved first,
+   * then dialled at each of its addresses in turn until one answers, as
+   * Node's sockets do; the backend fails over only when none does.
+   */
   private resolveThenConnect(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint): void {
     this.resolving++;
-    lookup(backend.host, (err, address) => {
+    (this.options.resolve ?? resolveAll)(backend.host, (err, addresses) => {
       this.resolving--;
+      const [first, ...rest] = addresses ?? [];
       if (this.drained) this.closeClient(fd);
-      else if (err) this.failedOver(fd, backends, start, i, anyBackend, backend, err);
-      else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: address, port: backend.port });
+      else if (err || !first) this.failedOver(fd, backends, start, i, anyBackend, backend, err ?? new Error(`no address for ${backend.host}`));
+      else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: first.address, port: backend.port }, rest.map((a) => a.address));
     });
   }
 
-  private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint): void {
+  /** `moreAddresses`: the backend's host name's other addresses, tried in turn when this one fails. */
+  private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint, moreAddresses: string[] = []): void {
     const module = this.options.native as NativeModule;
+    const failed = (err: NodeJS.ErrnoException) => {
+      const [next, ...rest] = moreAddresses;
+      // A timeout has used the connection's whole allowance, and a local failure is no address's: the next backend.
+      if (next !== undefined && !this.drained && err.code !== "ETIMEDOUT" && !isLocalFailure(err)) {
+        this.connectNative(fd, backends, start, i, anyBackend, backend, { host: next, port: backend.port }, rest);
+      } else this.failedOver(fd, backends, start, i, anyBackend, backend, err);
+    };
     const handle = module.dial(fd, address.host, address.port, this.options.connectTimeoutMs, KEEPALIVE_IDLE_S, (event, toBackend, toClient) => {
       if (event === PAIR_CONNECTED) {
         this.options.counters.tcpProxied++;
@@ -291,13 +308,13 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       if (event === PAIR_ENDED) this.ended(pair, toBackend, toClient);
       else {
         this.open.delete(pair);
-        this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(event, "connect", backendKey(address)));
+        failed(errnoError(event, "connect", backendKey(address)));
       }
     });
     if (typeof handle === "number") {
       // The module parses the address: a name is told apart there, not by a second parse per connection here.
       if (handle === EINVAL && address === backend) this.resolveThenConnect(fd, backends, start, i, anyBackend, backend);
-      else this.failedOver(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect", backendKey(address)));
+      else failed(errnoError(handle, "connect", backendKey(address)));
       return;
     }
     const pair = new NativePair(module, handle);
