@@ -294,8 +294,9 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     const module = this.options.native as NativeModule;
     const failed = (err: NodeJS.ErrnoException) => {
       const [next, ...rest] = moreAddresses;
-      // A timeout has used the connection's whole allowance, and a local failure is no address's: the next backend.
-      if (next !== undefined && !this.drained && err.code !== "ETIMEDOUT" && !isLocalFailure(err)) {
+      // A timeout has used the connection's whole allowance: the next backend. Any other failure tries the
+      // next address (EADDRNOTAVAIL, a local failure otherwise, is what an IPv6 address gives where IPv6 is off).
+      if (next !== undefined && !this.drained && err.code !== "ETIMEDOUT") {
         this.connectNative(fd, backends, start, i, anyBackend, backend, { host: next, port: backend.port }, rest);
       } else this.failedOver(fd, backends, start, i, anyBackend, backend, err);
     };
