@@ -430,7 +430,8 @@ export class PortStore {
             this.nodeLoad = { at: Date.now(), nodes: rows.map((r) => ({ ...r, free: Number(r.free) })) };
           })
           .finally(() => (this.nodeLoadCounting = undefined));
-        // A failed count fails only the creates that wait for it; the next stale look counts again.
+        // A failed count fails the creates that wait for it and the one whose client ran it (its
+        // transaction is aborted); nothing else: the next stale look counts again.
         this.nodeLoadCounting.catch(() => undefined);
       }
       if (!this.nodeLoad) await this.nodeLoadCounting;
