@@ -260,6 +260,29 @@ describe.each(PATHS)("tcp listener ($name) - choosing and refusing", ({ native }
   });
 });
 
+// Node's sockets resolve names themselves (every address, a short try each: autoSelectFamily); the native path is given a resolver here.
+describe("tcp listener (native) - a host name with an address that never answers", () => {
+  it("gives each of a host name's addresses but the last a short try: one that never answers is passed over", async () => {
+    // 127.0.0.1:<port> takes no connection (a full accept queue); 127.0.0.2:<port> greets and echoes.
+    const silent = await startSilentPort();
+    cleanup.push(() => silent.close());
+    const other = net.createServer((socket) => {
+      socket.on("error", () => undefined);
+      socket.write("t0\n");
+      socket.pipe(socket);
+    });
+    await new Promise<void>((resolve) => other.listen(silent.port, "127.0.0.2", resolve));
+    cleanup.push(() => new Promise((resolve) => other.close(resolve)));
+    const resolve: TcpListenerOptions["resolve"] = (_host, done) => done(null, [{ address: "127.0.0.1", family: 4 }, { address: "127.0.0.2", family: 4 }]);
+    const { listener, counters } = await listenerOver(nativeModule("native"), [silent.port], { resolve, connectTimeoutMs: 3_000 }, "backend.example");
+    const client = await connectLines(listener.port);
+    cleanup.push(() => client.close());
+    expect(await client.nextLine()).toBe("t0");
+    expect(counters.tcpBackendFailures).toBe(0);
+    expect(counters.tcpProxied).toBe(1);
+  });
+});
+
 /** A client that connects, waits for a line on stdin, then sends "abc", an urgent "X" and "def" (and its FIN when asked). */
 const URGENT_CLIENT = `
 import socket, sys

@@ -44,6 +44,8 @@ const BACKLOG = 1024;
 /** What the module's dial returns for an address that is not a literal IPv4 or IPv6 one. */
 const EINVAL = -constants.errno.EINVAL;
 const KEEPALIVE_IDLE_S = KEEPALIVE_IDLE_MS / 1000;
+/** How long one of a host name's addresses may take to answer while others are left (Node's autoSelectFamilyAttemptTimeout). */
+const ADDRESS_ATTEMPT_MS = 250;
 
 /**
  * One TCP port of a service. Each new connection goes to the next backend in
@@ -276,7 +278,8 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
   /**
    * A host name (the module takes literal addresses only) is resolved first,
    * then dialled at each of its addresses in turn until one answers, as
-   * Node's sockets do; the backend fails over only when none does.
+   * Node's sockets do: each but the last gets ADDRESS_ATTEMPT_MS, all of them
+   * together the connect timeout. The backend fails over only when none answers.
    */
   private resolveThenConnect(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint): void {
     this.resolving++;
@@ -285,22 +288,30 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       const [first, ...rest] = addresses ?? [];
       if (this.drained) this.closeClient(fd);
       else if (err || !first) this.failedOver(fd, backends, start, i, anyBackend, backend, err ?? new Error(`no address for ${backend.host}`));
-      else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: first.address, port: backend.port }, rest.map((a) => a.address));
+      else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: first.address, port: backend.port }, rest.map((a) => a.address), Date.now() + this.options.connectTimeoutMs);
     });
   }
 
-  /** `moreAddresses`: the backend's host name's other addresses, tried in turn when this one fails. */
-  private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint, moreAddresses: string[] = []): void {
+  /**
+   * `moreAddresses`: the backend's host name's other addresses, tried in turn
+   * when this one fails (any failure: EADDRNOTAVAIL, a local failure
+   * otherwise, is what an IPv6 address gives where IPv6 is off) until
+   * `deadline`, when all of them share the connect timeout.
+   */
+  private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint, moreAddresses: string[] = [], deadline?: number): void {
     const module = this.options.native as NativeModule;
+    let timeoutMs = this.options.connectTimeoutMs;
+    if (deadline !== undefined) {
+      const left = Math.max(1, deadline - Date.now());
+      timeoutMs = moreAddresses.length > 0 ? Math.min(ADDRESS_ATTEMPT_MS, left) : left;
+    }
     const failed = (err: NodeJS.ErrnoException) => {
       const [next, ...rest] = moreAddresses;
-      // A timeout has used the connection's whole allowance: the next backend. Any other failure tries the
-      // next address (EADDRNOTAVAIL, a local failure otherwise, is what an IPv6 address gives where IPv6 is off).
-      if (next !== undefined && !this.drained && err.code !== "ETIMEDOUT") {
-        this.connectNative(fd, backends, start, i, anyBackend, backend, { host: next, port: backend.port }, rest);
+      if (next !== undefined && !this.drained && (deadline ?? 0) > Date.now()) {
+        this.connectNative(fd, backends, start, i, anyBackend, backend, { host: next, port: backend.port }, rest, deadline);
       } else this.failedOver(fd, backends, start, i, anyBackend, backend, err);
     };
-    const handle = module.dial(fd, address.host, address.port, this.options.connectTimeoutMs, KEEPALIVE_IDLE_S, (event, toBackend, toClient) => {
+    const handle = module.dial(fd, address.host, address.port, timeoutMs, KEEPALIVE_IDLE_S, (event, toBackend, toClient) => {
       if (event === PAIR_CONNECTED) {
         this.options.counters.tcpProxied++;
         return;
