@@ -116,9 +116,8 @@ static Pair *ready_head;
 /* Empty pipes kept for the next bulk flow, and how many pipes exist in all (in use or kept). */
 static int spare_pipes[SPARE_PIPES][2];
 static int spare_count, pipe_count;
-/* When making a pipe last failed (descriptors or the user's pipe allowance ran out): no new try for a second. */
-static int pipes_refused;
-static uint64_t pipes_refused_at;
+/* Loop time before which no pipe is made: a second after making one failed (descriptors or the user's pipe allowance ran out). */
+static uint64_t pipes_retry_at;
 static double spliced_bytes; /* all bytes that went to a socket from a pipe */
 static Pair *ended_head, *ended_tail;
 /* Pairs not yet freed: while there are any, the set's poll keeps the loop alive. */
@@ -251,28 +250,23 @@ static int take_pipe(Side *s) {
     return 1;
   }
   s->pipe[0] = s->pipe[1] = -1;
-  if (pipe_count >= MAX_PIPES) return 0;
   uv_loop_t *loop = uv_handle_get_loop((uv_handle_t *)&epoll_poll);
-  if (pipes_refused && uv_now(loop) - pipes_refused_at < 1000) return 0;
-  pipes_refused = 0;
-  if (pipe2(s->pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
-    s->pipe[0] = s->pipe[1] = -1;
-    pipes_refused = 1;
-    pipes_refused_at = uv_now(loop);
-    return 0;
+  if (pipe_count >= MAX_PIPES || uv_now(loop) < pipes_retry_at) return 0;
+  int fds[2];
+  if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == 0) {
+    /* A user past its pipe allowance (fs.pipe-user-pages-soft, unless privileged) gets pipes of
+       two pages that it may not grow: splicing through those costs more calls than copying. */
+    if (fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES) >= 0 || fcntl(fds[1], F_GETPIPE_SZ) >= SCRATCH) {
+      s->pipe[0] = fds[0];
+      s->pipe[1] = fds[1];
+      pipe_count++;
+      return 1;
+    }
+    close(fds[0]);
+    close(fds[1]);
   }
-  /* A user past its pipe allowance (fs.pipe-user-pages-soft, unless privileged) gets pipes of
-     two pages that it may not grow: splicing through those costs more calls than copying. */
-  if (fcntl(s->pipe[1], F_SETPIPE_SZ, PIPE_BYTES) < 0 && fcntl(s->pipe[1], F_GETPIPE_SZ) < SCRATCH) {
-    close(s->pipe[0]);
-    close(s->pipe[1]);
-    s->pipe[0] = s->pipe[1] = -1;
-    pipes_refused = 1;
-    pipes_refused_at = uv_now(loop);
-    return 0;
-  }
-  pipe_count++;
-  return 1;
+  pipes_retry_at = uv_now(loop) + 1000;
+  return 0;
 }
 
 /* Gives up `s`'s pipe: kept as a spare if empty and there is room, else closed. */
@@ -426,17 +420,9 @@ static int carry(Side *s) {
  */
 static void salvage(Side *s) {
   Side *peer = s->peer;
-  if (peer->queued) {
-    ssize_t w = write(peer->fd, peer->queued + peer->queued_off, peer->queued_len - peer->queued_off);
-    if (w > 0) peer->written += (double)w;
-    if (w < 0 || (size_t)w < peer->queued_len - peer->queued_off) return;
-  }
-  if (peer->piped) {
-    ssize_t w = splice(peer->pipe[0], NULL, peer->fd, NULL, peer->piped, SPLICE_F_NONBLOCK);
-    if (w > 0) peer->written += (double)w;
-    if (w < 0 || (size_t)w < peer->piped) return;
-    peer->piped = 0;
-  }
+  /* What is queued or piped for the peer first (tried even if its last write was refused). */
+  peer->writable = 1;
+  if (flush(peer) < 0 || peer->queued || peer->piped) return;
   for (;;) {
     ssize_t r = read(s->fd, scratch, SCRATCH);
     if (r <= 0) return;

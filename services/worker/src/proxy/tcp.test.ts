@@ -261,7 +261,22 @@ describe.each(PATHS)("tcp listener ($name) - choosing and refusing", ({ native }
 });
 
 // Node's sockets resolve names themselves (every address, a short try each: autoSelectFamily); the native path is given a resolver here.
-describe("tcp listener (native) - a host name with an address that never answers", () => {
+describe("tcp listener (native) - host names", () => {
+  it.each([
+    ["does not resolve", new Error("getaddrinfo ENOTFOUND backend.example")],
+    ["resolves to no address", null],
+  ])("a name that %s fails its backend over: the client is closed, the failure counted", async (_what, error) => {
+    const resolve: TcpListenerOptions["resolve"] = (_host, done) => done(error, []);
+    const port = await freePort();
+    const { listener, counters } = await listenerOver(nativeModule("native"), [port], { resolve }, "backend.example");
+    const client = await connectLines(listener.port);
+    await client.closed;
+    expect(counters.tcpBackendFailures).toBe(1);
+    expect(counters.tcpAllBackendsFailed).toBe(1);
+    expect(listener.ejections.isEjected(`backend.example:${port}`)).toBe(true);
+  });
+
+
   it("gives each of a host name's addresses but the last a short try: one that never answers is passed over", async () => {
     // 127.0.0.1:<port> takes no connection (a full accept queue); 127.0.0.2:<port> greets and echoes.
     const silent = await startSilentPort();

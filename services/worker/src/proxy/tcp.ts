@@ -40,6 +40,12 @@ export interface TcpListenerOptions {
 
 const resolveAll: NonNullable<TcpListenerOptions["resolve"]> = (host, done) => lookup(host, { all: true }, done);
 
+/** A host name's addresses not dialled yet, and when its dial's time is up. */
+interface MoreAddresses {
+  addresses: string[];
+  deadline: number;
+}
+
 const BACKLOG = 1024;
 /** What the module's dial returns for an address that is not a literal IPv4 or IPv6 one. */
 const EINVAL = -constants.errno.EINVAL;
@@ -288,29 +294,27 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       const [first, ...rest] = addresses ?? [];
       if (this.drained) this.closeClient(fd);
       else if (err || !first) this.failedOver(fd, backends, start, i, anyBackend, backend, err ?? new Error(`no address for ${backend.host}`));
-      else this.connectNative(fd, backends, start, i, anyBackend, backend, { host: first.address, port: backend.port }, rest.map((a) => a.address), Date.now() + this.options.connectTimeoutMs);
+      else {
+        const more = { addresses: rest.map((a) => a.address), deadline: Date.now() + this.options.connectTimeoutMs };
+        this.connectNative(fd, backends, start, i, anyBackend, backend, { host: first.address, port: backend.port }, more);
+      }
     });
   }
 
   /**
-   * `moreAddresses`: the backend's host name's other addresses, tried in turn
+   * `more`, for a host name: its addresses not tried yet, each tried in turn
    * when this one fails (any failure: EADDRNOTAVAIL, a local failure
-   * otherwise, is what an IPv6 address gives where IPv6 is off) until
-   * `deadline`, when all of them share the connect timeout.
+   * otherwise, is what an IPv6 address gives where IPv6 is off), and the
+   * deadline all of them share. A literal address has none: nothing is
+   * allocated or timed for it.
    */
-  private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint, moreAddresses: string[] = [], deadline?: number): void {
+  private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint, more?: MoreAddresses): void {
     const module = this.options.native as NativeModule;
     let timeoutMs = this.options.connectTimeoutMs;
-    if (deadline !== undefined) {
-      const left = Math.max(1, deadline - Date.now());
-      timeoutMs = moreAddresses.length > 0 ? Math.min(ADDRESS_ATTEMPT_MS, left) : left;
+    if (more) {
+      const left = Math.max(1, more.deadline - Date.now());
+      timeoutMs = more.addresses.length > 0 ? Math.min(ADDRESS_ATTEMPT_MS, left) : left;
     }
-    const failed = (err: NodeJS.ErrnoException) => {
-      const [next, ...rest] = moreAddresses;
-      if (next !== undefined && !this.drained && (deadline ?? 0) > Date.now()) {
-        this.connectNative(fd, backends, start, i, anyBackend, backend, { host: next, port: backend.port }, rest, deadline);
-      } else this.failedOver(fd, backends, start, i, anyBackend, backend, err);
-    };
     const handle = module.dial(fd, address.host, address.port, timeoutMs, KEEPALIVE_IDLE_S, (event, toBackend, toClient) => {
       if (event === PAIR_CONNECTED) {
         this.options.counters.tcpProxied++;
@@ -320,17 +324,25 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       if (event === PAIR_ENDED) this.ended(pair, toBackend, toClient);
       else {
         this.open.delete(pair);
-        failed(errnoError(event, "connect", backendKey(address)));
+        this.addressFailed(fd, backends, start, i, anyBackend, backend, errnoError(event, "connect", backendKey(address)), more);
       }
     });
     if (typeof handle === "number") {
       // The module parses the address: a name is told apart there, not by a second parse per connection here.
       if (handle === EINVAL && address === backend) this.resolveThenConnect(fd, backends, start, i, anyBackend, backend);
-      else failed(errnoError(handle, "connect", backendKey(address)));
+      else this.addressFailed(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect", backendKey(address)), more);
       return;
     }
     const pair = new NativePair(module, handle);
     this.open.add(pair);
+  }
+
+  /** The host name's next address while one is left and time is, else the next backend. */
+  private addressFailed(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, err: Error, more: MoreAddresses | undefined): void {
+    const next = more?.addresses[0];
+    if (more && next !== undefined && !this.drained && more.deadline > Date.now()) {
+      this.connectNative(fd, backends, start, i, anyBackend, backend, { host: next, port: backend.port }, { addresses: more.addresses.slice(1), deadline: more.deadline });
+    } else this.failedOver(fd, backends, start, i, anyBackend, backend, err);
   }
 
   private failedOver(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, err: Error): void {
