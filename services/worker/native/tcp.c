@@ -13,28 +13,37 @@
  * descriptor, and nothing is re-armed as a pair's needs change (with libuv's
  * own poll handles, a connection cost some fifteen epoll_ctl calls). A side
  * is `readable` from an edge until a read finds nothing more, `writable`
- * from an edge until a write is refused. A read goes into one shared scratch
- * buffer and straight to the other side; only what a full socket buffer
- * refuses is kept (per side, and that side's reader then waits:
- * backpressure). A side whose read filled the scratch buffer is bulk: its
- * bytes are then spliced through a pipe to the other side, never copied
- * through this process (what the destination refuses waits in the pipe).
- * A flow holds a pipe only while it moves; empty pipes are kept for the
- * next, and past MAX_PIPES a flow is copied as before. Half-close passes through (an EOF shuts the other side's
- * write side once its queue is out); an error on either side closes both.
- * A pair that used its turn's reads with more to read goes on a ready list,
- * run in libuv's idle phase, so one busy pair does not hold up the others.
+ * from an edge until a write is refused (reads and writes are recv and
+ * send: a socket's own calls, without read and write's file layer, and
+ * without SIGPIPE). A read goes into one shared scratch buffer and straight
+ * to the other side; only what a full socket buffer refuses is kept (per
+ * side, and that side's reader then waits: backpressure). A side whose read
+ * filled the scratch buffer is bulk: its bytes are then spliced through a
+ * pipe to the other side, never copied through this process (what the
+ * destination refuses waits in the pipe). A flow holds a pipe only while it
+ * moves; empty pipes are kept for the next, and past MAX_PIPES a flow is
+ * copied as before. Half-close passes through (an EOF shuts the other
+ * side's write side once its queue is out); an error on either side closes
+ * both. A pair that used its turn's reads with more to read goes on a ready
+ * list, run in libuv's idle phase, so one busy pair does not hold up the
+ * others.
  *
- * The pair's callback gets (event, a, b): CONNECTED (1) when a dial's connect
- * succeeded; FAILED (-errno) when it did not, and the client descriptor is
- * the caller's again; ENDED (0, bytes to the backend, bytes to the client)
- * when both sides are closed. ENDED or FAILED comes once, last, from the idle
- * phase (never from inside `cut`).
+ * A pair is known to JavaScript by a small id (an index into its own table
+ * of handlers). What happens to pairs reaches it in batches, one call into
+ * JavaScript per turn of the loop, as records of four numbers in the
+ * Float64Array given to `pairEvents`: (id, event, a, b). CONNECTED (1) when
+ * a dial's connect succeeded; FAILED (-errno) when it did not, and the client
+ * descriptor is the caller's again; ENDED (0, bytes to the backend, bytes to
+ * the client) when both sides are closed. ENDED or FAILED is a pair's last
+ * record and comes from the idle phase (never from inside `cut`). A dial's
+ * connect timeout is its place in one list ordered by deadline, under one
+ * timer.
  *
- * Invariants: a pair is freed only after its last callback ran and its timer
- * closed; JavaScript drops its handle in that callback, so `cut` never sees a
- * freed pair. An epoll registration lasts while any descriptor of its
- * socket is open, so a pair's descriptors leave the set before they are
+ * Invariants: a pair is freed, and its id given out again, only after the
+ * call that delivered its last record returned; JavaScript drops the id in
+ * that call, so `cut` never reaches a freed pair, and a record never names a
+ * pair other than the one it was written for. An epoll registration lasts
+ * while any descriptor of its socket is open, so a pair's descriptors leave the set before they are
  * closed wherever another may share the socket: join's duplicates (a relay's
  * client is still open in the worker that sent it until that send is done).
  * Dial's are the module's own (from accept4 and socket, close-on-exec,
@@ -93,19 +102,17 @@ typedef struct Side {
 
 struct Pair {
   Side client, upstream;
-  uv_timer_t connect_timer; /* a dial's, while `timer_open` */
-  int timer_open;
-  int dialing;              /* the upstream connect is in flight */
+  uint32_t id;              /* JavaScript's name for it, unique among pairs not yet freed */
+  int dialing;              /* the upstream connect is in flight: on the dialling list */
+  uint64_t deadline;        /* loop time at which a dial's connect times out */
+  Pair *dial_prev, *dial_next;
   int failed;               /* -errno of a failed connect: the client fd is the caller's again */
-  int ended;                /* torn down: on the ended list, or notified */
+  int ended;                /* torn down: on the ended list (1), or its last record written (2) */
   int keepalive_idle_s;
   int joined;               /* its descriptors are duplicates: another may share their sockets */
   Pair *ready_prev, *ready_next; /* on the ready list */
   int on_ready;
-  Pair *ended_next;
-  napi_env env;
-  napi_ref callback;
-  napi_async_context context;
+  Pair *ended_next;         /* on the ended list, then on the retiring list */
 };
 
 /* The module's epoll set, libuv's poll of it, and the idle handle that runs the ready and ended lists. */
@@ -122,44 +129,117 @@ static double spliced_bytes; /* all bytes that went to a socket from a pipe */
 static Pair *ended_head, *ended_tail;
 /* Pairs not yet freed: while there are any, the set's poll keeps the loop alive. */
 static size_t live_pairs;
+/* Dialling pairs by deadline, earliest first, and the one timer for the earliest. */
+static Pair *dial_head, *dial_tail;
+static uv_timer_t dial_timer;
+
+/* Pairs by id; ids of freed pairs wait on a stack to be given out again. */
+static Pair **slots;
+static uint32_t slot_cap, slots_used, *free_ids, free_count;
+
+/* pairEvents: JavaScript's callback, the records array it reads, and records written since the last call. */
+static napi_env events_env;
+static napi_ref events_callback, events_records;
+static napi_async_context events_context;
+static double *records;
+static size_t record_cap, record_count;
+/* Pairs whose last record is written: freed once the call that delivers it returned. */
+static Pair *retiring;
 
 static void pump(Pair *p);
 static void unwatch_and_close(Side *s);
 static void drop_pipe(Side *s);
-
-static void notify(Pair *p, int event, double a, double b) {
-  napi_env env = p->env;
-  napi_handle_scope scope;
-  napi_value callback, receiver, argv[3], result;
-  napi_open_handle_scope(env, &scope);
-  napi_get_reference_value(env, p->callback, &callback);
-  napi_get_global(env, &receiver);
-  napi_create_int32(env, event, &argv[0]);
-  napi_create_double(env, a, &argv[1]);
-  napi_create_double(env, b, &argv[2]);
-  if (napi_make_callback(env, p->context, receiver, callback, 3, argv, &result) == napi_pending_exception) {
-    napi_value err;
-    napi_get_and_clear_last_exception(env, &err);
-    napi_fatal_exception(env, err);
-  }
-  napi_close_handle_scope(env, scope);
-}
 
 static void pair_freed(void) {
   if (--live_pairs == 0) uv_unref((uv_handle_t *)&epoll_poll);
 }
 
 static void free_pair(Pair *p) {
-  napi_delete_reference(p->env, p->callback);
-  napi_async_destroy(p->env, p->context);
+  slots[p->id] = NULL;
+  free_ids[free_count++] = p->id;
   free(p);
   pair_freed();
 }
 
-static void timer_closed(uv_handle_t *handle) {
-  Pair *p = handle->data;
-  p->timer_open = 0;
-  if (p->ended == 2) free_pair(p);
+/* One call into JavaScript with the records written since the last; then the pairs they retired are freed. */
+static void deliver(void) {
+  if (record_count == 0) return;
+  napi_env env = events_env;
+  napi_handle_scope scope;
+  napi_value callback, receiver, count, result;
+  napi_open_handle_scope(env, &scope);
+  napi_get_reference_value(env, events_callback, &callback);
+  napi_get_global(env, &receiver);
+  napi_create_uint32(env, (uint32_t)record_count, &count);
+  /* Nothing JavaScript calls here writes a record: the count holds until the call returns. */
+  if (napi_make_callback(env, events_context, receiver, callback, 1, &count, &result) == napi_pending_exception) {
+    napi_value err;
+    napi_get_and_clear_last_exception(env, &err);
+    napi_fatal_exception(env, err);
+  }
+  napi_close_handle_scope(env, scope);
+  record_count = 0;
+  while (retiring) {
+    Pair *p = retiring;
+    retiring = p->ended_next;
+    free_pair(p);
+  }
+}
+
+/* Writes a record for `p` (delivering the full array first); a last one retires it. */
+static void emit(Pair *p, int event, double a, double b) {
+  if (record_count == record_cap) deliver();
+  double *r = records + 4 * record_count++;
+  r[0] = p->id;
+  r[1] = event;
+  r[2] = a;
+  r[3] = b;
+  if (event != CONNECTED) {
+    p->ended = 2;
+    p->ended_next = retiring;
+    retiring = p;
+  }
+}
+
+static void on_dial_timer(uv_timer_t *timer);
+
+/* The timer set for the earliest deadline, or stopped when nothing dials. */
+static void arm_dial_timer(void) {
+  if (!dial_head) {
+    uv_timer_stop(&dial_timer);
+    return;
+  }
+  uint64_t now = uv_now(dial_timer.loop);
+  uv_timer_start(&dial_timer, on_dial_timer, dial_head->deadline > now ? dial_head->deadline - now : 0, 0);
+}
+
+/* On the dialling list, in deadline order (from the end: deadlines mostly come in order). */
+static void start_dialing(Pair *p, uint64_t deadline) {
+  Pair *before = dial_tail;
+  while (before && before->deadline > deadline) before = before->dial_prev;
+  p->dialing = 1;
+  p->deadline = deadline;
+  p->dial_prev = before;
+  p->dial_next = before ? before->dial_next : dial_head;
+  if (p->dial_next) p->dial_next->dial_prev = p;
+  else dial_tail = p;
+  if (before) before->dial_next = p;
+  else {
+    dial_head = p;
+    arm_dial_timer();
+  }
+}
+
+/* Off the dialling list. The timer is left as it is (a firing with nothing due re-arms it) unless nothing dials. */
+static void stop_dialing(Pair *p) {
+  if (!p->dialing) return;
+  p->dialing = 0;
+  if (p->dial_prev) p->dial_prev->dial_next = p->dial_next;
+  else dial_head = p->dial_next;
+  if (p->dial_next) p->dial_next->dial_prev = p->dial_prev;
+  else dial_tail = p->dial_prev;
+  p->dial_prev = p->dial_next = NULL;
+  if (!dial_head) uv_timer_stop(&dial_timer);
 }
 
 static void run_later(uv_idle_t *idle);
@@ -187,14 +267,7 @@ static void make_ready(Pair *p) {
   start_later();
 }
 
-static void stop_dialing(Pair *p) {
-  if (!p->dialing) return;
-  p->dialing = 0;
-  uv_timer_stop(&p->connect_timer);
-  uv_close((uv_handle_t *)&p->connect_timer, timer_closed);
-}
-
-/* Closes both sides (a failed dial: the upstream only) and queues the last callback; idempotent. */
+/* Closes both sides (a failed dial: the upstream only) and queues the last record; idempotent. */
 static void teardown(Pair *p) {
   if (p->ended) return;
   p->ended = 1;
@@ -217,7 +290,7 @@ static void teardown(Pair *p) {
   start_later();
 }
 
-/* Ready pairs get another turn; ended pairs their last callback, then they are freed. */
+/* Ready pairs get another turn; ended pairs their last record, delivered with the turn's others. */
 static void run_later(uv_idle_t *idle) {
   Pair *ready = ready_head;
   ready_head = NULL;
@@ -233,11 +306,10 @@ static void run_later(uv_idle_t *idle) {
   while (ended) {
     Pair *p = ended;
     ended = p->ended_next;
-    if (p->failed) notify(p, p->failed, 0, 0);
-    else notify(p, ENDED, p->upstream.written, p->client.written);
-    p->ended = 2;
-    if (!p->timer_open) free_pair(p);
+    if (p->failed) emit(p, p->failed, 0, 0);
+    else emit(p, ENDED, p->upstream.written, p->client.written);
   }
+  deliver();
   if (!ready_head && !ended_head) uv_idle_stop(idle);
 }
 
@@ -295,7 +367,7 @@ static void pass_eof(Side *s) {
 
 /* Writes `len` bytes to `to` as far as it takes them; keeps the rest. 0, or -1 on an error. */
 static int forward(Side *to, const char *data, size_t len) {
-  ssize_t w = to->writable ? write(to->fd, data, len) : 0;
+  ssize_t w = to->writable ? send(to->fd, data, len, MSG_NOSIGNAL) : 0;
   if (w < 0) {
     if (errno != EAGAIN && errno != EINTR) return -1;
     w = 0;
@@ -315,7 +387,7 @@ static int forward(Side *to, const char *data, size_t len) {
 /* Writes what is queued for `s` while its socket takes it. 0, or -1 on an error. */
 static int flush(Side *s) {
   while (s->queued && s->writable) {
-    ssize_t w = write(s->fd, s->queued + s->queued_off, s->queued_len - s->queued_off);
+    ssize_t w = send(s->fd, s->queued + s->queued_off, s->queued_len - s->queued_off, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno != EAGAIN) return -1;
@@ -385,7 +457,7 @@ static int carry(Side *s) {
   if (!s->readable || s->eof || to->queued || to->piped) return 0;
   if (s->bulk && !s->urgent && (to->pipe[0] >= 0 || take_pipe(to))) return carry_spliced(s);
   drop_pipe(to); /* copied from here on (urgent data came): a flow holds a pipe only while it is spliced */
-  ssize_t r = read(s->fd, scratch, SCRATCH);
+  ssize_t r = recv(s->fd, scratch, SCRATCH, 0);
   if (r < 0) {
     if (errno == EINTR) return 1;
     if (errno != EAGAIN) return -1;
@@ -424,9 +496,9 @@ static void salvage(Side *s) {
   peer->writable = 1;
   if (flush(peer) < 0 || peer->queued || peer->piped) return;
   for (;;) {
-    ssize_t r = read(s->fd, scratch, SCRATCH);
+    ssize_t r = recv(s->fd, scratch, SCRATCH, 0);
     if (r <= 0) return;
-    ssize_t w = write(peer->fd, scratch, (size_t)r);
+    ssize_t w = send(peer->fd, scratch, (size_t)r, MSG_NOSIGNAL);
     if (w > 0) peer->written += (double)w;
     if (w < r) return;
   }
@@ -500,7 +572,7 @@ static void connect_done(Pair *p, uint32_t events) {
   }
   /* Both fresh: their send buffers are empty (a refused write would clear it, and the next edge set it again). */
   p->upstream.writable = p->client.writable = 1;
-  notify(p, CONNECTED, 0, 0);
+  emit(p, CONNECTED, 0, 0);
   /* A request the client sent already comes with the client's first edge. */
 }
 
@@ -531,8 +603,9 @@ static void on_epoll(uv_poll_t *handle, int status, int events) {
   (void)events;
   struct epoll_event ready[EVENTS_PER_TURN];
   int n = epoll_wait(epfd, ready, EVENTS_PER_TURN, 0);
-  /* Pairs are freed only in the idle phase: a later event of this batch never meets a freed pair. */
+  /* Pairs retire only in the idle phase: a later event of this batch never meets a freed pair. */
   for (int i = 0; i < n; i++) on_event(ready[i].data.ptr, ready[i].events);
+  deliver(); /* the batch's connects */
 }
 
 /* The epoll set and its poll, at the first pair. 0, or -errno. */
@@ -546,44 +619,86 @@ static int ensure_epoll(uv_loop_t *loop) {
   }
   epfd = fd;
   uv_idle_init(loop, &later);
+  uv_timer_init(loop, &dial_timer);
+  uv_unref((uv_handle_t *)&dial_timer);
   uv_poll_start(&epoll_poll, UV_READABLE, on_epoll);
   uv_unref((uv_handle_t *)&epoll_poll);
   return 0;
 }
 
-/* A pair with its callback and async context, and a handle for JavaScript; NULL (nothing made) on failure. */
-static Pair *new_pair(napi_env env, napi_value callback, napi_value *external) {
-  napi_value name;
+/* Whether pairEvents was called; throws when not (a pair's records would have nowhere to go). */
+static int events_set(napi_env env) {
+  if (records) return 1;
+  napi_throw_error(env, NULL, "dataplane: pairEvents must be called before the first pair");
+  return 0;
+}
+
+/* A pair with an id; NULL (nothing made) when out of memory. */
+static Pair *new_pair(void) {
+  if (free_count == 0 && slots_used == slot_cap) {
+    uint32_t cap = slot_cap ? slot_cap * 2 : 1024;
+    Pair **grown = realloc(slots, cap * sizeof *grown);
+    if (!grown) return NULL;
+    slots = grown;
+    uint32_t *ids = realloc(free_ids, cap * sizeof *ids);
+    if (!ids) return NULL; /* slots is larger already; it is grown again (to the same size) next time */
+    free_ids = ids;
+    slot_cap = cap;
+  }
   Pair *p = calloc(1, sizeof *p);
   if (!p) return NULL;
-  if (napi_create_external(env, p, NULL, NULL, external) != napi_ok) {
-    free(p);
-    return NULL;
-  }
-  p->env = env;
+  p->id = free_count > 0 ? free_ids[--free_count] : slots_used++;
+  slots[p->id] = p;
   p->client.pair = p->upstream.pair = p;
   p->client.peer = &p->upstream;
   p->upstream.peer = &p->client;
   p->client.fd = p->upstream.fd = -1;
   p->client.pipe[0] = p->client.pipe[1] = p->upstream.pipe[0] = p->upstream.pipe[1] = -1;
-  napi_create_reference(env, callback, 1, &p->callback);
-  napi_create_string_utf8(env, "harbor-pair", NAPI_AUTO_LENGTH, &name);
-  napi_async_init(env, NULL, name, &p->context);
   if (live_pairs++ == 0) uv_ref((uv_handle_t *)&epoll_poll);
   return p;
 }
 
+/*
+ * pairEvents(records Float64Array, onRecords(count)): where pairs' records go, once per
+ * process, before the first pair. onRecords reads records[0 .. 4 * count) as (id, event,
+ * a, b) and must not keep them: the array is written again after it returns.
+ */
+static napi_value js_pair_events(napi_env env, napi_callback_info info) {
+  napi_value argv[2], name;
+  napi_typedarray_type type;
+  napi_valuetype kind;
+  size_t length;
+  void *data;
+  if (!native_args(env, info, 2, argv)) return NULL;
+  if (napi_get_typedarray_info(env, argv[0], &type, &length, &data, NULL, NULL) != napi_ok || type != napi_float64_array || length < 4 ||
+      napi_typeof(env, argv[1], &kind) != napi_ok || kind != napi_function) {
+    napi_throw_type_error(env, NULL, "dataplane: pairEvents takes a Float64Array of at least 4 and a function");
+    return NULL;
+  }
+  if (records) {
+    napi_throw_error(env, NULL, "dataplane: pairEvents was called already");
+    return NULL;
+  }
+  napi_create_reference(env, argv[0], 1, &events_records);
+  napi_create_reference(env, argv[1], 1, &events_callback);
+  napi_create_string_utf8(env, "harbor-pairs", NAPI_AUTO_LENGTH, &name);
+  napi_async_init(env, NULL, name, &events_context);
+  events_env = env;
+  records = data;
+  record_cap = length / 4;
+  return NULL;
+}
 
-/* join(clientFd, upstreamFd, onEvent(event, a, b)) -> a handle, or -errno (nothing taken). */
+/* join(clientFd, upstreamFd) -> the pair's id, or -errno (nothing taken). */
 static napi_value js_join(napi_env env, napi_callback_info info) {
-  napi_value argv[3], external;
+  napi_value argv[2];
   int32_t client_fd, upstream_fd;
   uv_loop_t *loop;
-  if (!native_args(env, info, 3, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[1], &upstream_fd)) return NULL;
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[1], &upstream_fd) || !events_set(env)) return NULL;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok) return native_number(env, -EINVAL);
   int r = ensure_epoll(loop);
   if (r < 0) return native_number(env, r);
-  Pair *p = new_pair(env, argv[2], &external);
+  Pair *p = new_pair();
   if (!p) return native_number(env, -ENOMEM);
   p->joined = 1;
   /* Duplicates, close-on-exec as Node's own sockets: Node's sockets own the originals and are destroyed next. */
@@ -599,25 +714,30 @@ static napi_value js_join(napi_env env, napi_callback_info info) {
        registration in the set, pointing at a freed pair: it is taken out first. */
     unwatch_and_close(&p->client);
     unwatch_and_close(&p->upstream);
-    free_pair(p); /* it never started: no callback is owed */
+    free_pair(p); /* it never started: no record is owed */
     return native_number(env, r);
   }
-  return external;
+  return native_number(env, p->id);
 }
 
-static void on_connect_timeout(uv_timer_t *timer) { dial_failed(timer->data, ETIMEDOUT); }
+/* Every dial whose deadline has come fails; the timer is set for the next. */
+static void on_dial_timer(uv_timer_t *timer) {
+  uint64_t now = uv_now(timer->loop);
+  while (dial_head && dial_head->deadline <= now) dial_failed(dial_head, ETIMEDOUT);
+  arm_dial_timer();
+}
 
 /*
- * dial(clientFd, address, port, timeoutMs, keepAliveIdleS, onEvent) -> a handle, or -errno
+ * dial(clientFd, address, port, timeoutMs, keepAliveIdleS) -> the pair's id, or -errno
  * when the connect failed at once (the client is still the caller's). The address is a
  * literal IPv4 or IPv6 one; the client comes from `accept` of a `listen` socket here.
  */
 static napi_value js_dial(napi_env env, napi_callback_info info) {
-  napi_value argv[6], external;
+  napi_value argv[5];
   int32_t client_fd, port, timeout_ms, keepalive_idle_s;
   uv_loop_t *loop;
-  if (!native_args(env, info, 6, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[2], &port) ||
-      !native_int(env, argv[3], &timeout_ms) || !native_int(env, argv[4], &keepalive_idle_s)) return NULL;
+  if (!native_args(env, info, 5, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[2], &port) ||
+      !native_int(env, argv[3], &timeout_ms) || !native_int(env, argv[4], &keepalive_idle_s) || !events_set(env)) return NULL;
   struct sockaddr_storage ss;
   socklen_t len;
   int r = native_sockaddr(env, argv[1], port, &ss, &len);
@@ -631,7 +751,7 @@ static napi_value js_dial(napi_env env, napi_callback_info info) {
     close(fd);
     return native_number(env, r);
   }
-  Pair *p = new_pair(env, argv[5], &external);
+  Pair *p = new_pair();
   if (!p) {
     close(fd);
     return native_number(env, -ENOMEM);
@@ -642,15 +762,11 @@ static napi_value js_dial(napi_env env, napi_callback_info info) {
   /* Writable once connected, or once the connect failed (SO_ERROR says which). */
   if ((r = watch(&p->upstream)) < 0) {
     close(fd);
-    free_pair(p); /* it never started: no callback is owed */
+    free_pair(p); /* it never started: no record is owed */
     return native_number(env, r);
   }
-  uv_timer_init(loop, &p->connect_timer);
-  p->connect_timer.data = p;
-  p->timer_open = 1;
-  p->dialing = 1;
-  uv_timer_start(&p->connect_timer, on_connect_timeout, (uint64_t)timeout_ms, 0);
-  return external;
+  start_dialing(p, uv_now(loop) + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0));
+  return native_number(env, p->id);
 }
 
 /*
@@ -720,16 +836,16 @@ static napi_value js_pipes(napi_env env, napi_callback_info info) {
   return result;
 }
 
-/* cut(handle): closes both sides now (a drain's deadline); the callback still runs, once. */
+/* cut(id): closes both sides now (a drain's deadline); the last record still comes, once. */
 static napi_value js_cut(napi_env env, napi_callback_info info) {
   napi_value argv[1];
-  Pair *p;
-  if (!native_args(env, info, 1, argv)) return NULL;
-  if (napi_get_value_external(env, argv[0], (void **)&p) != napi_ok) {
-    napi_throw_type_error(env, NULL, "dataplane: cut takes a pair handle");
+  int32_t id;
+  if (!native_args(env, info, 1, argv) || !native_int(env, argv[0], &id)) return NULL;
+  if (id < 0 || (uint32_t)id >= slots_used || !slots[id]) {
+    napi_throw_range_error(env, NULL, "dataplane: cut takes the id of a pair whose last record has not been delivered");
     return NULL;
   }
-  teardown(p);
+  teardown(slots[id]);
   return NULL;
 }
 
@@ -740,6 +856,7 @@ void tcp_init(napi_env env, napi_value exports) {
     NATIVE_FUNCTION("dial", js_dial),
     NATIVE_FUNCTION("join", js_join),
     NATIVE_FUNCTION("cut", js_cut),
+    NATIVE_FUNCTION("pairEvents", js_pair_events),
     NATIVE_FUNCTION("pipes", js_pipes),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);

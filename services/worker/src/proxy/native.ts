@@ -23,21 +23,27 @@ export interface NativeModule {
   // TCP (native/tcp.c)
   listen(address: string, port: number, backlog: number, keepAliveIdleS: number): number;
   accept(fd: number, accepted: Int32Array): number;
-  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, onEvent: PairEvents): unknown;
-  join(clientFd: number, upstreamFd: number, onEvent: PairEvents): unknown;
-  cut(pair: unknown): void;
+  /** Connects to a literal address for an accepted client: the pair's id, or -errno when the connect failed at once (the client is still the caller's). */
+  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number): number;
+  /** Carries two connected sockets (duplicates of them): the pair's id, or -errno (nothing taken). */
+  join(clientFd: number, upstreamFd: number): number;
+  /** Closes a pair's sides now; its last record still comes. Only for an id whose last record has not been delivered. */
+  cut(id: number): void;
+  /**
+   * Where pairs' records go (once per process, before the first pair):
+   * `onRecords(count)` reads records[0 .. 4 * count) as (id, event, a, b),
+   * one call per turn of the loop. `event` is PAIR_CONNECTED when a dial
+   * connected; negative (-errno) when it failed, and the client descriptor
+   * is the caller's again; PAIR_ENDED when both sides are closed, with the
+   * bytes written to the backend (`a`) and to the client (`b`). The failure
+   * or the end is a pair's last record; its id is given out again only after
+   * the call that delivered it returned.
+   */
+  pairEvents(records: Float64Array, onRecords: (count: number) => void): void;
   /** The pipes bulk flows are spliced through (two descriptors each), how many wait empty for the next, and the bytes they carried. */
   pipes(): { open: number; spare: number; splicedBytes: number };
 }
 
-/**
- * A native pair's callback: `event` is PAIR_CONNECTED when a dial connected;
- * negative (-errno) when it failed, and the client descriptor is the
- * caller's again; PAIR_ENDED when both sides are closed, with the bytes
- * written to the backend (`a`) and to the client (`b`). The failure or the
- * end comes once, last.
- */
-export type PairEvents = (event: number, a: number, b: number) => void;
 export const PAIR_ENDED = 0;
 export const PAIR_CONNECTED = 1;
 

@@ -5,11 +5,13 @@ import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { waitFor } from "@harbor/testkit";
 import { nativeModule, type NativeModule } from "./native.js";
-import { nativePairs, nodePairs, type Pair, type PairCarrier } from "./pairs.js";
+import { NativePairTable, nativePairs, nodePairs, type Pair, type PairCarrier } from "./pairs.js";
 
 // Both carriers run every test; "native" throws here, failing the file, when the module is not built.
 const native = nativeModule("native") as NativeModule;
-const CARRIERS: PairCarrier[] = [nativePairs(native), nodePairs];
+// Three records per call into JavaScript (the worker's table takes 1,024): a turn with more is delivered in several.
+const table = new NativePairTable(native, 3);
+const CARRIERS: PairCarrier[] = [nativePairs(table), nodePairs];
 
 /** Bytes the native module has spliced (through pipes, not copied), and its pipes in use; zeros for the Node carrier. */
 const splicing = (carrier: PairCarrier) => {
@@ -31,9 +33,9 @@ async function listen(server: net.Server): Promise<number> {
 
 /**
  * A proxy as the worker builds one: accepted paused, upstream dialled, then
- * joined by `carrier`. Every pair's end is recorded.
+ * joined by `carrier`. Every pair's end is recorded, then `onEnd` runs.
  */
-async function proxyTo(carrier: PairCarrier, backendPort: number) {
+async function proxyTo(carrier: PairCarrier, backendPort: number, onEnd = () => {}) {
   const ended: Array<{ toBackend: number; toClient: number }> = [];
   const pairs: Pair[] = [];
   const sockets = new Set<net.Socket>();
@@ -42,7 +44,14 @@ async function proxyTo(carrier: PairCarrier, backendPort: number) {
     sockets.add(client);
     const upstream = net.connect({ host: "127.0.0.1", port: backendPort, allowHalfOpen: true });
     sockets.add(upstream);
-    upstream.once("connect", () => pairs.push(carrier.join(client, upstream, (toBackend, toClient) => ended.push({ toBackend, toClient }))));
+    upstream.once("connect", () =>
+      pairs.push(
+        carrier.join(client, upstream, (toBackend, toClient) => {
+          ended.push({ toBackend, toClient });
+          onEnd();
+        }),
+      ),
+    );
   });
   const port = await listen(server);
   // Before the server's close (cleanups run in reverse), which waits for its connections.
@@ -212,5 +221,40 @@ describe.each(CARRIERS)("proxied pairs ($name) - edges", (carrier) => {
     await connect(proxy.port);
     await waitFor(() => proxy.pairs.length === 1, "the pair joined");
     expect(await socketsOfChild()).toBe(before);
+  });
+});
+
+describe("proxied pairs (native) - records", () => {
+  const carrier = CARRIERS[0] as PairCarrier;
+
+  it("ends of one turn, more than a call holds, each reach their own pair, also while a pair starts in their delivery", async () => {
+    let received = 0;
+    const port = await backend((s) => s.on("data", (chunk: Buffer) => (received += chunk.length)));
+    // A client and upstream connected before the ends, joined by the first end's callback: the
+    // new pair must not get the id of a pair whose end is still to be delivered.
+    let lateClient: net.Socket | undefined;
+    const lateEnded: number[] = [];
+    const lateServer = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (c) => (lateClient = c));
+    const latePort = await listen(lateServer);
+    const lateOuter = await connect(latePort);
+    const lateUpstream = await connect(port);
+    await waitFor(() => lateClient !== undefined, "the late client accepted");
+    let latePair: Pair | undefined;
+    const proxy = await proxyTo(carrier, port, () => {
+      latePair ??= carrier.join(lateClient as net.Socket, lateUpstream, (toBackend) => lateEnded.push(toBackend));
+    });
+
+    // Ten pairs, the i-th carrying i + 1 bytes to the backend; then all cut in one turn.
+    for (let i = 0; i < 10; i++) (await connect(proxy.port)).write(Buffer.alloc(i + 1));
+    await waitFor(() => proxy.pairs.length === 10 && received === 55, "ten pairs carrying");
+    for (const pair of proxy.pairs) pair.cut();
+    await waitFor(() => proxy.ended.length === 10, "every end reported");
+
+    expect(proxy.ended.map((e) => e.toBackend).sort((a, b) => a - b)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    // The late pair is open, and carries.
+    expect(latePair).toBeDefined();
+    lateOuter.write("z");
+    await waitFor(() => received === 56, "the late pair's byte at the backend");
+    expect(lateEnded).toEqual([]);
   });
 });

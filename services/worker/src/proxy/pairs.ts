@@ -1,7 +1,7 @@
 import type net from "node:net";
 // The subpath: relay processes load this module and no more of the runtime than they need.
 import { spliceSockets } from "@harbor/runtime/splice";
-import type { NativeModule } from "./native.js";
+import { PAIR_CONNECTED, PAIR_ENDED, type NativeModule } from "./native.js";
 
 /** A proxied connection's pair of sockets, being carried. */
 export interface Pair {
@@ -38,6 +38,91 @@ export const nodePairs: PairCarrier = {
 /** The descriptor under a connected TCP socket (libuv's; undefined where there is none). */
 const descriptorOf = (socket: net.Socket): number => (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
 
+/** What a native pair's records reach: its own handler, found by the pair's id. */
+export interface PairHandler {
+  /** The pair's id, set when the module took it. */
+  id: number;
+  /** A dial connected. */
+  connected(): void;
+  /** Both sides are closed, with the bytes written to each. Last. */
+  ended(toBackend: number, toClient: number): void;
+  /** A dial failed (-errno); the client descriptor is the caller's again. Last. */
+  failed(errno: number): void;
+}
+
+/** Records delivered per call at most (a turn with more makes more calls). */
+const RECORDS_PER_CALL = 1024;
+
+/**
+ * The module's pairs and their handlers, by id: one table per process (the
+ * module takes one pairEvents). A turn's records come in one call, so a
+ * connection costs no call into JavaScript of its own, and no handle,
+ * reference or async context in the module.
+ */
+export class NativePairTable {
+  private readonly handlers: (PairHandler | undefined)[] = [];
+
+  private readonly records: Float64Array;
+
+  /** Once per process: the module takes one table. `recordsPerCall` is for tests of a turn with more records than a call holds. */
+  constructor(
+    readonly module: NativeModule,
+    recordsPerCall = RECORDS_PER_CALL,
+  ) {
+    this.records = new Float64Array(4 * recordsPerCall);
+    module.pairEvents(this.records, (count) => this.deliver(count));
+  }
+
+  /** As module.dial, the handler getting the pair's records; -errno when nothing was started. */
+  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, handler: PairHandler): number {
+    return this.started(this.module.dial(clientFd, address, port, timeoutMs, keepAliveIdleS), handler);
+  }
+
+  /** As module.join, the handler getting the pair's records; -errno when nothing was taken. */
+  join(clientFd: number, upstreamFd: number, handler: PairHandler): number {
+    return this.started(this.module.join(clientFd, upstreamFd), handler);
+  }
+
+  /** Closes the handler's pair now, unless its last record came already; that record still comes, once. */
+  cut(handler: PairHandler): void {
+    if (this.handlers[handler.id] === handler) this.module.cut(handler.id);
+  }
+
+  private started(id: number, handler: PairHandler): number {
+    if (id >= 0) {
+      handler.id = id;
+      this.handlers[id] = handler;
+    }
+    return id;
+  }
+
+  private deliver(count: number): void {
+    const records = this.records;
+    for (let i = 0; i < 4 * count; i += 4) {
+      const id = records[i] as number;
+      const event = records[i + 1] as number;
+      const handler = this.handlers[id] as PairHandler;
+      if (event === PAIR_CONNECTED) {
+        handler.connected();
+        continue;
+      }
+      // Dropped before the handler runs: a cut from it, or after it, does nothing.
+      this.handlers[id] = undefined;
+      if (event === PAIR_ENDED) handler.ended(records[i + 2] as number, records[i + 3] as number);
+      else handler.failed(event);
+    }
+  }
+}
+
+const tables = new WeakMap<NativeModule, NativePairTable>();
+
+/** The process's table of the module's pairs, made at first use. */
+export function pairTable(module: NativeModule): NativePairTable {
+  let table = tables.get(module);
+  if (!table) tables.set(module, (table = new NativePairTable(module)));
+  return table;
+}
+
 /**
  * The native module carries the bytes: it takes duplicates of both
  * descriptors and Node's sockets are destroyed, so each read and write is a
@@ -46,7 +131,7 @@ const descriptorOf = (socket: net.Socket): number => (socket as unknown as { _ha
  * has read from, whose bytes the duplicates would never see) Node's sockets
  * carry the pair.
  */
-export function nativePairs(module: NativeModule): PairCarrier {
+export function nativePairs(table: NativePairTable): PairCarrier {
   return {
     name: "native",
     join(client, upstream, onClosed) {
@@ -54,18 +139,10 @@ export function nativePairs(module: NativeModule): PairCarrier {
       const upstreamFd = descriptorOf(upstream);
       // Nothing ever read (a client accepted paused, a relay's client it stopped reading, an upstream just connected).
       const untouched = clientFd >= 0 && upstreamFd >= 0 && unread(client) && unread(upstream);
-      let pair: NativePair | undefined;
-      // A joined pair's only event is its end.
-      const handle = untouched
-        ? module.join(clientFd, upstreamFd, (_ended, toBackend, toClient) => {
-            pair?.ended();
-            onClosed(toBackend, toClient);
-          })
-        : -1;
-      if (typeof handle === "number") return nodePairs.join(client, upstream, onClosed);
+      const pair = new JoinedPair(table, onClosed);
+      if (!untouched || table.join(clientFd, upstreamFd, pair) < 0) return nodePairs.join(client, upstream, onClosed);
       client.destroy();
       upstream.destroy();
-      pair = new NativePair(module, handle);
       return pair;
     },
   };
@@ -73,25 +150,27 @@ export function nativePairs(module: NativeModule): PairCarrier {
 
 const unread = (socket: net.Socket): boolean => socket.bytesRead === 0 && !socket.readableEnded;
 
-/**
- * A pair the module carries. The module frees it once its last callback
- * ran, and that callback marks it ended first: a cut after the end does
- * nothing, rather than reach a freed pair.
- */
-export class NativePair implements Pair {
-  private live = true;
+/** A joined pair the module carries: its only record is its end. */
+class JoinedPair implements Pair, PairHandler {
+  id = -1;
 
   constructor(
-    private readonly module: NativeModule,
-    private readonly handle: unknown,
+    private readonly table: NativePairTable,
+    private readonly onClosed: (toBackend: number, toClient: number) => void,
   ) {}
 
-  /** Called first in the pair's ENDED (or FAILED) callback. */
-  ended(): void {
-    this.live = false;
+  connected(): void {}
+
+  ended(toBackend: number, toClient: number): void {
+    this.onClosed(toBackend, toClient);
+  }
+
+  /** Never comes for a joined pair (nothing is dialled); an end all the same if it did. */
+  failed(): void {
+    this.onClosed(0, 0);
   }
 
   cut(): void {
-    if (this.live) this.module.cut(this.handle);
+    this.table.cut(this);
   }
 }

@@ -8,14 +8,14 @@ import type net from "node:net";
 import { createLogger } from "@harbor/runtime/logger";
 import { backendKey, dial, type DialHooks, type Endpoint } from "./dial.js";
 import { nativeModule } from "./native.js";
-import { nativePairs, nodePairs, type Pair } from "./pairs.js";
+import { nativePairs, nodePairs, pairTable, type Pair } from "./pairs.js";
 import type { FromRelay, HandOff, Stats, ToRelay } from "./relay-protocol.js";
 
 const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
 const send = (message: FromRelay) => process.send?.(message);
 // The worker says which (it loaded the module itself); should this process fail to load it, Node's sockets carry.
 const native = process.env.HARBOR_RELAY_IO === "native" ? nativeModule("auto") : undefined;
-const pairs = native ? nativePairs(native) : nodePairs;
+const pairs = native ? nativePairs(pairTable(native)) : nodePairs;
 
 /** Clients not yet joined to a backend, and joined pairs: what a stopping relay cuts. */
 const open = new Set<net.Socket>();

@@ -298,6 +298,27 @@ describe("tcp listener (native) - host names", () => {
   });
 });
 
+describe("tcp listener (native) - connect timeouts", () => {
+  it("times each dial out at its own deadline: a short one set after a long one is not held up by it", async () => {
+    const silent = await startSilentPort();
+    cleanup.push(() => silent.close());
+    const answering = await startEchoBackend("t1");
+    cleanup.push(() => answering.close());
+    // A dial of a minute, still waiting while the next port's dials of 300 ms run out.
+    const slow = await listenerOver(nativeModule("native"), [silent.port], { connectTimeoutMs: 60_000 });
+    const waiting = await connectLines(slow.listener.port);
+    cleanup.push(() => waiting.close());
+    await waitFor(() => slow.listener.connections === 1, "the minute-long dial started");
+    const { listener, counters } = await listenerOver(nativeModule("native"), [silent.port, answering.port], { connectTimeoutMs: 300 });
+    const client = await connectLines(listener.port);
+    cleanup.push(() => client.close());
+    expect(await client.nextLine()).toBe("t1");
+    expect(counters.tcpBackendFailures).toBe(1);
+    expect(slow.counters.tcpBackendFailures).toBe(0);
+    expect(slow.listener.connections).toBe(1);
+  });
+});
+
 /** A client that connects, waits for a line on stdin, then sends "abc", an urgent "X" and "def" (and its FIN when asked). */
 const URGENT_CLIENT = `
 import socket, sys

@@ -8,8 +8,8 @@ import type { DataPlaneCounters } from "../metrics.js";
 import { NativeAcceptor } from "./accept.js";
 import { allEjected, backendKey, dial, isLocalFailure, KEEPALIVE_IDLE_MS, nextAttempt, type DialHooks, type Endpoint } from "./dial.js";
 import type { PortListener } from "./listener.js";
-import { errnoError, PAIR_CONNECTED, PAIR_ENDED, type NativeModule } from "./native.js";
-import { NativePair, nativePairs, nodePairs, type Pair, type PairCarrier } from "./pairs.js";
+import { errnoError, type NativeModule } from "./native.js";
+import { nativePairs, nodePairs, pairTable, type NativePairTable, type Pair, type PairCarrier, type PairHandler } from "./pairs.js";
 import type { RelayedListener, RelayPool } from "./relays.js";
 
 export interface TcpListenerOptions {
@@ -63,11 +63,13 @@ const ADDRESS_ATTEMPT_MS = 250;
  * socket: the module accepts it, JavaScript chooses, the module dials and
  * carries (`acceptNative`).
  */
-export class TcpListener implements PortListener, DialHooks, RelayedListener {
+export class TcpListener implements PortListener, DialHooks, RelayedListener, NativeDialOwner {
   readonly protocol = "tcp" as const;
   /** Node's sockets accept (with relays, on a host name, or without the native module)... */
   private readonly server: net.Server | undefined;
   private readonly pairs: PairCarrier;
+  /** The module's pairs, where there is the module. */
+  readonly table: NativePairTable | undefined;
   /** ...or the native module does. */
   private acceptor: NativeAcceptor | undefined;
   private readonly rotation = new RoundRobin();
@@ -91,7 +93,8 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
 
   constructor(private readonly options: TcpListenerOptions) {
     this.ejections = new Ejections(systemClock, options.passiveEjectMs);
-    this.pairs = options.native ? nativePairs(options.native) : nodePairs;
+    this.table = options.native && pairTable(options.native);
+    this.pairs = this.table ? nativePairs(this.table) : nodePairs;
     this.relayId = options.relays?.register(this);
     if (options.native && this.relayId === undefined && net.isIP(options.host) !== 0) return;
     const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
@@ -309,32 +312,35 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
    * allocated or timed for it.
    */
   private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint, more?: MoreAddresses): void {
-    const module = this.options.native as NativeModule;
     let timeoutMs = this.options.connectTimeoutMs;
     if (more) {
       const left = Math.max(1, more.deadline - Date.now());
       timeoutMs = more.addresses.length > 0 ? Math.min(ADDRESS_ATTEMPT_MS, left) : left;
     }
-    const handle = module.dial(fd, address.host, address.port, timeoutMs, KEEPALIVE_IDLE_S, (event, toBackend, toClient) => {
-      if (event === PAIR_CONNECTED) {
-        this.options.counters.tcpProxied++;
-        return;
-      }
-      pair.ended();
-      if (event === PAIR_ENDED) this.ended(pair, toBackend, toClient);
-      else {
-        this.open.delete(pair);
-        this.addressFailed(fd, backends, start, i, anyBackend, backend, errnoError(event, "connect", backendKey(address)), more);
-      }
-    });
-    if (typeof handle === "number") {
+    const pair = new NativeDial(this, fd, backends, start, i, anyBackend, backend, address, more);
+    const id = (this.table as NativePairTable).dial(fd, address.host, address.port, timeoutMs, KEEPALIVE_IDLE_S, pair);
+    if (id < 0) {
       // The module parses the address: a name is told apart there, not by a second parse per connection here.
-      if (handle === EINVAL && address === backend) this.resolveThenConnect(fd, backends, start, i, anyBackend, backend);
-      else this.addressFailed(fd, backends, start, i, anyBackend, backend, errnoError(handle, "connect", backendKey(address)), more);
+      if (id === EINVAL && address === backend) this.resolveThenConnect(fd, backends, start, i, anyBackend, backend);
+      else this.addressFailed(fd, backends, start, i, anyBackend, backend, errnoError(id, "connect", backendKey(address)), more);
       return;
     }
-    const pair = new NativePair(module, handle);
     this.open.add(pair);
+  }
+
+  // NativeDialOwner: a native dial's records.
+
+  nativeConnected(): void {
+    this.options.counters.tcpProxied++;
+  }
+
+  nativeEnded(pair: NativeDial, toBackend: number, toClient: number): void {
+    this.ended(pair, toBackend, toClient);
+  }
+
+  nativeFailed(d: NativeDial, errno: number): void {
+    this.open.delete(d);
+    this.addressFailed(d.fd, d.backends, d.start, d.attempt, d.anyBackend, d.backend, errnoError(errno, "connect", backendKey(d.address)), d.more);
   }
 
   /** The host name's next address while one is left and time is, else the next backend. */
@@ -366,5 +372,50 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     if (this.relayId === undefined) return;
     this.options.relays?.unregister(this.relayId);
     this.relayId = undefined;
+  }
+}
+
+/** Where a native dial's records go: the listener that dialled. */
+interface NativeDialOwner {
+  readonly table: NativePairTable | undefined;
+  nativeConnected(): void;
+  nativeEnded(pair: NativeDial, toBackend: number, toClient: number): void;
+  nativeFailed(dial: NativeDial, errno: number): void;
+}
+
+/**
+ * A connection the module dials, then carries: one object per connection,
+ * which is what a failed connect needs to go on from (the host name's next
+ * address, or the next backend).
+ */
+class NativeDial implements Pair, PairHandler {
+  id = -1;
+
+  constructor(
+    private readonly owner: NativeDialOwner,
+    readonly fd: number,
+    readonly backends: readonly Endpoint[],
+    readonly start: number,
+    readonly attempt: number,
+    readonly anyBackend: boolean,
+    readonly backend: Endpoint,
+    readonly address: Endpoint,
+    readonly more: MoreAddresses | undefined,
+  ) {}
+
+  connected(): void {
+    this.owner.nativeConnected();
+  }
+
+  ended(toBackend: number, toClient: number): void {
+    this.owner.nativeEnded(this, toBackend, toClient);
+  }
+
+  failed(errno: number): void {
+    this.owner.nativeFailed(this, errno);
+  }
+
+  cut(): void {
+    this.owner.table?.cut(this);
   }
 }
