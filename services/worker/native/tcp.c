@@ -29,9 +29,10 @@
  * others.
  *
  * A pair is known to JavaScript by a small id (an index into its own table
- * of handlers). What happens to pairs reaches it in batches, one call into
- * JavaScript per turn of the loop, as records of four numbers in the
- * Float64Array given to `pairEvents`: (id, event, a, b). CONNECTED (1) when
+ * of handlers). What happens to pairs reaches it in batches, as records of
+ * four numbers in the Float64Array given to `pairEvents`: (id, event, a, b),
+ * one call into JavaScript for a poll's connects and one for the idle
+ * phase's ends (and one more each time the array fills). CONNECTED (1) when
  * a dial's connect succeeded; FAILED (-errno) when it did not, and the client
  * descriptor is the caller's again; ENDED (0, bytes to the backend, bytes to
  * the client) when both sides are closed. ENDED or FAILED is a pair's last
@@ -107,7 +108,7 @@ struct Pair {
   uint64_t deadline;        /* loop time at which a dial's connect times out */
   Pair *dial_prev, *dial_next;
   int failed;               /* -errno of a failed connect: the client fd is the caller's again */
-  int ended;                /* torn down: on the ended list (1), or its last record written (2) */
+  int ended;                /* torn down: on the ended list, then retiring */
   int keepalive_idle_s;
   int joined;               /* its descriptors are duplicates: another may share their sockets */
   Pair *ready_prev, *ready_next; /* on the ready list */
@@ -139,7 +140,7 @@ static uint32_t slot_cap, slots_used, *free_ids, free_count;
 
 /* pairEvents: JavaScript's callback, the records array it reads, and records written since the last call. */
 static napi_env events_env;
-static napi_ref events_callback, events_records;
+static napi_ref events_callback, events_records; /* the array's reference only keeps it alive */
 static napi_async_context events_context;
 static double *records;
 static size_t record_cap, record_count;
@@ -150,15 +151,11 @@ static void pump(Pair *p);
 static void unwatch_and_close(Side *s);
 static void drop_pipe(Side *s);
 
-static void pair_freed(void) {
-  if (--live_pairs == 0) uv_unref((uv_handle_t *)&epoll_poll);
-}
-
 static void free_pair(Pair *p) {
   slots[p->id] = NULL;
   free_ids[free_count++] = p->id;
   free(p);
-  pair_freed();
+  if (--live_pairs == 0) uv_unref((uv_handle_t *)&epoll_poll);
 }
 
 /* One call into JavaScript with the records written since the last; then the pairs they retired are freed. */
@@ -188,14 +185,17 @@ static void deliver(void) {
 
 /* Writes a record for `p` (delivering the full array first); a last one retires it. */
 static void emit(Pair *p, int event, double a, double b) {
-  if (record_count == record_cap) deliver();
+  if (record_count == record_cap) {
+    deliver();
+    /* That call may have cut the pair whose connect this was: it is not reported connected. */
+    if (p->ended && event == CONNECTED) return;
+  }
   double *r = records + 4 * record_count++;
   r[0] = p->id;
   r[1] = event;
   r[2] = a;
   r[3] = b;
   if (event != CONNECTED) {
-    p->ended = 2;
     p->ended_next = retiring;
     retiring = p;
   }

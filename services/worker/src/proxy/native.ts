@@ -32,7 +32,8 @@ export interface NativeModule {
   /**
    * Where pairs' records go (once per process, before the first pair):
    * `onRecords(count)` reads records[0 .. 4 * count) as (id, event, a, b),
-   * one call per turn of the loop. `event` is PAIR_CONNECTED when a dial
+   * one call for a poll's connects and one for the idle phase's ends (more
+   * when the array fills). `event` is PAIR_CONNECTED when a dial
    * connected; negative (-errno) when it failed, and the client descriptor
    * is the caller's again; PAIR_ENDED when both sides are closed, with the
    * bytes written to the backend (`a`) and to the client (`b`). The failure

@@ -55,9 +55,9 @@ const RECORDS_PER_CALL = 1024;
 
 /**
  * The module's pairs and their handlers, by id: one table per process (the
- * module takes one pairEvents). A turn's records come in one call, so a
- * connection costs no call into JavaScript of its own, and no handle,
- * reference or async context in the module.
+ * module takes one pairEvents). Records come in batches (a poll's connects,
+ * the idle phase's ends), so a connection costs no call into JavaScript of
+ * its own, and no handle, reference or async context in the module.
  */
 export class NativePairTable {
   private readonly handlers: (PairHandler | undefined)[] = [];
@@ -96,21 +96,25 @@ export class NativePairTable {
     return id;
   }
 
+  /** Every record reaches its handler, even past one that throws (the module frees the pairs of all of them); the first error is thrown after. */
   private deliver(count: number): void {
     const records = this.records;
+    let failure: unknown;
     for (let i = 0; i < 4 * count; i += 4) {
       const id = records[i] as number;
       const event = records[i + 1] as number;
       const handler = this.handlers[id] as PairHandler;
-      if (event === PAIR_CONNECTED) {
-        handler.connected();
-        continue;
+      // Dropped before the handler runs at a pair's last record: a cut from it, or after it, does nothing.
+      if (event !== PAIR_CONNECTED) this.handlers[id] = undefined;
+      try {
+        if (event === PAIR_CONNECTED) handler.connected();
+        else if (event === PAIR_ENDED) handler.ended(records[i + 2] as number, records[i + 3] as number);
+        else handler.failed(event);
+      } catch (err) {
+        failure ??= err;
       }
-      // Dropped before the handler runs: a cut from it, or after it, does nothing.
-      this.handlers[id] = undefined;
-      if (event === PAIR_ENDED) handler.ended(records[i + 2] as number, records[i + 3] as number);
-      else handler.failed(event);
     }
+    if (failure !== undefined) throw failure;
   }
 }
 

@@ -308,8 +308,8 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener, Na
    * `more`, for a host name: its addresses not tried yet, each tried in turn
    * when this one fails (any failure: EADDRNOTAVAIL, a local failure
    * otherwise, is what an IPv6 address gives where IPv6 is off), and the
-   * deadline all of them share. A literal address has none: nothing is
-   * allocated or timed for it.
+   * deadline all of them share. A literal address has none: its dial is
+   * one NativeDial and nothing more.
    */
   private connectNative(fd: number, backends: readonly Endpoint[], start: number, i: number, anyBackend: boolean, backend: Endpoint, address: Endpoint, more?: MoreAddresses): void {
     let timeoutMs = this.options.connectTimeoutMs;
