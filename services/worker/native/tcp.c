@@ -44,12 +44,12 @@
  * call that delivered its last record returned; JavaScript drops the id in
  * that call, so `cut` never reaches a freed pair, and a record never names a
  * pair other than the one it was written for. An epoll registration lasts
- * while any descriptor of its socket is open, so a pair's descriptors leave the set before they are
- * closed wherever another may share the socket: join's duplicates (a relay's
- * client is still open in the worker that sent it until that send is done).
- * Dial's are the module's own (from accept4 and socket, close-on-exec,
- * which a child has applied before uv_spawn returns): their close is enough,
- * and saves a syscall per descriptor.
+ * while any descriptor of its socket is open, so a pair's descriptors leave
+ * the set before they are closed wherever another may share the socket:
+ * join's duplicates (a relay's client is still open in the worker that sent
+ * it until that send is done). Dial's are the module's own (from accept4
+ * and socket, close-on-exec, which a child has applied before uv_spawn
+ * returns): their close is enough, and saves a syscall per descriptor.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
