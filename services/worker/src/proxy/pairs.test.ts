@@ -258,3 +258,18 @@ describe("proxied pairs (native) - records", () => {
     expect(lateEnded).toEqual([]);
   });
 });
+
+describe("native pair module - bad input", () => {
+  it("cut of an id that names no live pair, and a second or malformed pairEvents, throw a clear error and change nothing", async () => {
+    expect(() => native.cut(-1)).toThrow(RangeError);
+    expect(() => native.cut(1_000_000)).toThrow(/cut takes the id of a pair whose last record has not been delivered/);
+    expect(() => native.pairEvents(new Float64Array(2), () => undefined)).toThrow(/Float64Array of at least 4 and a function/);
+    expect(() => native.pairEvents(new Float64Array(8), () => undefined)).toThrow(/pairEvents was called already/);
+    // The table this file made still carries: a pair joined after all of that ends and is reported.
+    const port = await backend((s) => s.on("data", () => s.end()));
+    const proxy = await proxyTo(CARRIERS[0] as PairCarrier, port);
+    (await connect(proxy.port)).end("x");
+    await waitFor(() => proxy.ended.length === 1, "the pair's end reported");
+    expect(proxy.ended[0]!.toBackend).toBe(1);
+  });
+});

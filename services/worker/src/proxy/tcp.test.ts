@@ -48,6 +48,13 @@ async function listenerOver(native: NativeModule | undefined, ports: number[], o
   return { listener, counters };
 }
 
+/** A client's first line through `port` (the backend's greeting); the client is closed after the test. */
+async function greeting(port: number): Promise<string> {
+  const client = await connectLines(port);
+  cleanup.push(() => client.close());
+  return client.nextLine();
+}
+
 /**
  * A pool whose relays are all restarting: it takes no connection. (Real
  * relays are forked from the built relay-main.js; the e2e-relays ring runs them.)
@@ -100,9 +107,7 @@ describe.each(PATHS)("tcp listener ($name) - a backend that never answers", ({ n
     const { listener, counters } = await listenerOver(native, [silent.port, answering.port], { connectTimeoutMs: 300, passiveEjectMs: 60_000 });
 
     for (let i = 0; i < 3; i++) {
-      const client = await connectLines(listener.port);
-      cleanup.push(() => client.close());
-      expect(await client.nextLine()).toBe("t1");
+      expect(await greeting(listener.port)).toBe("t1");
     }
     // Only the first connection waited for the silent backend; it was ejected then.
     expect(counters.tcpBackendFailures).toBe(1);
@@ -196,9 +201,7 @@ describe.each(PATHS)("tcp listener ($name) - choosing and refusing", ({ native }
     const resolve: TcpListenerOptions["resolve"] = (_host, done) => done(null, [{ address: "127.0.0.2", family: 4 }, { address: "127.0.0.1", family: 4 }]);
     const { listener, counters } = await listenerOver(native, [(b as EchoBackend).port], { resolve }, native ? "backend.example" : "localhost");
     for (let i = 0; i < 2; i++) {
-      const client = await connectLines(listener.port);
-      cleanup.push(() => client.close());
-      expect(await client.nextLine()).toBe("t0");
+      expect(await greeting(listener.port)).toBe("t0");
     }
     expect(counters.tcpProxied).toBe(2);
     expect(counters.tcpBackendFailures).toBe(0);
@@ -290,9 +293,7 @@ describe("tcp listener (native) - host names", () => {
     cleanup.push(() => new Promise((resolve) => other.close(resolve)));
     const resolve: TcpListenerOptions["resolve"] = (_host, done) => done(null, [{ address: "127.0.0.1", family: 4 }, { address: "127.0.0.2", family: 4 }]);
     const { listener, counters } = await listenerOver(nativeModule("native"), [silent.port], { resolve, connectTimeoutMs: 3_000 }, "backend.example");
-    const client = await connectLines(listener.port);
-    cleanup.push(() => client.close());
-    expect(await client.nextLine()).toBe("t0");
+    expect(await greeting(listener.port)).toBe("t0");
     expect(counters.tcpBackendFailures).toBe(0);
     expect(counters.tcpProxied).toBe(1);
   });
@@ -310,9 +311,7 @@ describe("tcp listener (native) - connect timeouts", () => {
     cleanup.push(() => waiting.close());
     await waitFor(() => slow.listener.connections === 1, "the minute-long dial started");
     const { listener, counters } = await listenerOver(nativeModule("native"), [silent.port, answering.port], { connectTimeoutMs: 300 });
-    const client = await connectLines(listener.port);
-    cleanup.push(() => client.close());
-    expect(await client.nextLine()).toBe("t1");
+    expect(await greeting(listener.port)).toBe("t1");
     expect(counters.tcpBackendFailures).toBe(1);
     expect(slow.counters.tcpBackendFailures).toBe(0);
     expect(slow.listener.connections).toBe(1);
