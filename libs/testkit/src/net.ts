@@ -1,20 +1,40 @@
 import { spawn } from "node:child_process";
+import dgram from "node:dgram";
 import net from "node:net";
 
-/** A TCP port free on 127.0.0.1 right now. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address() as net.AddressInfo;
-      server.close(() => resolve(address.port));
+/**
+ * A port free on 127.0.0.1 right now for TCP and for UDP alike (tests bind
+ * UDP listeners and backends on it too, and the kernel's TCP pick says
+ * nothing of UDP sockets on the same number).
+ */
+export async function freePort(): Promise<number> {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const port = await new Promise<number>((resolve, reject) => {
+      const server = net.createServer();
+      server.once("error", reject);
+      server.listen(0, "127.0.0.1", () => {
+        const address = server.address() as net.AddressInfo;
+        server.close(() => resolve(address.port));
+      });
     });
+    if (await isFreeForUdp(port)) return port;
+  }
+  throw new Error("no port free for both TCP and UDP found");
+}
+
+function isFreeForUdp(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = dgram.createSocket("udp4");
+    socket.once("error", () => {
+      socket.close();
+      resolve(false);
+    });
+    socket.bind({ port, address: "127.0.0.1", exclusive: true }, () => socket.close(() => resolve(true)));
   });
 }
 
 /**
- * A block of `size` consecutive ports, all free for TCP on 127.0.0.1 now,
+ * A block of `size` consecutive ports, all free for TCP and UDP on 127.0.0.1 now,
  * below the ephemeral range; for a harbor node's range in a test. Random, so
  * parallel test files do not pick the same block.
  */
@@ -22,7 +42,7 @@ export async function freePortBlock(size: number): Promise<{ min: number; max: n
   for (let attempt = 0; attempt < 50; attempt++) {
     const min = 20_000 + Math.floor(Math.random() * ((32_000 - 20_000 - size) / size)) * size;
     const ports = Array.from({ length: size }, (_, i) => min + i);
-    const free = await Promise.all(ports.map(isFree));
+    const free = await Promise.all(ports.map(async (p) => (await isFree(p)) && (await isFreeForUdp(p))));
     if (free.every(Boolean)) return { min, max: min + size - 1 };
   }
   throw new Error(`no block of ${size} free ports found`);

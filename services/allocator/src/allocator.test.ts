@@ -156,6 +156,8 @@ describe("allocator - concurrency", () => {
 
 describe("allocator - events", () => {
   it("every change reaches NATS through the outbox, in order, with increasing sequence", async () => {
+    // Earlier tests' events (the rush's hundred) are relayed first, so only this test's reach the subscription.
+    await waitFor(async () => (await pool.query("SELECT count(*)::int AS n FROM outbox")).rows[0].n === 0, "earlier events relayed");
     const seen: BusMessage[] = [];
     const sub = bus.subscribe(subjects.all(), (m) => seen.push(m));
     await bus.flush();

@@ -62,7 +62,8 @@ describe("outbox - NATS away", () => {
     const { proxy, relay, bus, seen } = await relayThroughProxy();
     await relay.start();
     await writeEvents(1, 3);
-    await waitFor(() => seen.length === 3, "the first events");
+    // Confirmed and deleted, not only received: a cut before the relay read NATS's answer would put them back.
+    await waitFor(async () => seen.length === 3 && (await pending()) === 0, "the first events relayed and confirmed");
 
     proxy.cut();
     await waitFor(() => !bus.isConnected(), "the disconnect");
