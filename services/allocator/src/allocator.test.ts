@@ -154,10 +154,13 @@ describe("allocator - concurrency", () => {
   });
 });
 
+/** Waits until every event written so far is relayed: rows leave the outbox only once NATS confirmed them. */
+const outboxRelayed = (what: string) => waitFor(async () => (await pool.query("SELECT count(*)::int AS n FROM outbox")).rows[0].n === 0, what);
+
 describe("allocator - events", () => {
   it("every change reaches NATS through the outbox, in order, with increasing sequence", async () => {
     // Earlier tests' events (the rush's hundred) are relayed first, so only this test's reach the subscription.
-    await waitFor(async () => (await pool.query("SELECT count(*)::int AS n FROM outbox")).rows[0].n === 0, "earlier events relayed");
+    await outboxRelayed("earlier events relayed");
     const seen: BusMessage[] = [];
     const sub = bus.subscribe(subjects.all(), (m) => seen.push(m));
     await bus.flush();
@@ -178,7 +181,7 @@ describe("allocator - events", () => {
     const sequences = payloads.map((p) => Number(p.sequence));
     expect([...sequences].sort((a, b) => a - b)).toEqual(sequences);
     expect(new Set(sequences).size).toBe(4);
-    await waitFor(async () => (await pool.query("SELECT count(*)::int AS n FROM outbox")).rows[0].n === 0, "an empty outbox");
+    await outboxRelayed("an empty outbox");
   });
 
   it("service.created carries the service as the create answered it, with or without an app", async () => {

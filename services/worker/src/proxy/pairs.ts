@@ -143,8 +143,9 @@ export function nativePairs(table: NativePairTable): PairCarrier {
       const upstreamFd = descriptorOf(upstream);
       // Nothing ever read (a client accepted paused, a relay's client it stopped reading, an upstream just connected).
       const untouched = clientFd >= 0 && upstreamFd >= 0 && unread(client) && unread(upstream);
+      if (!untouched) return nodePairs.join(client, upstream, onClosed);
       const pair = new JoinedPair(table, onClosed);
-      if (!untouched || table.join(clientFd, upstreamFd, pair) < 0) return nodePairs.join(client, upstream, onClosed);
+      if (table.join(clientFd, upstreamFd, pair) < 0) return nodePairs.join(client, upstream, onClosed);
       client.destroy();
       upstream.destroy();
       return pair;

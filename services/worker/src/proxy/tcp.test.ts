@@ -279,7 +279,6 @@ describe("tcp listener (native) - host names", () => {
     expect(listener.ejections.isEjected(`backend.example:${port}`)).toBe(true);
   });
 
-
   it("gives each of a host name's addresses but the last a short try: one that never answers is passed over", async () => {
     // 127.0.0.1:<port> takes no connection (a full accept queue); 127.0.0.2:<port> greets and echoes.
     const silent = await startSilentPort();
