@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "dataplane",
-      "sources": ["native/module.c", "native/udp.c", "native/tcp.c"],
+      "sources": ["native/module.c", "native/udp.c", "native/tcp.c", "native/handoff.c"],
       "cflags": ["-O2", "-Wall", "-Wextra"]
     }
   ]

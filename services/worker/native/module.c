@@ -1,7 +1,8 @@
 /*
  * dataplane: the worker's native module. `udp.c`: batched UDP I/O for UDP
  * ports, and `poll`, which TCP's listening sockets use too; `tcp.c`: TCP
- * listened on, accepted, dialled and carried in C. JavaScript keeps every
+ * listened on, accepted, dialled and carried in C; `handoff.c`: accepted
+ * clients passed to relay processes as descriptors. JavaScript keeps every
  * decision (rotation, sessions, ejections); this only moves bytes. Functions
  * return a count, or 0, or -errno for a failed syscall; they throw only for
  * arguments of the wrong type.
@@ -81,5 +82,6 @@ int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr
 NAPI_MODULE_INIT() {
   if (!udp_init(env, exports)) return NULL;
   tcp_init(env, exports);
+  handoff_init(env, exports);
   return exports;
 }

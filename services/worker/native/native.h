@@ -21,4 +21,5 @@ int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr
 /* Each part adds its functions to the exports; 0 (with an exception pending) on failure. */
 int udp_init(napi_env env, napi_value exports);
 void tcp_init(napi_env env, napi_value exports);
+void handoff_init(napi_env env, napi_value exports);
 #endif

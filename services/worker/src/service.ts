@@ -84,7 +84,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
   const kernelTable = tableName(deps.subjects.prefix, config.nodeId);
   const kernel = config.mode === "kernel" ? new KernelTable(kernelTable, () => config.listenHost ?? view.host, logger.child({ component: "nftables" })) : undefined;
   // UDP stays in this process: a client's datagrams keep one session and FIFO stays FIFO.
-  const relays = config.mode === "userspace" && config.relays > 0 ? new RelayPool(config.relays, config.connectTimeoutMs, counters, logger, native ? "native" : "node") : undefined;
+  const relays = config.mode === "userspace" && config.relays > 0 ? new RelayPool(config.relays, config.connectTimeoutMs, counters, logger, native) : undefined;
   const udpIo = native ? batchedIo(native) : dgramIo;
   if (config.mode === "userspace") {
     logger.info({ io: native ? "native" : "node", ...(!native && config.io === "auto" ? { reason: nativeUnavailable } : {}) }, "worker-io-chosen");

@@ -43,7 +43,27 @@ export interface NativeModule {
   pairEvents(records: Float64Array, onRecords: (count: number) => void): void;
   /** The pipes bulk flows are spliced through (two descriptors each), how many wait empty for the next, and the bytes they carried. */
   pipes(): { open: number; spare: number; splicedBytes: number };
+  // Hand-off to relay processes (native/handoff.c): one SOCK_SEQPACKET channel per relay, read in the order sent.
+  /** A new channel: [the worker's end, the relay's end], both close-on-exec and non-blocking; or -errno. */
+  channel(): [number, number] | number;
+  /** Sends an accepted client with three numbers; 0 when sent (the relay has a duplicate: the caller closes its own), else -errno. */
+  sendClient(channel: number, clientFd: number, a: number, b: number, c: number): number;
+  /** Sends a control message's bytes; 0, or -errno (nothing sent). */
+  sendControl(channel: number, bytes: Buffer): number;
+  /**
+   * Reads what waits: the count of messages, each HANDOFF_META numbers of
+   * `meta` (kind, a, b, c, descriptor); 0 when nothing waits; -EPIPE when the
+   * worker's end is closed. A control message's bytes are in `payload` (`a`
+   * of them) and end the batch. Kind 0 is a malformed message, its
+   * descriptors closed.
+   */
+  receive(channel: number, meta: Int32Array, payload: Buffer): number;
+  readonly HANDOFF_CLIENT: number;
+  readonly HANDOFF_CONTROL: number;
 }
+
+/** Numbers per message in receive's `meta`. */
+export const HANDOFF_META = 5;
 
 export const PAIR_ENDED = 0;
 export const PAIR_CONNECTED = 1;

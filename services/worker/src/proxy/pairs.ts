@@ -35,8 +35,8 @@ export const nodePairs: PairCarrier = {
   },
 };
 
-/** The descriptor under a connected TCP socket (libuv's; undefined where there is none). */
-const descriptorOf = (socket: net.Socket): number => (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+/** The descriptor under a connected TCP socket (libuv's; -1 where there is none). */
+export const descriptorOf = (socket: net.Socket): number => (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
 
 /** What a native pair's records reach: its own handler, found by the pair's id. */
 export interface PairHandler {

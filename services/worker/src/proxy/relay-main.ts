@@ -1,27 +1,34 @@
 /**
- * A relay process: receives accepted client sockets from the worker, with the
+ * A relay process: receives accepted clients from the worker, with the
  * backend rotation and where to start in it, and joins each to its backend.
- * Loads no more than it needs (no gRPC, NATS or metrics). Ends when told to
- * stop, or at once when the worker is gone.
+ * With the native module the clients come as descriptors on the hand-off
+ * channel, and the module dials and carries them; without it, as Node
+ * sockets over IPC. Loads no more than it needs (no gRPC, NATS or metrics).
+ * Ends when told to stop, or at once when the worker is gone.
  */
 import type net from "node:net";
+import { constants } from "node:os";
 import { createLogger } from "@harbor/runtime/logger";
-import { backendKey, dial, type DialHooks, type Endpoint } from "./dial.js";
-import { nativeModule } from "./native.js";
-import { nativePairs, nodePairs, pairTable, type Pair } from "./pairs.js";
-import type { FromRelay, HandOff, Stats, ToRelay } from "./relay-protocol.js";
+import { backendKey, dial, KEEPALIVE_IDLE_MS, type DialHooks, type Endpoint } from "./dial.js";
+import { HANDOFF_META, nativeModule, type NativeModule } from "./native.js";
+import { NativeDialer, type NativeDialHooks } from "./native-dial.js";
+import { nodePairs, pairTable, type Pair } from "./pairs.js";
+import { RELAY_CHANNEL_FD, type FromRelay, type HandOff, type Rotation, type Stats, type ToRelay } from "./relay-protocol.js";
 
 const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
 const send = (message: FromRelay) => process.send?.(message);
-// The worker says which (it loaded the module itself); should this process fail to load it, Node's sockets carry.
+// The worker says which: with the module (it loaded it itself) clients come as descriptors on the channel.
 const native = process.env.HARBOR_RELAY_IO === "native" ? nativeModule("auto") : undefined;
-const pairs = native ? nativePairs(pairTable(native)) : nodePairs;
+/** Dials and carries the clients that come as descriptors. */
+const dialer = native && new NativeDialer(pairTable(native), KEEPALIVE_IDLE_MS / 1000);
 
-/** Clients not yet joined to a backend, and joined pairs: what a stopping relay cuts. */
+/** Clients that came over IPC not yet joined to a backend, and joined pairs: what a stopping relay cuts. */
 const open = new Set<net.Socket>();
 const joined = new Set<Pair>();
 /** Each listener's rotation, as the worker last sent it. */
 const rotations = new Map<number, Endpoint[]>();
+/** Each listener's hooks for native dials, with the backends out of its rotation as the worker last sent them. */
+const listeners = new Map<number, ListenerHooks>();
 /** Connections this relay joined to a backend, for its last log line. */
 let carried = 0;
 const connectTimeoutMs = Number(process.env.HARBOR_RELAY_CONNECT_TIMEOUT_MS) || 5_000;
@@ -46,33 +53,8 @@ function ended(listener: number): void {
   flushSoon();
 }
 
-type StreamHandle = { reading: boolean; readStop(): number; readStart(): number };
-const handleOf = (client: net.Socket) => (client as unknown as { _handle?: StreamHandle })._handle;
-
-/**
- * A received handle becomes a socket that has started reading (in the tick
- * this runs in, nothing is read yet). For native pairs it is stopped here,
- * as the worker accepts paused, so that every byte is still in the kernel
- * when the pair is joined (the module's duplicate would never see what Node
- * had read; `join` would fall back to Node's sockets).
- */
-function stopReading(client: net.Socket): void {
-  const handle = handleOf(client);
-  if (!handle) return;
-  handle.reading = false;
-  handle.readStop();
-}
-
-/** Undoes stopReading when Node's sockets carry the pair after all (the module could not take it). */
-function startReading(client: net.Socket): void {
-  const handle = handleOf(client);
-  if (!handle || handle.reading) return;
-  handle.reading = true;
-  handle.readStart();
-}
-
+/** A client that came as a Node socket over IPC (the worker has no native module): Node's sockets carry it. */
 function relay(message: HandOff, client: net.Socket): void {
-  if (native) stopReading(client);
   // Received handles become sockets that close on the first FIN; a proxy must pass half-closes on.
   client.allowHalfOpen = true;
   client.on("error", () => undefined); // the pair's close handling tears both down
@@ -93,15 +75,13 @@ function relay(message: HandOff, client: net.Socket): void {
       settled = true;
       stats.proxied++;
       carried++;
-      const pair = pairs.join(c, upstream, (toBackend, toClient) => {
+      const pair = nodePairs.join(c, upstream, (toBackend, toClient) => {
         joined.delete(pair);
         stats.bytesToBackend += toBackend;
         stats.bytesToClient += toClient;
         ended(listener);
       });
       joined.add(pair);
-      // A native join destroys both sockets; a live client means Node's sockets carry it, and must read.
-      if (native && !c.destroyed) startReading(c);
     },
   };
   // A client that never reached a backend ends here; one that did ends with its pair.
@@ -120,20 +100,89 @@ function relay(message: HandOff, client: net.Socket): void {
   }
 }
 
+/** A listener's native dials: what they tell the worker. */
+class ListenerHooks implements NativeDialHooks {
+  readonly connectTimeoutMs = connectTimeoutMs;
+  /** Out of rotation as the worker last said (`host:port`). */
+  ejected: ReadonlySet<string> | undefined;
+
+  constructor(readonly listener: number) {}
+
+  isEjected(backend: Endpoint): boolean {
+    return this.ejected !== undefined && this.ejected.has(backendKey(backend));
+  }
+
+  backendFailed(backend: Endpoint, err: Error): void {
+    send({ t: "failed", l: this.listener, host: backend.host, port: backend.port, err: err.message });
+  }
+
+  allFailed(): void {
+    stats.allFailed++;
+    ended(this.listener);
+  }
+
+  connected(): void {
+    stats.proxied++;
+    carried++;
+  }
+
+  ended(toBackend: number, toClient: number): void {
+    stats.bytesToBackend += toBackend;
+    stats.bytesToClient += toClient;
+    ended(this.listener);
+  }
+
+  dropped(): void {
+    ended(this.listener);
+  }
+}
+
+/** A client that came as a descriptor: dialled and carried by the module. */
+function relayDescriptor(listener: number, start: number, anyBackend: boolean, fd: number): void {
+  const rotation = rotations.get(listener);
+  const hooks = listeners.get(listener);
+  if (stopping || !rotation || !hooks) {
+    // The worker sends a rotation before its first connection: none is a bug, not a reason to guess.
+    if (!stopping) logger.error({ listener }, "relay-connection-without-rotation");
+    (native as NativeModule).close(fd);
+    ended(listener);
+    return;
+  }
+  (dialer as NativeDialer).dial(fd, rotation, start, anyBackend, hooks);
+}
+
+function rotationCame(message: Rotation): void {
+  rotations.set(message.l, message.b);
+  let hooks = listeners.get(message.l);
+  if (!hooks) listeners.set(message.l, (hooks = new ListenerHooks(message.l)));
+  hooks.ejected = message.e ? new Set(message.e) : undefined;
+}
+
+const inFlight = () => open.size + joined.size + (dialer?.connections ?? 0);
+
 async function stop(deadlineMs: number): Promise<void> {
   if (stopping) return;
   stopping = true;
   const until = Date.now() + deadlineMs;
-  while (open.size + joined.size > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+  while (inFlight() > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
   for (const socket of open) socket.destroy();
   for (const pair of joined) pair.cut();
+  dialer?.cutAll();
   // Let the ends land in the last report: a socket's close comes in this turn's close phase, a
   // native pair's end in the next turn's idle phase (100 ms at the most, for a peer that is slow to close).
-  for (let wait = 0; wait < 100 && open.size + joined.size > 0; wait++) await new Promise((r) => setTimeout(r, 1));
+  for (let wait = 0; wait < 100 && inFlight() > 0; wait++) await new Promise((r) => setTimeout(r, 1));
   clearTimeout(flushTimer);
   flush();
   logger.info({ carried }, "relay-stopped");
   process.disconnect?.();
+}
+
+function control(message: ToRelay): void {
+  if (message.t === "rotation") rotationCame(message);
+  else if (message.t === "forget") {
+    rotations.delete(message.l);
+    listeners.delete(message.l);
+  } else if (message.t === "stop") void stop(message.deadlineMs);
 }
 
 process.on("message", (message: ToRelay, handle?: net.Socket) => {
@@ -143,17 +192,64 @@ process.on("message", (message: ToRelay, handle?: net.Socket) => {
       handle?.destroy();
       ended(message.l);
     } else relay(message, handle);
-  } else if (message.t === "rotation") rotations.set(message.l, message.b);
-  else if (message.t === "forget") rotations.delete(message.l);
-  else if (message.t === "stop") void stop(message.deadlineMs);
+  } else control(message);
 });
+
 // The worker is gone: nobody is left to account for these connections.
-process.on("disconnect", () => {
+function workerGone(): never {
   for (const socket of open) socket.destroy();
   process.exit(0);
-});
+}
+process.on("disconnect", workerGone);
+
+/**
+ * The hand-off channel, where the worker has the module: clients and the
+ * worker's messages in the order it sent them, read a batch at a time.
+ */
+function readChannel(module: NativeModule): void {
+  const meta = new Int32Array(HANDOFF_META * 64);
+  // Larger than any control message the worker's channel end can send (its send buffer).
+  const payload = Buffer.allocUnsafeSlow(1 << 20);
+  let malformedLogged = false;
+  module.poll(RELAY_CHANNEL_FD, () => {
+    for (;;) {
+      const n = module.receive(RELAY_CHANNEL_FD, meta, payload);
+      if (n === -constants.errno.EPIPE) workerGone();
+      if (n <= 0) {
+        if (n < 0) logger.error({ errno: n }, "relay-channel-read-failed");
+        return;
+      }
+      for (let i = 0; i < n * HANDOFF_META; i += HANDOFF_META) {
+        const kind = meta[i] as number;
+        if (kind === module.HANDOFF_CLIENT) relayDescriptor(meta[i + 1] as number, meta[i + 2] as number, meta[i + 3] === 1, meta[i + 4] as number);
+        else if (kind === module.HANDOFF_CONTROL) {
+          let message: ToRelay;
+          try {
+            message = JSON.parse(payload.toString("utf8", 0, meta[i + 1] as number)) as ToRelay;
+          } catch (err) {
+            logger.error({ err }, "relay-channel-message-malformed");
+            continue;
+          }
+          control(message);
+        } else if (!malformedLogged) {
+          // Only the worker holds the other end: a malformed message is a bug, logged once, its descriptors closed.
+          malformedLogged = true;
+          logger.error({ bytes: meta[i + 1] }, "relay-channel-message-malformed");
+        }
+      }
+    }
+  });
+}
+if (process.env.HARBOR_RELAY_CHANNEL === "1") {
+  // The worker loaded the module from the same place: a relay without it could not read a single client.
+  if (!native) {
+    logger.fatal("relay-without-native-module");
+    process.exit(1);
+  }
+  readChannel(native);
+}
 // A signal to the whole process group (Ctrl-C, systemd) is the worker's to handle: it drains the relays.
 process.on("SIGTERM", () => undefined);
 process.on("SIGINT", () => undefined);
 send({ t: "ready" });
-logger.info({ io: pairs.name }, "relay-started");
+logger.info({ io: native ? "native" : "node" }, "relay-started");

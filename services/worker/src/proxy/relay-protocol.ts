@@ -5,8 +5,17 @@
  * backend itself, so round-robin stays exact however many relays there are;
  * a relay only connects to that backend (or the next ones, on refusal) and
  * copies the bytes.
+ *
+ * Where the worker has the native module, it sends the clients as
+ * descriptors over a hand-off channel (native/handoff.c), each with its
+ * ClientHeader, and every ToRelay message on that channel too, so a relay
+ * reads them in the order they were sent; otherwise clients and messages go
+ * over Node's IPC channel (HandOff). Relay → worker is always Node's IPC.
  */
 import type { Endpoint } from "./dial.js";
+
+/** The descriptor a relay finds its end of the hand-off channel at: fork's stdio after 0-2 and IPC's 3. */
+export const RELAY_CHANNEL_FD = 4;
 
 /**
  * Worker → relay: a listener's rotation, sent before the first connection
@@ -17,6 +26,8 @@ export interface Rotation {
   /** The listener, as the pool numbered it. */
   l: number;
   b: Endpoint[];
+  /** On the hand-off channel: the backends out of rotation now (`host:port`), sent again when they change; absent when none are. */
+  e?: string[];
 }
 
 /** Worker → relay: the listener is gone; its rotation may be dropped. */
@@ -37,6 +48,14 @@ export interface HandOff {
   /** Backends out of rotation now (`host:port`); absent when none are. */
   e?: string[];
 }
+
+/*
+ * Worker → relay on the hand-off channel, with the client's descriptor: the
+ * sendClient numbers are (a) the listener, (b) where this connection starts
+ * in the rotation, (c) 1 when every backend is out of rotation (try them
+ * all), else 0. The listener's rotation, and the backends out of it, are the
+ * last Rotation sent for it.
+ */
 
 /** Worker → relay: finish open connections within the deadline, then exit. */
 export interface Stop {

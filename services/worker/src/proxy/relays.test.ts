@@ -6,6 +6,7 @@ import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { connectLines, freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
+import { nativeModule } from "./native.js";
 import { RelayPool } from "./relays.js";
 import { TcpListener } from "./tcp.js";
 
@@ -30,14 +31,16 @@ async function backends(...names: string[]): Promise<EchoBackend[]> {
 
 const asSet = (bs: EchoBackend[]): Backend[] => bs.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
 
-async function relayedListener(set: () => readonly Backend[], io: "native" | "node") {
+/** `native`: the listener accepts with the module and hands descriptors over the relays' channels; `node`: Node's sockets and IPC. */
+async function relayedListener(set: () => readonly Backend[], io: "native" | "node", host = "127.0.0.1") {
   const counters = new DataPlaneCounters();
-  const relays = new RelayPool(2, 1_000, counters, logger, io, RELAY_MAIN);
+  const native = io === "native" ? nativeModule("native") : undefined;
+  const relays = new RelayPool(2, 1_000, counters, logger, native, RELAY_MAIN);
   await relays.start();
   cleanup.push(() => relays.stop(2_000));
   const listener = new TcpListener({
     serviceId: "s",
-    host: "127.0.0.1",
+    host,
     port: await freePort(),
     backends: set,
     connectTimeoutMs: 1_000,
@@ -47,6 +50,7 @@ async function relayedListener(set: () => readonly Backend[], io: "native" | "no
     counters,
     logger,
     relays,
+    native,
   });
   expect(await listener.listen()).toBe(true);
   cleanup.push(() => listener.close());
@@ -88,8 +92,8 @@ beforeAll(() => {
   process.env.LOG_LEVEL = "silent";
 });
 
-// The relays carry their pairs with the native module (as the worker does where it is built), or with Node's sockets.
-describe.each(["native", "node"] as const)("tcp listener with two relay processes (%s pairs)", (io) => {
+// Clients go to the relays as descriptors and the module carries them (as where the worker has it built), or as Node sockets.
+describe.each(["native", "node"] as const)("tcp listener with two relay processes (%s)", (io) => {
   it("keeps round-robin exact across the relays, and accounts for every connection and byte", async () => {
     const set = asSet(await backends("r0", "r1", "r2"));
     const { listener, counters } = await relayedListener(() => set, io);
@@ -138,6 +142,26 @@ describe.each(["native", "node"] as const)("tcp listener with two relay processe
     expect(counters.tcpBytesToClient).toBe("k0\nstill open\n".length);
   });
 
+  it("a relay that dies takes its open connections with it, the listener settles them, and new ones still go through", async () => {
+    const before = relayChildren();
+    const [b] = await backends("d0");
+    const { listener } = await relayedListener(() => asSet([b as EchoBackend]), io);
+    const mine = relayChildren().filter((pid) => !before.includes(pid));
+    expect(mine).toHaveLength(2);
+    // Connections alternate between the relays: two open ones are one in each.
+    const clients = [await connectLines(listener.port), await connectLines(listener.port)];
+    for (const client of clients) expect(await client.nextLine()).toBe("d0");
+    expect(listener.connections).toBe(2);
+    const closed = [false, false];
+    clients.forEach((c, i) => void c.closed.then(() => (closed[i] = true)));
+    process.kill(mine[0] as number, "SIGKILL");
+    // One of the two is cut with its relay, and no longer counted open; the other carries on.
+    await waitFor(() => listener.connections === 1 && closed.includes(true), "the dead relay's connection cut and settled");
+    const survivor = clients[closed.indexOf(false)];
+    expect(await survivor?.roundTrip("still here")).toBe("still here");
+    expect(await reach(listener.port, 3)).toEqual({ d0: 3 });
+  });
+
   it("sends a changed set to every relay before the next connection", async () => {
     const [a, b, c, d] = await backends("a", "b", "c", "d");
     let set = asSet([a as EchoBackend, b as EchoBackend]);
@@ -161,7 +185,15 @@ describe.each(["native", "node"] as const)("tcp listener with two relay processe
     // Once ejected, no relay tries it again: one refusal in all.
     expect(counters.tcpBackendFailures).toBe(1);
   });
+});
 
+describe("tcp listener with relays taking descriptors", () => {
+  it("hands a client Node's sockets accepted (a listener on a host name) over the channel too, after its rotation", async () => {
+    const set = asSet(await backends("h0", "h1"));
+    const { listener, counters } = await relayedListener(() => set, "native", "localhost");
+    expect(await reach(listener.port, 4)).toEqual({ h0: 2, h1: 2 });
+    await waitFor(() => counters.tcpProxied === 4 && listener.connections === 0, "the relays' reports");
+  });
 });
 
 describe("relay pool", () => {
@@ -169,7 +201,7 @@ describe("relay pool", () => {
     const before = relayChildren();
     const events: string[] = [];
     const watched = pino({ level: "info" }, { write: (line: string) => void events.push(String(JSON.parse(line).msg)) });
-    const relays = new RelayPool(2, 1_000, new DataPlaneCounters(), watched, "node", RELAY_MAIN);
+    const relays = new RelayPool(2, 1_000, new DataPlaneCounters(), watched, undefined, RELAY_MAIN);
     await relays.start();
     const mine = relayChildren().filter((pid) => !before.includes(pid));
     expect(mine).toHaveLength(2);

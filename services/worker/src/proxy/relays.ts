@@ -1,12 +1,18 @@
 import { fork, type ChildProcess } from "node:child_process";
 import type net from "node:net";
+import { constants } from "node:os";
 import { fileURLToPath } from "node:url";
 import type { Logger } from "pino";
 import type { DataPlaneCounters } from "../metrics.js";
 import type { Endpoint } from "./dial.js";
-import type { FromRelay, HandOff, ToRelay } from "./relay-protocol.js";
+import { errnoError, type NativeModule } from "./native.js";
+import { descriptorOf } from "./pairs.js";
+import type { FromRelay, HandOff, Rotation, ToRelay } from "./relay-protocol.js";
 
 const RELAY_MAIN = fileURLToPath(new URL("./relay-main.js", import.meta.url));
+const { EAGAIN, ECONNRESET, EMSGSIZE, EPIPE } = constants.errno;
+/** How soon control messages that found the channel full are tried again. */
+const RETRY_UNSENT_MS = 10;
 
 /** What the pool tells a listener about the connections it handed off. */
 export interface RelayedListener {
@@ -21,13 +27,18 @@ interface Relay {
   child: ChildProcess;
   /** Open connections per listener id, to settle the accounts if the relay dies. */
   open: Map<number, number>;
-  /** The rotation last sent for each listener id (the listener's own array: a new set is a new array). */
-  rotations: Map<number, readonly Endpoint[]>;
+  /** The rotation last sent for each listener id (the listener's own array: a new set is a new array), and the backends out of it (joined). */
+  rotations: Map<number, { backends: readonly Endpoint[]; ejected: string }>;
   /** Exited (its IPC channel may still look connected for a moment): takes nothing more. */
   dead: boolean;
   /** Clients handed over whose send has not completed: Node queues handles, and a relay that dies drops its queue without a word. */
   sending: Set<net.Socket>;
   exited: Promise<void>;
+  /** The worker's end of the hand-off channel, with the native module. */
+  channel: number | undefined;
+  /** Messages the channel had no room for, in order: sent before anything else, and until they are, the relay takes no client. */
+  unsent: Buffer[];
+  retryTimer: NodeJS.Timeout | undefined;
 }
 
 /**
@@ -35,7 +46,9 @@ interface Relay {
  * accepts (HARBOR_WORKER_RELAYS > 0). The worker process keeps the
  * listening sockets, the backend sets and the round-robin counters, so every
  * choice stays exact; connections go to the relays in turn. A relay that dies
- * takes its open connections with it and is replaced.
+ * takes its open connections with it and is replaced. With the native module
+ * clients go as descriptors over a hand-off channel per relay (handOff);
+ * without it, as Node sockets over Node's IPC (dispatch).
  */
 export class RelayPool {
   private readonly relays: Relay[] = [];
@@ -49,8 +62,8 @@ export class RelayPool {
     private readonly connectTimeoutMs: number,
     private readonly counters: DataPlaneCounters,
     private readonly logger: Logger,
-    /** Who carries the relays' pairs: the native module (as in the worker), or Node's sockets. */
-    private readonly io: "native" | "node" = "node",
+    /** The native module: clients go over hand-off channels, and relays carry their pairs with it; without it, Node's sockets and IPC. */
+    private readonly native: NativeModule | undefined,
     /** The relay's entry point; tests running from source pass the built one. */
     private readonly relayMain = RELAY_MAIN,
   ) {}
@@ -58,6 +71,11 @@ export class RelayPool {
   async start(): Promise<void> {
     await Promise.all(Array.from({ length: this.size }, (_, index) => this.spawn(index)));
     this.logger.info({ relays: this.size }, "relays-started");
+  }
+
+  /** Whether clients go as descriptors (handOff); else as Node sockets (dispatch). */
+  get takesDescriptors(): boolean {
+    return this.native !== undefined;
   }
 
   register(listener: RelayedListener): number {
@@ -73,14 +91,44 @@ export class RelayPool {
     }
   }
 
+  /**
+   * Hands an accepted client's descriptor to the next relay that can take
+   * it; true when one has it (the descriptor is closed here), false when
+   * none can now (it is still the caller's).
+   */
+  handOff(listener: number, fd: number, backends: readonly Endpoint[], start: number, anyBackend: boolean, ejected?: string[]): boolean {
+    if (!this.sendDescriptor(listener, fd, backends, start, anyBackend, ejected)) return false;
+    (this.native as NativeModule).close(fd);
+    return true;
+  }
+
+  /** Sends a duplicate of the client's descriptor to the next relay that can take it; the caller closes its own when this is true. */
+  private sendDescriptor(listener: number, fd: number, backends: readonly Endpoint[], start: number, anyBackend: boolean, ejected: string[] | undefined): boolean {
+    for (let tried = 0; tried < this.relays.length; tried++) {
+      const relay = this.nextRelay();
+      if (!relay) return false;
+      if (relay.unsent.length > 0 || !this.sendRotation(relay, listener, backends, ejected)) continue;
+      // Behind (EAGAIN) or gone (EPIPE): the next relay, or the caller.
+      if ((this.native as NativeModule).sendClient(relay.channel as number, fd, listener, start, anyBackend ? 1 : 0) < 0) continue;
+      relay.open.set(listener, (relay.open.get(listener) ?? 0) + 1);
+      return true;
+    }
+    return false;
+  }
+
   /** Hands an accepted client to the next relay; false when none can take it now. */
   dispatch(listener: number, client: net.Socket, backends: readonly Endpoint[], start: number, anyBackend: boolean, ejected?: string[]): boolean {
+    if (this.native) {
+      // Relays' messages go over the hand-off channels: the client must too, to come after its rotation.
+      // Accepted paused, the socket has read nothing: the relay's duplicate sees every byte.
+      const fd = descriptorOf(client);
+      if (fd < 0 || !this.sendDescriptor(listener, fd, backends, start, anyBackend, ejected)) return false;
+      client.destroy();
+      return true;
+    }
     const relay = this.nextRelay();
     if (!relay) return false;
-    if (relay.rotations.get(listener) !== backends) {
-      this.send(relay, { t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) });
-      relay.rotations.set(listener, backends);
-    }
+    this.sendRotation(relay, listener, backends, undefined);
     const message: HandOff = { t: "conn", l: listener, s: start, any: anyBackend };
     if (ejected) message.e = ejected;
     relay.open.set(listener, (relay.open.get(listener) ?? 0) + 1);
@@ -116,8 +164,52 @@ export class RelayPool {
     return undefined;
   }
 
-  private send(relay: Relay, message: ToRelay): void {
-    if (relay.child.connected) relay.child.send(message);
+  /** Sends the listener's rotation (on the channel, with the backends out of it) unless the relay has it; false when it could not be sent. */
+  private sendRotation(relay: Relay, listener: number, backends: readonly Endpoint[], ejected: string[] | undefined): boolean {
+    const ejectedNow = ejected?.join(",") ?? "";
+    const last = relay.rotations.get(listener);
+    if (last?.backends === backends && last.ejected === ejectedNow) return true;
+    const message: Rotation = { t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) };
+    if (ejected) message.e = ejected;
+    if (!this.send(relay, message)) return false;
+    relay.rotations.set(listener, { backends, ejected: ejectedNow });
+    return true;
+  }
+
+  /** A message to the relay, on its hand-off channel (in order with its clients) or Node's IPC; false when it could not be sent now. */
+  private send(relay: Relay, message: ToRelay): boolean {
+    if (relay.channel === undefined) {
+      if (relay.child.connected) relay.child.send(message);
+      return true;
+    }
+    relay.unsent.push(Buffer.from(JSON.stringify(message)));
+    return this.flush(relay);
+  }
+
+  /** Sends the channel's waiting messages in order; false when any is left (tried again soon) or could not be sent. */
+  private flush(relay: Relay): boolean {
+    let all = true;
+    while (relay.unsent.length > 0 && relay.channel !== undefined) {
+      const bytes = relay.unsent[0] as Buffer;
+      const r = (this.native as NativeModule).sendControl(relay.channel, bytes);
+      if (r === -EAGAIN) {
+        relay.retryTimer ??= setTimeout(() => {
+          relay.retryTimer = undefined;
+          this.flush(relay);
+        }, RETRY_UNSENT_MS);
+        return false;
+      }
+      relay.unsent.shift();
+      if (r < 0) {
+        all = false;
+        // The relay is gone, and its exit settles its accounts. Anything else is this message's fault.
+        if (!relay.dead && r !== -EPIPE && r !== -ECONNRESET) {
+          const err = errnoError(r, "send", r === -EMSGSIZE ? `relay ${relay.index}: a ${bytes.length}-byte message is more than the channel takes` : `relay ${relay.index}`);
+          this.logger.error({ err, relay: relay.index }, "relay-message-not-sent");
+        }
+      }
+    }
+    return all;
   }
 
   /** Settles `count` ended connections, never more than the relay has open (a late or repeated report counts once). */
@@ -131,14 +223,47 @@ export class RelayPool {
   }
 
   private spawn(index: number): Promise<void> {
-    const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs), HARBOR_RELAY_IO: this.io };
-    const child = fork(this.relayMain, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc"] });
-    const relay: Relay = { index, child, open: new Map(), rotations: new Map(), dead: false, sending: new Set(), exited: new Promise((resolve) => child.once("exit", () => resolve())) };
+    const native = this.native;
+    let channel: number | undefined;
+    let theirs: number | undefined;
+    if (native) {
+      const ends = native.channel();
+      if (typeof ends === "number") return Promise.reject(errnoError(ends, "socketpair", `relay ${index}'s hand-off channel`));
+      [channel, theirs] = ends;
+    }
+    const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs), HARBOR_RELAY_IO: native ? "native" : "node", HARBOR_RELAY_CHANNEL: native ? "1" : "0" };
+    let child: ChildProcess;
+    try {
+      // The relay's end becomes its descriptor RELAY_CHANNEL_FD (after stdio and IPC); this process keeps only its own.
+      child = fork(this.relayMain, [], { env, stdio: ["ignore", "inherit", "inherit", "ipc", ...(theirs === undefined ? [] : [theirs])] });
+    } catch (err) {
+      if (channel !== undefined) native?.close(channel);
+      throw err;
+    } finally {
+      if (theirs !== undefined) native?.close(theirs);
+    }
+    const relay: Relay = {
+      index,
+      child,
+      open: new Map(),
+      rotations: new Map(),
+      dead: false,
+      sending: new Set(),
+      exited: new Promise((resolve) => child.once("exit", () => resolve())),
+      channel,
+      unsent: [],
+      retryTimer: undefined,
+    };
     this.relays[index] = relay;
     child.on("message", (message: FromRelay) => this.receive(relay, message));
     child.on("error", (err) => this.logger.warn({ err, relay: index }, "relay-error"));
     void relay.exited.then(() => {
       relay.dead = true;
+      // Clients still in the channel are closed with it: they are among its open ones, settled below.
+      clearTimeout(relay.retryTimer);
+      relay.unsent = [];
+      if (relay.channel !== undefined) native?.close(relay.channel);
+      relay.channel = undefined;
       let lost = 0;
       for (const [listener, count] of relay.open) {
         this.listeners.get(listener)?.relayEnded(count);
