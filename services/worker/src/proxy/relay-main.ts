@@ -212,7 +212,8 @@ function readChannel(module: NativeModule): void {
   const payload = Buffer.allocUnsafeSlow(1 << 20);
   let malformedLogged = false;
   module.poll(RELAY_CHANNEL_FD, () => {
-    for (;;) {
+    // A bounded share of the loop per wake-up: the poll is level-triggered, and wakes again for what is left.
+    for (let batch = 0; batch < 16; batch++) {
       const n = module.receive(RELAY_CHANNEL_FD, meta, payload);
       if (n === -constants.errno.EPIPE) workerGone();
       if (n <= 0) {
@@ -223,14 +224,14 @@ function readChannel(module: NativeModule): void {
         const kind = meta[i] as number;
         if (kind === module.HANDOFF_CLIENT) relayDescriptor(meta[i + 1] as number, meta[i + 2] as number, meta[i + 3] === 1, meta[i + 4] as number);
         else if (kind === module.HANDOFF_CONTROL) {
-          let message: ToRelay;
+          let message: unknown;
           try {
-            message = JSON.parse(payload.toString("utf8", 0, meta[i + 1] as number)) as ToRelay;
+            message = JSON.parse(payload.toString("utf8", 0, meta[i + 1] as number));
           } catch (err) {
             logger.error({ err }, "relay-channel-message-malformed");
             continue;
           }
-          control(message);
+          if (typeof message === "object" && message !== null) control(message as ToRelay);
         } else if (!malformedLogged) {
           // Only the worker holds the other end: a malformed message is a bug, logged once, its descriptors closed.
           malformedLogged = true;

@@ -92,8 +92,9 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       dropped: () => undefined,
     };
     this.relayId = options.relays?.register(this);
-    const relaysTakeDescriptors = this.relayId === undefined || options.relays?.takesDescriptors === true;
-    if (options.native && relaysTakeDescriptors && net.isIP(options.host) !== 0) return;
+    // The module accepts on a literal address, unless there are relays that take only Node sockets.
+    const descriptorsGo = this.relayId === undefined || options.relays?.takesDescriptors === true;
+    if (options.native && descriptorsGo && net.isIP(options.host) !== 0) return;
     const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => this.accept(client));
     server.on("error", (err) => {
       // A failed bind is handled (and logged once) by listen().
