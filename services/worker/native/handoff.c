@@ -73,11 +73,7 @@ static napi_value js_send_control(napi_env env, napi_callback_info info) {
   int32_t channel;
   void *data;
   size_t length;
-  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &channel)) return NULL;
-  if (napi_get_buffer_info(env, argv[1], &data, &length) != napi_ok) {
-    napi_throw_type_error(env, NULL, "dataplane: expected a Buffer");
-    return NULL;
-  }
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &channel) || !native_buffer(env, argv[1], &data, &length)) return NULL;
   int32_t header[HEADER_INTS] = {KIND_CONTROL, (int32_t)length, 0, 0};
   struct iovec iov[2] = {{header, sizeof header}, {data, length}};
   struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
@@ -126,12 +122,9 @@ static napi_value js_receive(napi_env env, napi_callback_info info) {
   size_t meta_length, payload_length;
   void *payload;
   if (!native_args(env, info, 3, argv) || !native_int(env, argv[0], &channel) ||
-      !native_int32_array(env, argv[1], META_INTS, &meta, &meta_length, "dataplane: receive wants an Int32Array of at least 5"))
+      !native_int32_array(env, argv[1], META_INTS, &meta, &meta_length, "dataplane: receive wants an Int32Array of at least 5") ||
+      !native_buffer(env, argv[2], &payload, &payload_length))
     return NULL;
-  if (napi_get_buffer_info(env, argv[2], &payload, &payload_length) != napi_ok) {
-    napi_throw_type_error(env, NULL, "dataplane: expected a Buffer");
-    return NULL;
-  }
   size_t room = meta_length / META_INTS, count = 0;
   while (count < room) {
     int32_t header[HEADER_INTS];
@@ -179,9 +172,6 @@ void handoff_init(napi_env env, napi_value exports) {
     NATIVE_FUNCTION("receive", js_receive),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
-  napi_value kind;
-  napi_create_int32(env, KIND_CLIENT, &kind);
-  napi_set_named_property(env, exports, "HANDOFF_CLIENT", kind);
-  napi_create_int32(env, KIND_CONTROL, &kind);
-  napi_set_named_property(env, exports, "HANDOFF_CONTROL", kind);
+  native_export_int(env, exports, "HANDOFF_CLIENT", KIND_CLIENT);
+  native_export_int(env, exports, "HANDOFF_CONTROL", KIND_CONTROL);
 }

@@ -48,6 +48,20 @@ int native_int32_array(napi_env env, napi_value v, size_t min_length, int32_t **
   return 1;
 }
 
+int native_buffer(napi_env env, napi_value v, void **data, size_t *length) {
+  if (napi_get_buffer_info(env, v, data, length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "dataplane: expected a Buffer");
+    return 0;
+  }
+  return 1;
+}
+
+void native_export_int(napi_env env, napi_value exports, const char *name, int32_t value) {
+  napi_value v;
+  napi_create_int32(env, value, &v);
+  napi_set_named_property(env, exports, name, v);
+}
+
 int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len) {
   char text[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
   size_t n;

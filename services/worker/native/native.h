@@ -12,6 +12,10 @@ int native_int(napi_env env, napi_value v, int32_t *out);
 
 /* An Int32Array of at least min_length elements; throws a TypeError with `message` and returns 0 for anything else. */
 int native_int32_array(napi_env env, napi_value v, size_t min_length, int32_t **data, size_t *length, const char *message);
+/* A Buffer's bytes; throws a TypeError and returns 0 for anything else. */
+int native_buffer(napi_env env, napi_value v, void **data, size_t *length);
+/* exports[name] = value, a whole number. */
+void native_export_int(napi_env env, napi_value exports, const char *name, int32_t value);
 /* A literal IPv4 or IPv6 address and a port; -EINVAL for anything else. */
 int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len);
 

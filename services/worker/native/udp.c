@@ -168,8 +168,7 @@ static napi_value js_send_buffer(napi_env env, napi_callback_info info) {
   int32_t fd;
   void *data;
   size_t length;
-  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd)) return NULL;
-  CALL(napi_get_buffer_info(env, argv[1], &data, &length));
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd) || !native_buffer(env, argv[1], &data, &length)) return NULL;
   return native_number(env, send(fd, data, length, MSG_DONTWAIT) < 0 ? -errno : 0);
 }
 
@@ -261,8 +260,6 @@ int udp_init(napi_env env, napi_value exports) {
     NATIVE_FUNCTION("unpoll", js_unpoll),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
-  napi_value batch;
-  napi_create_int32(env, BATCH, &batch);
-  napi_set_named_property(env, exports, "BATCH", batch);
+  native_export_int(env, exports, "BATCH", BATCH);
   return 1;
 }
