@@ -32,10 +32,10 @@ async function backends(...names: string[]): Promise<EchoBackend[]> {
 const asSet = (bs: EchoBackend[]): Backend[] => bs.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
 
 /** `native`: the listener accepts with the module and hands descriptors over the relays' channels; `node`: Node's sockets and IPC. */
-async function relayedListener(set: () => readonly Backend[], io: "native" | "node", host = "127.0.0.1") {
+async function relayedListener(set: () => readonly Backend[], io: "native" | "node", host = "127.0.0.1", connectTimeoutMs = 1_000) {
   const counters = new DataPlaneCounters();
   const native = io === "native" ? nativeModule("native") : undefined;
-  const relays = new RelayPool(2, 1_000, counters, logger, native, RELAY_MAIN);
+  const relays = new RelayPool(2, connectTimeoutMs, counters, logger, native, RELAY_MAIN);
   await relays.start();
   cleanup.push(() => relays.stop(2_000));
   const listener = new TcpListener({
@@ -43,7 +43,7 @@ async function relayedListener(set: () => readonly Backend[], io: "native" | "no
     host,
     port: await freePort(),
     backends: set,
-    connectTimeoutMs: 1_000,
+    connectTimeoutMs,
     // Relays report ended connections every 100 ms: a limit near the tests' load would refuse some.
     maxConnections: 2_000,
     passiveEjectMs: 60_000,
@@ -188,6 +188,32 @@ describe.each(["native", "node"] as const)("tcp listener with two relay processe
 });
 
 describe("tcp listener with relays taking descriptors", () => {
+  it("passes clients on when a relay is behind (its channel full), and loses none", async () => {
+    const before = relayChildren();
+    const [b] = await backends("q0");
+    // Hundreds of dials at once to one echo backend in this busy process: more than a second's connect time.
+    const { listener, counters } = await relayedListener(() => asSet([b as EchoBackend]), "native", "127.0.0.1", 15_000);
+    const [stalled] = relayChildren().filter((pid) => !before.includes(pid));
+    process.kill(stalled as number, "SIGSTOP");
+    cleanup.push(() => process.kill(stalled as number, "SIGCONT"));
+    // Half go to the stalled relay in turn; its channel holds a few hundred (278 here), then the rest must go elsewhere.
+    const total = 800;
+    const clients = [];
+    for (let i = 0; i < total; i += 100) clients.push(...(await Promise.all(Array.from({ length: 100 }, () => connectLines(listener.port)))));
+    let greeted = 0;
+    const greetings = clients.map((c) => c.nextLine(20_000).then((line) => (greeted++, line)));
+    await waitFor(() => greeted > total / 2, "more than half greeted while one relay is stalled");
+    expect(greeted).toBeLessThan(total);
+    process.kill(stalled as number, "SIGCONT");
+    // The stalled relay takes what waited in its channel: every client gets through.
+    expect(new Set(await Promise.all(greetings))).toEqual(new Set(["q0"]));
+    await Promise.all(clients.map(async (c, i) => expect(await c.roundTrip(`m${i}`)).toBe(`m${i}`)));
+    for (const c of clients) c.close();
+    await waitFor(() => counters.tcpProxied === total && listener.connections === 0, "every connection carried and ended").catch((err: Error) => {
+      throw new Error(`${err.message}: proxied ${counters.tcpProxied}, open ${listener.connections}`);
+    });
+  });
+
   it("hands a client Node's sockets accepted (a listener on a host name) over the channel too, after its rotation", async () => {
     const set = asSet(await backends("h0", "h1"));
     const { listener, counters } = await relayedListener(() => set, "native", "localhost");
