@@ -50,6 +50,9 @@ describe("e2e metrics - Prometheus on every service", () => {
     expect(sample(text, "harbor_worker_udp_sessions")).toBe(1);
     expect(sample(text, "harbor_worker_listening_ports")).toBe(2);
     expect(sample(text, "harbor_worker_propagation_seconds_count")).toBeGreaterThanOrEqual(1);
+    // No relays here: nothing handed off, nothing carried for want of one (the relay tests count both).
+    expect(sample(text, 'harbor_worker_relay_handoffs_total{outcome="relayed"}')).toBe(0);
+    expect(sample(text, 'harbor_worker_relay_handoffs_total{outcome="carried_here"}')).toBe(0);
     expect(sample(text, 'harbor_allocator_creates_total{result="created"}')).toBe(2);
     expect(sample(text, 'harbor_allocator_creates_total{result="already-exists"}')).toBe(1);
     expect(sample(text, 'harbor_registry_registrations_total{kind="new"}')).toBe(1);

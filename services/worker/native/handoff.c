@@ -22,7 +22,8 @@
 #include <unistd.h>
 #include "native.h"
 
-enum { KIND_MALFORMED = 0, KIND_CLIENT = 1, KIND_CONTROL = 2 };
+/* KIND_CLIENT_LOST is never sent: a client's header whose descriptor did not come (the relay out of descriptors: MSG_CTRUNC, the kernel closed it). */
+enum { KIND_MALFORMED = 0, KIND_CLIENT = 1, KIND_CONTROL = 2, KIND_CLIENT_LOST = 3 };
 #define HEADER_INTS 4
 /* Per message in receive's `meta`: kind, a, b, c, descriptor (-1 for none). */
 #define META_INTS 5
@@ -112,9 +113,10 @@ static int only_descriptor(struct msghdr *msg) {
  * when none waits, -EPIPE when the worker's end is closed, or -errno. Each
  * fills META_INTS of meta: kind, a, b, c, descriptor. A control message's
  * payload is copied to `payload` (its length is `a`) and ends the batch, so
- * it is handled before anything sent after it. A malformed message (short,
- * cut, or with the wrong descriptors) comes as KIND_MALFORMED, its
- * descriptors closed.
+ * it is handled before anything sent after it. A client whose descriptor
+ * did not come (or came with others) is KIND_CLIENT_LOST with its numbers,
+ * so the relay can count it ended; any other malformed message (short, cut)
+ * comes as KIND_MALFORMED. Descriptors of either are closed.
  */
 static napi_value js_receive(napi_env env, napi_callback_info info) {
   napi_value argv[3];
@@ -149,7 +151,7 @@ static napi_value js_receive(napi_env env, napi_callback_info info) {
     int whole = (size_t)n >= sizeof header && !(msg.msg_flags & MSG_TRUNC);
     if (whole && header[0] == KIND_CLIENT && (size_t)n == sizeof header) {
       int fd = only_descriptor(&msg);
-      m[0] = fd >= 0 ? KIND_CLIENT : KIND_MALFORMED;
+      m[0] = fd >= 0 ? KIND_CLIENT : KIND_CLIENT_LOST;
       m[1] = header[1], m[2] = header[2], m[3] = header[3], m[4] = fd;
       continue;
     }
@@ -174,4 +176,5 @@ void handoff_init(napi_env env, napi_value exports) {
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
   native_export_int(env, exports, "HANDOFF_CLIENT", KIND_CLIENT);
   native_export_int(env, exports, "HANDOFF_CONTROL", KIND_CONTROL);
+  native_export_int(env, exports, "HANDOFF_CLIENT_LOST", KIND_CLIENT_LOST);
 }

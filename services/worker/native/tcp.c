@@ -46,9 +46,10 @@
  * pair other than the one it was written for. An epoll registration lasts
  * while any descriptor of its socket is open, so a pair's descriptors leave
  * the set before they are closed wherever another may share the socket:
- * join's duplicates (a relay's client is still open in the worker that sent
- * it until that send is done). Dial's are the module's own (from accept4
- * and socket, close-on-exec, which a child has applied before uv_spawn
+ * join's duplicates, and a relay's client, which came over the hand-off
+ * channel and is still open in the worker until it closes its own (dial's
+ * `clientShared`). Other dials' are the module's own (from accept4 and
+ * socket, close-on-exec, which a child has applied before uv_spawn
  * returns): their close is enough, and saves a syscall per descriptor.
  */
 #define _GNU_SOURCE
@@ -111,6 +112,7 @@ struct Pair {
   int ended;                /* torn down: on the ended list, then retiring */
   int keepalive_idle_s;
   int joined;               /* its descriptors are duplicates: another may share their sockets */
+  int client_shared;        /* dialled for a client another process may still hold (a relay's) */
   Pair *ready_prev, *ready_next; /* on the ready list */
   int on_ready;
   Pair *ended_next;         /* on the ended list, then on the retiring list */
@@ -280,7 +282,7 @@ static void teardown(Pair *p) {
     s->queued = NULL;
     drop_pipe(s);
     if (s == &p->client && p->failed) continue; /* handed back to the caller */
-    if (p->joined) unwatch_and_close(s);
+    if (p->joined || (s == &p->client && p->client_shared)) unwatch_and_close(s);
     else close(s->fd);
   }
   p->ended_next = NULL;
@@ -728,16 +730,18 @@ static void on_dial_timer(uv_timer_t *timer) {
 }
 
 /*
- * dial(clientFd, address, port, timeoutMs, keepAliveIdleS) -> the pair's id, or -errno
- * when the connect failed at once (the client is still the caller's). The address is a
- * literal IPv4 or IPv6 one; the client comes from `accept` of a `listen` socket here.
+ * dial(clientFd, address, port, timeoutMs, keepAliveIdleS, clientShared) -> the pair's id,
+ * or -errno when the connect failed at once (the client is still the caller's). The address
+ * is a literal IPv4 or IPv6 one; the client comes from `accept` of a `listen` socket here,
+ * or (clientShared) from another process that may not have closed its own yet.
  */
 static napi_value js_dial(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  int32_t client_fd, port, timeout_ms, keepalive_idle_s;
+  napi_value argv[6];
+  int32_t client_fd, port, timeout_ms, keepalive_idle_s, client_shared;
   uv_loop_t *loop;
-  if (!native_args(env, info, 5, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[2], &port) ||
-      !native_int(env, argv[3], &timeout_ms) || !native_int(env, argv[4], &keepalive_idle_s) || !events_set(env)) return NULL;
+  if (!native_args(env, info, 6, argv) || !native_int(env, argv[0], &client_fd) || !native_int(env, argv[2], &port) ||
+      !native_int(env, argv[3], &timeout_ms) || !native_int(env, argv[4], &keepalive_idle_s) || !native_int(env, argv[5], &client_shared) ||
+      !events_set(env)) return NULL;
   struct sockaddr_storage ss;
   socklen_t len;
   int r = native_sockaddr(env, argv[1], port, &ss, &len);
@@ -757,6 +761,7 @@ static napi_value js_dial(napi_env env, napi_callback_info info) {
     return native_number(env, -ENOMEM);
   }
   p->client.fd = client_fd;
+  p->client_shared = client_shared != 0;
   p->upstream.fd = fd;
   p->keepalive_idle_s = keepalive_idle_s;
   /* Writable once connected, or once the connect failed (SO_ERROR says which). */

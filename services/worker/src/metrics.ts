@@ -12,6 +12,9 @@ export class DataPlaneCounters {
   tcpBytesToBackend = 0;
   tcpBytesToClient = 0;
   tcpBackendFailures = 0;
+  /** With relays: connections a relay took, and those this process carried because none could (behind or restarting). */
+  tcpToRelays = 0;
+  tcpRelaysBusy = 0;
   udpToBackend = 0;
   udpToClient = 0;
   udpDropped = 0;
@@ -55,6 +58,10 @@ export function workerMetrics(counters: DataPlaneCounters, gauges: ListenerGauge
   totals(registers, "harbor_worker_tcp_bytes_total", "Bytes carried over TCP (counted when a connection closes)", "direction", () => ({
     to_backend: counters.tcpBytesToBackend,
     to_client: counters.tcpBytesToClient,
+  }));
+  totals(registers, "harbor_worker_relay_handoffs_total", "With relays: TCP connections handed to a relay, or carried by the worker because no relay could take one (behind or restarting)", "outcome", () => ({
+    relayed: counters.tcpToRelays,
+    carried_here: counters.tcpRelaysBusy,
   }));
   totals(registers, "harbor_worker_udp_datagrams_total", "UDP datagrams, by direction; dropped = no backend", "direction", () => ({
     to_backend: counters.udpToBackend,

@@ -69,6 +69,8 @@ export class NativeDialer {
     readonly table: NativePairTable,
     private readonly keepAliveIdleS: number,
     private readonly resolve: Resolve = resolveAll,
+    /** The clients came from another process (a relay's, from the worker), which may hold them a moment longer. */
+    private readonly clientsShared = false,
   ) {}
 
   /** Clients being dialled or resolved, and pairs carried. */
@@ -127,7 +129,7 @@ export class NativeDialer {
       timeoutMs = more.addresses.length > 0 ? Math.min(ADDRESS_ATTEMPT_MS, left) : left;
     }
     const dial = new NativeDial(this, client, i, backend, address, more);
-    const id = this.table.dial(client.fd, address.host, address.port, timeoutMs, this.keepAliveIdleS, dial);
+    const id = this.table.dial(client.fd, address.host, address.port, timeoutMs, this.keepAliveIdleS, this.clientsShared, dial);
     if (id < 0) {
       // The module parses the address: a name is told apart there, not by a second parse per connection here.
       if (id === EINVAL && address === backend) this.resolveThenConnect(client, i, backend);

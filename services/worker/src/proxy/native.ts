@@ -23,8 +23,11 @@ export interface NativeModule {
   // TCP (native/tcp.c)
   listen(address: string, port: number, backlog: number, keepAliveIdleS: number): number;
   accept(fd: number, accepted: Int32Array): number;
-  /** Connects to a literal address for an accepted client: the pair's id, or -errno when the connect failed at once (the client is still the caller's). */
-  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number): number;
+  /**
+   * Connects to a literal address for an accepted client: the pair's id, or -errno when the connect failed at once (the client is still the caller's).
+   * `clientShared` 1: the client came from another process, which may still hold it (a relay's): it leaves the epoll set before it is closed.
+   */
+  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, clientShared: 0 | 1): number;
   /** Carries two connected sockets (duplicates of them): the pair's id, or -errno (nothing taken). */
   join(clientFd: number, upstreamFd: number): number;
   /** Closes a pair's sides now; its last record still comes. Only for an id whose last record has not been delivered. */
@@ -60,6 +63,8 @@ export interface NativeModule {
   receive(channel: number, meta: Int32Array, payload: Buffer): number;
   readonly HANDOFF_CLIENT: number;
   readonly HANDOFF_CONTROL: number;
+  /** A client's numbers whose descriptor did not come (the relay was out of descriptors: the kernel closed it). */
+  readonly HANDOFF_CLIENT_LOST: number;
 }
 
 /** Numbers per message in receive's `meta`. */

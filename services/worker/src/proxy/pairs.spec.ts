@@ -42,8 +42,8 @@ describe("native pair table - records", () => {
     const log: string[] = [];
     const a = handler(log, "a");
     const b = handler(log, "b");
-    expect(table.dial(10, "127.0.0.1", 1, 1000, 60, a)).toBe(0);
-    expect(table.dial(11, "127.0.0.1", 1, 1000, 60, b)).toBe(1);
+    expect(table.dial(10, "127.0.0.1", 1, 1000, 60, false, a)).toBe(0);
+    expect(table.dial(11, "127.0.0.1", 1, 1000, 60, false, b)).toBe(1);
     fake.records([1, PAIR_CONNECTED], [0, -111], [1, PAIR_ENDED, 5, 7]);
     expect(log).toEqual(["b connected", "a failed -111", "b ended 5/7"]);
     table.cut(a);
@@ -56,7 +56,7 @@ describe("native pair table - records", () => {
     const table = new NativePairTable(fake.module, 4);
     const log: string[] = [];
     const handlers = [handler(log, "a", true), handler(log, "b"), handler(log, "c")];
-    for (const h of handlers) table.dial(10, "127.0.0.1", 1, 1000, 60, h);
+    for (const h of handlers) table.dial(10, "127.0.0.1", 1, 1000, 60, false, h);
     expect(() => fake.records([0, PAIR_ENDED, 1, 1], [1, PAIR_ENDED, 2, 2], [2, PAIR_CONNECTED])).toThrow("a threw");
     expect(log).toEqual(["a ended 1/1", "b ended 2/2", "c connected"]);
     // c is still open: its cut reaches the module; a and b are gone.

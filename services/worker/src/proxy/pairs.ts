@@ -74,8 +74,8 @@ export class NativePairTable {
   }
 
   /** As module.dial, the handler getting the pair's records; -errno when nothing was started. */
-  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, handler: PairHandler): number {
-    return this.started(this.module.dial(clientFd, address, port, timeoutMs, keepAliveIdleS), handler);
+  dial(clientFd: number, address: string, port: number, timeoutMs: number, keepAliveIdleS: number, clientShared: boolean, handler: PairHandler): number {
+    return this.started(this.module.dial(clientFd, address, port, timeoutMs, keepAliveIdleS, clientShared ? 1 : 0), handler);
   }
 
   /** As module.join, the handler getting the pair's records; -errno when nothing was taken. */

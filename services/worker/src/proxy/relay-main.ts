@@ -10,17 +10,17 @@ import type net from "node:net";
 import { constants } from "node:os";
 import { createLogger } from "@harbor/runtime/logger";
 import { backendKey, dial, KEEPALIVE_IDLE_MS, type DialHooks, type Endpoint } from "./dial.js";
-import { HANDOFF_META, nativeModule, type NativeModule } from "./native.js";
+import { errnoError, HANDOFF_META, nativeModule, type NativeModule } from "./native.js";
 import { NativeDialer, type NativeDialHooks } from "./native-dial.js";
 import { nodePairs, pairTable, type Pair } from "./pairs.js";
-import { RELAY_CHANNEL_FD, type FromRelay, type HandOff, type Rotation, type Stats, type ToRelay } from "./relay-protocol.js";
+import { CONTROL_MAX_BYTES, RELAY_CHANNEL_FD, type FromRelay, type HandOff, type Rotation, type Stats, type ToRelay } from "./relay-protocol.js";
 
 const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
 const send = (message: FromRelay) => process.send?.(message);
 // The worker says which: with the module (it loaded it itself) clients come as descriptors on the channel.
 const native = process.env.HARBOR_RELAY_IO === "native" ? nativeModule("auto") : undefined;
 /** Dials and carries the clients that come as descriptors. */
-const dialer = native && new NativeDialer(pairTable(native), KEEPALIVE_IDLE_MS / 1000);
+const dialer = native && new NativeDialer(pairTable(native), KEEPALIVE_IDLE_MS / 1000, undefined, true);
 
 /** Clients that came over IPC not yet joined to a backend, and joined pairs: what a stopping relay cuts. */
 const open = new Set<net.Socket>();
@@ -208,21 +208,30 @@ process.on("disconnect", workerGone);
  */
 function readChannel(module: NativeModule): void {
   const meta = new Int32Array(HANDOFF_META * 64);
-  // Larger than any control message the worker's channel end can send (its send buffer).
-  const payload = Buffer.allocUnsafeSlow(1 << 20);
+  // The largest control message the worker sends.
+  const payload = Buffer.allocUnsafeSlow(CONTROL_MAX_BYTES);
   let malformedLogged = false;
+  let lostLogged = false;
   module.poll(RELAY_CHANNEL_FD, () => {
     // A bounded share of the loop per wake-up: the poll is level-triggered, and wakes again for what is left.
     for (let batch = 0; batch < 16; batch++) {
       const n = module.receive(RELAY_CHANNEL_FD, meta, payload);
       if (n === -constants.errno.EPIPE) workerGone();
-      if (n <= 0) {
-        if (n < 0) logger.error({ errno: n }, "relay-channel-read-failed");
-        return;
+      if (n === 0) return;
+      if (n < 0) {
+        // The poll is level-triggered: a channel that cannot be read would spin. Exit: the worker restarts the relay.
+        logger.fatal({ err: errnoError(n, "recvmsg", "hand-off channel") }, "relay-channel-read-failed");
+        process.exit(1);
       }
       for (let i = 0; i < n * HANDOFF_META; i += HANDOFF_META) {
         const kind = meta[i] as number;
         if (kind === module.HANDOFF_CLIENT) relayDescriptor(meta[i + 1] as number, meta[i + 2] as number, meta[i + 3] === 1, meta[i + 4] as number);
+        else if (kind === module.HANDOFF_CLIENT_LOST) {
+          // Out of descriptors here: the kernel closed the client. The worker counted it open here; it hears of its end.
+          ended(meta[i + 1] as number);
+          if (!lostLogged) logger.error({ listener: meta[i + 1] }, "relay-client-lost-out-of-descriptors");
+          lostLogged = true;
+        }
         else if (kind === module.HANDOFF_CONTROL) {
           let message: unknown;
           try {

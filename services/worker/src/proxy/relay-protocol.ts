@@ -16,6 +16,8 @@ import type { Endpoint } from "./dial.js";
 
 /** The descriptor a relay finds its end of the hand-off channel at: fork's stdio after 0-2 and IPC's 3. */
 export const RELAY_CHANNEL_FD = 4;
+/** The largest control message on the channel: what a relay's receive buffer holds (a rotation of ~15,000 backends). */
+export const CONTROL_MAX_BYTES = 1 << 20;
 
 /**
  * Worker → relay: a listener's rotation, sent before the first connection

@@ -104,6 +104,8 @@ describe.each(["native", "node"] as const)("tcp listener with two relay processe
     const sent = Array.from({ length: 9 }, (_, i) => `hello ${i}\n`.length).reduce((a, b) => a + b, 0);
     await waitFor(() => counters.tcpBytesToBackend === sent, "the byte counts");
     expect(counters.tcpBytesToClient).toBe(sent + 9 * "r0\n".length);
+    // Every one went to a relay (harbor_worker_relay_handoffs_total).
+    expect([counters.tcpToRelays, counters.tcpRelaysBusy]).toEqual([9, 0]);
   });
 
   it("carries 1,024 short connections, 32 at a time, clients speaking first, and loses no relay", async () => {
@@ -209,6 +211,7 @@ describe("tcp listener with relays taking descriptors", () => {
     expect(new Set(await Promise.all(greetings))).toEqual(new Set(["q0"]));
     await Promise.all(clients.map(async (c, i) => expect(await c.roundTrip(`m${i}`)).toBe(`m${i}`)));
     for (const c of clients) c.close();
+    expect(counters.tcpToRelays + counters.tcpRelaysBusy).toBe(total);
     await waitFor(() => counters.tcpProxied === total && listener.connections === 0, "every connection carried and ended").catch((err: Error) => {
       throw new Error(`${err.message}: proxied ${counters.tcpProxied}, open ${listener.connections}`);
     });

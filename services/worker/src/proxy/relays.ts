@@ -7,12 +7,15 @@ import type { DataPlaneCounters } from "../metrics.js";
 import type { Endpoint } from "./dial.js";
 import { errnoError, type NativeModule } from "./native.js";
 import { descriptorOf } from "./pairs.js";
-import type { FromRelay, HandOff, Rotation, ToRelay } from "./relay-protocol.js";
+import { CONTROL_MAX_BYTES, type FromRelay, type HandOff, type Rotation, type ToRelay } from "./relay-protocol.js";
+import { KEEPALIVE_IDLE_MS } from "./dial.js";
 
 const RELAY_MAIN = fileURLToPath(new URL("./relay-main.js", import.meta.url));
-const { EAGAIN, ECONNRESET, EMSGSIZE, EPIPE } = constants.errno;
-/** How soon control messages that found the channel full are tried again. */
+const { EAGAIN, ECONNRESET, EMSGSIZE, ENOBUFS, ENOMEM, EPIPE } = constants.errno;
+/** How soon control messages that found the channel full (or memory short) are tried again. */
 const RETRY_UNSENT_MS = 10;
+/** A message that cannot be sent is logged at most this often per relay. */
+const UNSENT_LOG_MS = 10_000;
 
 /** What the pool tells a listener about the connections it handed off. */
 export interface RelayedListener {
@@ -39,6 +42,8 @@ interface Relay {
   /** Messages the channel had no room for, in order: sent before anything else, and until they are, the relay takes no client. */
   unsent: Buffer[];
   retryTimer: NodeJS.Timeout | undefined;
+  /** When a message that could not be sent was last logged. */
+  unsentLoggedAt: number;
 }
 
 /**
@@ -122,7 +127,11 @@ export class RelayPool {
       // Relays' messages go over the hand-off channels: the client must too, to come after its rotation.
       // Accepted paused, the socket has read nothing: the relay's duplicate sees every byte.
       const fd = descriptorOf(client);
-      if (fd < 0 || !this.sendDescriptor(listener, fd, backends, start, anyBackend, ejected)) return false;
+      if (fd < 0) return false;
+      // As a native listener's clients have from their listening socket (the relay's dial sets only the backend's).
+      client.setNoDelay(true);
+      client.setKeepAlive(true, KEEPALIVE_IDLE_MS);
+      if (!this.sendDescriptor(listener, fd, backends, start, anyBackend, ejected)) return false;
       client.destroy();
       return true;
     }
@@ -171,7 +180,11 @@ export class RelayPool {
     if (last?.backends === backends && last.ejected === ejectedNow) return true;
     const message: Rotation = { t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) };
     if (ejected) message.e = ejected;
-    if (!this.send(relay, message)) return false;
+    if (!this.send(relay, message)) {
+      // Queued (it goes later) or dropped: either way what the relay has is not known here; the next client sends it again.
+      relay.rotations.delete(listener);
+      return false;
+    }
     relay.rotations.set(listener, { backends, ejected: ejectedNow });
     return true;
   }
@@ -182,7 +195,12 @@ export class RelayPool {
       if (relay.child.connected) relay.child.send(message);
       return true;
     }
-    relay.unsent.push(Buffer.from(JSON.stringify(message)));
+    const bytes = Buffer.from(JSON.stringify(message));
+    if (bytes.length > CONTROL_MAX_BYTES) {
+      this.unsendable(relay, errnoError(-EMSGSIZE, "send", `relay ${relay.index}: a ${bytes.length}-byte message is more than a relay reads (${CONTROL_MAX_BYTES})`));
+      return false;
+    }
+    relay.unsent.push(bytes);
     return this.flush(relay);
   }
 
@@ -192,7 +210,7 @@ export class RelayPool {
     while (relay.unsent.length > 0 && relay.channel !== undefined) {
       const bytes = relay.unsent[0] as Buffer;
       const r = (this.native as NativeModule).sendControl(relay.channel, bytes);
-      if (r === -EAGAIN) {
+      if (r === -EAGAIN || r === -ENOBUFS || r === -ENOMEM) {
         relay.retryTimer ??= setTimeout(() => {
           relay.retryTimer = undefined;
           this.flush(relay);
@@ -204,12 +222,19 @@ export class RelayPool {
         all = false;
         // The relay is gone, and its exit settles its accounts. Anything else is this message's fault.
         if (!relay.dead && r !== -EPIPE && r !== -ECONNRESET) {
-          const err = errnoError(r, "send", r === -EMSGSIZE ? `relay ${relay.index}: a ${bytes.length}-byte message is more than the channel takes` : `relay ${relay.index}`);
-          this.logger.error({ err, relay: relay.index }, "relay-message-not-sent");
+          this.unsendable(relay, errnoError(r, "send", r === -EMSGSIZE ? `relay ${relay.index}: a ${bytes.length}-byte message is more than the channel takes` : `relay ${relay.index}`));
         }
       }
     }
     return all;
+  }
+
+  /** A message no relay can be sent: its listener's connections stay in this process. Logged at most every UNSENT_LOG_MS per relay. */
+  private unsendable(relay: Relay, err: Error): void {
+    const now = Date.now();
+    if (now - relay.unsentLoggedAt < UNSENT_LOG_MS) return;
+    relay.unsentLoggedAt = now;
+    this.logger.error({ err, relay: relay.index }, "relay-message-not-sent");
   }
 
   /** Settles `count` ended connections, never more than the relay has open (a late or repeated report counts once). */
@@ -222,7 +247,8 @@ export class RelayPool {
     this.listeners.get(listener)?.relayEnded(settled);
   }
 
-  private spawn(index: number): Promise<void> {
+  /** Async, so that a fork that throws is a rejection like any other failure to start. */
+  private async spawn(index: number): Promise<void> {
     const native = this.native;
     let channel: number | undefined;
     let theirs: number | undefined;
@@ -253,6 +279,7 @@ export class RelayPool {
       channel,
       unsent: [],
       retryTimer: undefined,
+      unsentLoggedAt: 0,
     };
     this.relays[index] = relay;
     child.on("message", (message: FromRelay) => this.receive(relay, message));

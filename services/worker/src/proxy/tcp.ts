@@ -198,13 +198,8 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       return;
     }
     const { backends, start, anyBackend } = chosen;
-    if (this.relayId !== undefined) {
-      if (this.options.relays?.dispatch(this.relayId, client, backends, start, anyBackend, this.ejectedAmong(backends, anyBackend))) {
-        this.relayed++;
-        return;
-      }
-      // No relay can take it now (one is restarting): this process carries it.
-    }
+    const { relays } = this.options;
+    if (relays && this.relayId !== undefined && this.relayTook(relays.dispatch(this.relayId, client, backends, start, anyBackend, this.ejectedAmong(backends)))) return;
     this.pending.add(client);
     client.once("close", () => this.pending.delete(client));
     dial(client, backends, start, 0, anyBackend, this);
@@ -240,9 +235,14 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     this.options.logger.warn({ serviceId: this.options.serviceId, port: this.options.port, backend, err: err.message }, msg);
   }
 
-  /** The backends out of rotation now (`host:port`) that a relay is to pass over; undefined when none is (or all are). */
-  private ejectedAmong(backends: readonly Endpoint[], anyBackend: boolean): string[] | undefined {
-    return this.ejections.size > 0 && !anyBackend ? backends.filter(this.isEjected).map(backendKey) : undefined;
+  /**
+   * The backends out of rotation now (`host:port`) that a relay is to pass over, all of them
+   * even when every one is (the connection then says so, and tries them all anyway); undefined when none is.
+   */
+  private ejectedAmong(backends: readonly Endpoint[]): string[] | undefined {
+    if (this.ejections.size === 0) return undefined;
+    const ejected = backends.filter(this.isEjected).map(backendKey);
+    return ejected.length > 0 ? ejected : undefined;
   }
 
   allFailed(): void {
@@ -274,15 +274,21 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
       return;
     }
     const { backends, start, anyBackend } = chosen;
-    if (this.relayId !== undefined && this.options.relays?.handOff(this.relayId, fd, backends, start, anyBackend, this.ejectedAmong(backends, anyBackend))) {
-      this.relayed++;
-      return;
-    }
-    // No relay, or none can take it now (one is restarting or behind): this process carries it.
+    const { relays } = this.options;
+    if (relays && this.relayId !== undefined && this.relayTook(relays.handOff(this.relayId, fd, backends, start, anyBackend, this.ejectedAmong(backends)))) return;
     (this.dialer as NativeDialer).dial(fd, backends, start, anyBackend, this.nativeHooks);
   }
 
   // RelayedListener, for connections handed to relay processes.
+
+  /** Counts a hand-off and returns `taken`: when no relay could take the connection (one is restarting or behind), this process carries it. */
+  private relayTook(taken: boolean): boolean {
+    if (taken) {
+      this.relayed++;
+      this.options.counters.tcpToRelays++;
+    } else this.options.counters.tcpRelaysBusy++;
+    return taken;
+  }
 
   relayEnded(count: number): void {
     this.relayed -= count;
