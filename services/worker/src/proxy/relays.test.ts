@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { pino } from "pino";
@@ -222,6 +223,11 @@ describe("tcp listener with relays taking descriptors", () => {
     const { listener, counters } = await relayedListener(() => set, "native", "localhost");
     expect(await reach(listener.port, 4)).toEqual({ h0: 2, h1: 2 });
     await waitFor(() => counters.tcpProxied === 4 && listener.connections === 0, "the relays' reports");
+    // Accepted by Node's sockets, the client is given keep-alive (and Nagle off) before it goes, as a native listener's are.
+    const client = await connectLines(listener.port);
+    cleanup.push(() => client.close());
+    expect(await client.nextLine()).toMatch(/^h[01]$/);
+    expect(execFileSync("ss", ["-tnoH", "state", "established", `( sport = :${listener.port} )`]).toString()).toMatch(/timer:\(keepalive,/);
   });
 });
 
