@@ -1,5 +1,7 @@
 import { execFileSync } from "node:child_process";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { pino } from "pino";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
@@ -232,6 +234,24 @@ describe("tcp listener with relays taking descriptors", () => {
 });
 
 describe("relay pool", () => {
+  it("restarts a relay that keeps dying young later each time: 0.5, 1, 2 s", async () => {
+    // A relay that says it is ready, then dies at once, every time.
+    const dir = mkdtempSync(join(tmpdir(), "harbor-relay-"));
+    cleanup.push(() => rmSync(dir, { recursive: true, force: true }));
+    const dying = join(dir, "dying-relay.mjs");
+    writeFileSync(dying, 'process.send({ t: "ready" }); setTimeout(() => process.exit(3), 20);\n');
+    const restarts: number[] = [];
+    const watched = pino({ level: "info" }, { write: (line: string) => {
+      const entry = JSON.parse(line) as { msg: string; restartInMs?: number };
+      if (entry.msg === "relay-died-restarting") restarts.push(entry.restartInMs as number);
+    } });
+    const relays = new RelayPool(1, 1_000, new DataPlaneCounters(), watched, undefined, dying);
+    await relays.start();
+    cleanup.push(() => relays.stop(1_000));
+    await waitFor(() => restarts.length >= 3, "three deaths", 10_000);
+    expect(restarts.slice(0, 3)).toEqual([500, 1_000, 2_000]);
+  });
+
   it("a relay that died just before stop is not restarted after it: stop leaves no relay behind", async () => {
     const before = relayChildren();
     const events: string[] = [];

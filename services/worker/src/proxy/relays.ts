@@ -16,6 +16,14 @@ const { EAGAIN, ECONNRESET, EMSGSIZE, ENOBUFS, ENOMEM, EPIPE } = constants.errno
 const RETRY_UNSENT_MS = 10;
 /** A message that cannot be sent is logged at most this often per relay. */
 const UNSENT_LOG_MS = 10_000;
+/**
+ * A dead relay is restarted after RESTART_FIRST_MS; one that died young (within LIVED_LONG_MS of
+ * its start) waits twice as long as its last restart did, up to RESTART_MAX_MS, so a relay that
+ * cannot run does not fork and log twice a second for ever.
+ */
+const RESTART_FIRST_MS = 500;
+const RESTART_MAX_MS = 30_000;
+const LIVED_LONG_MS = 10_000;
 
 /** What the pool tells a listener about the connections it handed off. */
 export interface RelayedListener {
@@ -57,6 +65,8 @@ interface Relay {
  */
 export class RelayPool {
   private readonly relays: Relay[] = [];
+  /** Each relay slot's last restart delay. */
+  private readonly restartDelays: number[] = [];
   private readonly listeners = new Map<number, RelayedListener>();
   private nextListener = 1;
   private turn = 0;
@@ -268,6 +278,7 @@ export class RelayPool {
     } finally {
       if (theirs !== undefined) native?.close(theirs);
     }
+    const startedAt = Date.now();
     const relay: Relay = {
       index,
       child,
@@ -302,12 +313,15 @@ export class RelayPool {
       relay.sending.clear();
       if (this.stopping) return;
       // Its connections are gone with it; the next ones need somewhere to go.
-      this.logger.error({ relay: index, exitCode: child.exitCode, signal: child.signalCode, connectionsLost: lost }, "relay-died-restarting");
+      const young = Date.now() - startedAt < LIVED_LONG_MS;
+      const restartInMs = young ? Math.min(RESTART_MAX_MS, 2 * (this.restartDelays[index] ?? RESTART_FIRST_MS / 2)) : RESTART_FIRST_MS;
+      this.restartDelays[index] = restartInMs;
+      this.logger.error({ relay: index, exitCode: child.exitCode, signal: child.signalCode, connectionsLost: lost, restartInMs }, "relay-died-restarting");
       setTimeout(() => {
         // A stop that came meanwhile: a relay started now would never be told to stop, and keep the worker up.
         if (this.stopping) return;
         void this.spawn(index).catch((err: unknown) => this.logger.error({ err, relay: index }, "relay-restart-failed"));
-      }, 500).unref();
+      }, restartInMs).unref();
     });
     return new Promise((resolve, reject) => {
       const onExit = () => reject(new Error(`relay ${index} exited before it was ready`));
