@@ -68,10 +68,19 @@ export class NativeDialer {
   constructor(
     readonly table: NativePairTable,
     private readonly keepAliveIdleS: number,
-    private readonly resolve: Resolve = resolveAll,
-    /** The clients came from another process (a relay's, from the worker), which may hold them a moment longer. */
-    private readonly clientsShared = false,
-  ) {}
+    options: {
+      /** dns.lookup by default. */
+      resolve?: Resolve;
+      /** The clients came from another process (a relay's, from the worker), which may hold them a moment longer. */
+      clientsShared?: boolean;
+    } = {},
+  ) {
+    this.resolve = options.resolve ?? resolveAll;
+    this.clientsShared = options.clientsShared ?? false;
+  }
+
+  private readonly resolve: Resolve;
+  private readonly clientsShared: boolean;
 
   /** Clients being dialled or resolved, and pairs carried. */
   get connections(): number {

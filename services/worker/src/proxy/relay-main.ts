@@ -20,15 +20,13 @@ const send = (message: FromRelay) => process.send?.(message);
 // The worker says which: with the module (it loaded it itself) clients come as descriptors on the channel.
 const native = process.env.HARBOR_RELAY_IO === "native" ? nativeModule("auto") : undefined;
 /** Dials and carries the clients that come as descriptors. */
-const dialer = native && new NativeDialer(pairTable(native), KEEPALIVE_IDLE_MS / 1000, undefined, true);
+const dialer = native && new NativeDialer(pairTable(native), KEEPALIVE_IDLE_MS / 1000, { clientsShared: true });
 
 /** Clients that came over IPC not yet joined to a backend, and joined pairs: what a stopping relay cuts. */
 const open = new Set<net.Socket>();
 const joined = new Set<Pair>();
-/** Each listener's rotation, as the worker last sent it. */
-const rotations = new Map<number, Endpoint[]>();
-/** Each listener's hooks for native dials, with the backends out of its rotation as the worker last sent them. */
-const listeners = new Map<number, ListenerHooks>();
+/** Each listener's rotation and the backends out of it, as the worker last sent them. */
+const listeners = new Map<number, Listener>();
 /** Connections this relay joined to a backend, for its last log line. */
 let carried = 0;
 const connectTimeoutMs = Number(process.env.HARBOR_RELAY_CONNECT_TIMEOUT_MS) || 5_000;
@@ -91,7 +89,7 @@ function relay(message: HandOff, client: net.Socket): void {
   // Until it closes: a relay that stops cuts what is still open.
   open.add(client);
   client.once("close", () => open.delete(client));
-  const rotation = rotations.get(listener);
+  const rotation = listeners.get(listener)?.backends;
   if (rotation) dial(client, rotation, message.s, 0, message.any, hooks);
   else {
     // The worker sends a rotation before its first connection: none is a bug, not a reason to guess.
@@ -100,13 +98,17 @@ function relay(message: HandOff, client: net.Socket): void {
   }
 }
 
-/** A listener's native dials: what they tell the worker. */
-class ListenerHooks implements NativeDialHooks {
+/** A listener as the worker last described it, and what its native dials tell the worker. */
+class Listener implements NativeDialHooks {
   readonly connectTimeoutMs = connectTimeoutMs;
   /** Out of rotation as the worker last said (`host:port`). */
   ejected: ReadonlySet<string> | undefined;
 
-  constructor(readonly listener: number) {}
+  constructor(
+    readonly listener: number,
+    /** The rotation. */
+    public backends: Endpoint[],
+  ) {}
 
   isEjected(backend: Endpoint): boolean {
     return this.ejected !== undefined && this.ejected.has(backendKey(backend));
@@ -139,23 +141,22 @@ class ListenerHooks implements NativeDialHooks {
 
 /** A client that came as a descriptor: dialled and carried by the module. */
 function relayDescriptor(listener: number, start: number, anyBackend: boolean, fd: number): void {
-  const rotation = rotations.get(listener);
-  const hooks = listeners.get(listener);
-  if (stopping || !rotation || !hooks) {
+  const known = listeners.get(listener);
+  if (stopping || !known) {
     // The worker sends a rotation before its first connection: none is a bug, not a reason to guess.
     if (!stopping) logger.error({ listener }, "relay-connection-without-rotation");
     (native as NativeModule).close(fd);
     ended(listener);
     return;
   }
-  (dialer as NativeDialer).dial(fd, rotation, start, anyBackend, hooks);
+  (dialer as NativeDialer).dial(fd, known.backends, start, anyBackend, known);
 }
 
 function rotationCame(message: Rotation): void {
-  rotations.set(message.l, message.b);
-  let hooks = listeners.get(message.l);
-  if (!hooks) listeners.set(message.l, (hooks = new ListenerHooks(message.l)));
-  hooks.ejected = message.e ? new Set(message.e) : undefined;
+  let known = listeners.get(message.l);
+  if (known) known.backends = message.b;
+  else listeners.set(message.l, (known = new Listener(message.l, message.b)));
+  known.ejected = message.e ? new Set(message.e) : undefined;
 }
 
 const inFlight = () => open.size + joined.size + (dialer?.connections ?? 0);
@@ -179,10 +180,8 @@ async function stop(deadlineMs: number): Promise<void> {
 
 function control(message: ToRelay): void {
   if (message.t === "rotation") rotationCame(message);
-  else if (message.t === "forget") {
-    rotations.delete(message.l);
-    listeners.delete(message.l);
-  } else if (message.t === "stop") void stop(message.deadlineMs);
+  else if (message.t === "forget") listeners.delete(message.l);
+  else if (message.t === "stop") void stop(message.deadlineMs);
 }
 
 process.on("message", (message: ToRelay, handle?: net.Socket) => {
@@ -231,8 +230,7 @@ function readChannel(module: NativeModule): void {
           ended(meta[i + 1] as number);
           if (!lostLogged) logger.error({ listener: meta[i + 1] }, "relay-client-lost-out-of-descriptors");
           lostLogged = true;
-        }
-        else if (kind === module.HANDOFF_CONTROL) {
+        } else if (kind === module.HANDOFF_CONTROL) {
           let message: unknown;
           try {
             message = JSON.parse(payload.toString("utf8", 0, meta[i + 1] as number));

@@ -4,11 +4,10 @@ import { constants } from "node:os";
 import { fileURLToPath } from "node:url";
 import type { Logger } from "pino";
 import type { DataPlaneCounters } from "../metrics.js";
-import type { Endpoint } from "./dial.js";
+import { KEEPALIVE_IDLE_MS, type Endpoint } from "./dial.js";
 import { errnoError, type NativeModule } from "./native.js";
 import { descriptorOf } from "./pairs.js";
 import { CONTROL_MAX_BYTES, type FromRelay, type HandOff, type Rotation, type ToRelay } from "./relay-protocol.js";
-import { KEEPALIVE_IDLE_MS } from "./dial.js";
 
 const RELAY_MAIN = fileURLToPath(new URL("./relay-main.js", import.meta.url));
 const { EAGAIN, ECONNRESET, EMSGSIZE, ENOBUFS, ENOMEM, EPIPE } = constants.errno;
@@ -264,7 +263,7 @@ export class RelayPool {
     let theirs: number | undefined;
     if (native) {
       const ends = native.channel();
-      if (typeof ends === "number") return Promise.reject(errnoError(ends, "socketpair", `relay ${index}'s hand-off channel`));
+      if (typeof ends === "number") throw errnoError(ends, "socketpair", `relay ${index}'s hand-off channel`);
       [channel, theirs] = ends;
     }
     const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs), HARBOR_RELAY_IO: native ? "native" : "node", HARBOR_RELAY_CHANNEL: native ? "1" : "0" };

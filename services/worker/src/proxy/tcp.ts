@@ -81,7 +81,7 @@ export class TcpListener implements PortListener, DialHooks, RelayedListener {
     this.ejections = new Ejections(systemClock, options.passiveEjectMs);
     const table = options.native && pairTable(options.native);
     this.pairs = table ? nativePairs(table) : nodePairs;
-    this.dialer = table && new NativeDialer(table, KEEPALIVE_IDLE_S, options.resolve);
+    this.dialer = table && new NativeDialer(table, KEEPALIVE_IDLE_S, { resolve: options.resolve });
     this.nativeHooks = {
       connectTimeoutMs: options.connectTimeoutMs,
       isEjected: this.isEjected,
