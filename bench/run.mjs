@@ -414,7 +414,7 @@ const SETUPS = {
 };
 
 // ---------------------------------------------------------------- workloads
-// Each takes (target, rep) and returns { <row key>: value, ... } plus the
+// Each takes (target, rep, backends) and returns { <row key>: value, ... } plus the
 // proxy's cpuS and wallS; it throws on failure.
 
 const rawName = (what, target, rep) => `${what}-${target.name}-r${rep}`;
@@ -492,6 +492,44 @@ async function udpFixedRate(target, rep) {
   return { udpLoss: m.lossPct, udpFixedKpps: m.kpps, ...(m.cpuS === null ? {} : { udpCpu: (100 * m.cpuS) / m.wallS }), cpuS: m.cpuS, wallS: m.wallS };
 }
 
+// The batched flood (bench/udpflood.c, built with the machine's C compiler
+// into the run's temporary folder on first use). Its sink takes the iperf3 UDP
+// backend's port, which that server binds only during its own tests.
+const UDPFLOOD_SOURCE = join(BENCH_DIR, "udpflood.c");
+let udpfloodBinary;
+async function udpfloodTool() {
+  udpfloodBinary ??= (async () => {
+    const binary = join(TMP_DIR, "udpflood");
+    const r = await runCommand("cc", ["-O2", "-o", binary, UDPFLOOD_SOURCE], { timeoutMs: 60_000, rawFile: "udpflood-build.txt" });
+    if (r.code !== 0) throw new Error(`cc ${relative(REPO, UDPFLOOD_SOURCE)}: ${oneLine(r.stderr) || `exit ${r.code}`}`);
+    return binary;
+  })();
+  return udpfloodBinary;
+}
+
+async function udpBatchedFlood(target, rep, backends) {
+  const tool = await udpfloodTool();
+  const backendPort = backends.ports.udp;
+  const sinkP = runCommand(tool, ["sink", LOCAL, String(backendPort), String(CFG.seconds + 20)], { timeoutMs: (CFG.seconds + 30) * 1000, rawFile: `${rawName("udpbatch-sink", target, rep)}.json` });
+  try {
+    await waitUntil("the udpflood sink bound", async () => !(await canBind(backendPort, "udp")), 5_000, 20);
+  } catch (err) {
+    const sink = await sinkP;
+    throw new Error(`udpflood sink: ${oneLine(sink.stderr) || oneLine(err)}`);
+  }
+  const m = await withProxyCpu(target, async () => {
+    const send = await runCommand(tool, ["send", LOCAL, String(target.endpoints.udp), String(CFG.seconds), String(UDP_SIZE)], { timeoutMs: (CFG.seconds + 30) * 1000, rawFile: `${rawName("udpbatch-send", target, rep)}.json` });
+    return { send, sink: await sinkP };
+  });
+  const sent = parseJson(m.send.stdout);
+  const got = parseJson(m.sink.stdout);
+  if (m.send.code !== 0 || !sent) throw new Error(`udpflood send: ${oneLine(m.send.stderr) || `exit ${m.send.code}`}`);
+  if (m.sink.code !== 0 || !got) throw new Error(`udpflood sink: ${oneLine(m.sink.stderr) || `exit ${m.sink.code}`}`);
+  if (got.received === 0 || got.seconds <= 0) throw new Error(`nothing reached the backend (${sent.sent} sent)`);
+  // The proxy's CPU is divided over the time datagrams flowed, not the sink's trailing second of silence.
+  return { udpBatch: got.received / got.seconds / 1000, cpuS: m.cpuS, wallS: Math.min(m.wallS, sent.seconds) };
+}
+
 /** Workloads in run order; `needs` names the endpoint, `perCore` the row whose throughput is divided by the proxy's cores used. */
 const WORKLOADS = [
   { name: "TCP bulk, 1 stream", fn: tcpBulk1, needs: "bulk", rows: ["bulk1"], perCore: "bulk1" },
@@ -500,6 +538,7 @@ const WORKLOADS = [
   { name: "wrk persistent connections", fn: persistentConns, needs: "http", rows: ["wrk", "wrkP99"], perCore: "wrk" },
   { name: "UDP flood", fn: udpFlood, needs: "udp", rows: ["udpFlood"], perCore: "udpFlood" },
   { name: "UDP 100 kpps", fn: udpFixedRate, needs: "udp", rows: ["udpLoss", "udpCpu"], perCore: "udpFixedKpps" },
+  { name: "UDP flood, batched sender", fn: udpBatchedFlood, needs: "udp", rows: ["udpBatch"], perCore: "udpBatch" },
 ];
 
 // ---------------------------------------------------------------- report
@@ -513,6 +552,7 @@ const ROWS = [
   { key: "wrk", label: `Persistent connections, wrk -t1 -c${WRK_CONNECTIONS} ${t} (req/s)`, peer: "haproxy", digits: 0 },
   { key: "wrkP99", label: `… wrk p99 latency (ms) ↓`, peer: "haproxy", digits: 2 },
   { key: "udpFlood", label: `UDP ${UDP_SIZE} B flood, delivered at backend (kpps)`, peer: "nginx", digits: 1 },
+  { key: "udpBatch", label: `UDP ${UDP_SIZE} B flood, batched sender (udpflood), delivered (kpps)`, peer: "nginx", digits: 1 },
   { key: "udpLoss", label: `UDP ${UDP_SIZE} B at ${UDP_FIXED_PPS / 1000} kpps: loss (%) ↓`, peer: "nginx", digits: 2, diff: true },
   { key: "udpCpu", label: `UDP ${UDP_SIZE} B at ${UDP_FIXED_PPS / 1000} kpps: proxy CPU (% of a core) ↓`, peer: "nginx", digits: 0, proxyOnly: true },
   { key: "rssIdle", label: "Proxy RSS, idle (MiB) ↓", peer: "haproxy", digits: 1, proxyOnly: true },
@@ -524,6 +564,7 @@ const PER_CORE_ROWS = [
   { key: "ab", label: "New connection per request (req/s per core)", peer: "haproxy", digits: 0 },
   { key: "wrk", label: "Persistent connections (req/s per core)", peer: "haproxy", digits: 0 },
   { key: "udpFlood", label: "UDP flood, delivered (kpps per core)", peer: "nginx", digits: 1 },
+  { key: "udpBatch", label: "UDP flood, batched sender, delivered (kpps per core)", peer: "nginx", digits: 1 },
   { key: "udpFixedKpps", label: `UDP at ${UDP_FIXED_PPS / 1000} kpps, delivered (kpps per core)`, peer: "nginx", digits: 1 },
 ];
 
@@ -688,7 +729,7 @@ async function main() {
         }
         log(`rep ${rep}/${CFG.reps} ${w.name} → ${target.name}`);
         try {
-          const r = await w.fn(target, rep);
+          const r = await w.fn(target, rep, backends);
           for (const row of w.rows) if (r[row] !== undefined) slot(results, row, target.name).values.push(r[row]);
           if (r.cpuS !== null && r.cpuS !== undefined && r[w.perCore] !== undefined) {
             const cores = r.cpuS / r.wallS;
