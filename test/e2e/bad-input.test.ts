@@ -80,6 +80,26 @@ describe("e2e bad input - the API", () => {
   });
 });
 
+describe("e2e bad input - harbor serve", () => {
+  // `harbor serve <target>` alone skips the verbs' parser (see services/cli/src/main.ts): both paths must refuse alike.
+  it("an unknown target, and a bad setting on the parser-free path, are one line on stderr and exit 2", async () => {
+    const unknown = await harbor.cli("serve", "nowhere");
+    expect(unknown.code).toBe(2);
+    expect(unknown.stderr.trim().split("\n")).toHaveLength(1);
+    expect(unknown.stderr).toMatch(/serve target "nowhere" is not one of all, control-plane/);
+
+    const run = harbor.spawnCli(["serve", "worker"], { env: { HARBOR_NATS_PREFIX: "no spaces allowed" } });
+    await waitFor(() => run.child.exitCode !== null, "harbor serve worker to refuse its setting");
+    expect(run.child.exitCode).toBe(2);
+    expect(run.output().trim().split("\n")).toHaveLength(1);
+    expect(run.output()).toMatch(/^harbor: .*HARBOR_NATS_PREFIX=no spaces allowed: use letters, digits, - and _ only/);
+
+    const help = await harbor.cli("serve", "--help");
+    expect(help.code).toBe(0);
+    expect(help.stdout).toMatch(/run Harbor: all/);
+  });
+});
+
 describe("e2e bad input - TCP clients", () => {
   it("half-close passes through: a client that stops sending still gets the answer", async () => {
     const answer = await new Promise<string>((resolve, reject) => {

@@ -65,11 +65,11 @@ export class PermissionDeniedError extends HarborError {
   }
 }
 
-/** Configuration that cannot work; lists every problem with its variable. */
+/** Configuration that cannot work; lists every problem with its variable, on one line (`harbor serve` prints it to stderr as is). */
 export class ConfigError extends Error {
   readonly problems: string[];
   constructor(problems: string[]) {
-    super(`invalid configuration:\n  - ${problems.join("\n  - ")}`);
+    super(`invalid configuration: ${problems.join("; ")}`);
     this.name = "ConfigError";
     this.problems = problems;
   }
