@@ -65,6 +65,8 @@ export interface NativeModule {
   readonly HANDOFF_CONTROL: number;
   /** A client's numbers whose descriptor did not come (the relay was out of descriptors: the kernel closed it). */
   readonly HANDOFF_CLIENT_LOST: number;
+  /** glibc's malloc_trim(0): the C heap's free pages back to the system; 1 when some went. */
+  trimMemory(): number;
 }
 
 /** Numbers per message in receive's `meta`. */
