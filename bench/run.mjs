@@ -325,7 +325,8 @@ stream {
   server { listen ${LOCAL}:${ports.http}; proxy_pass http; }
   # iperf3's UDP test: its TCP control connection and its datagrams use one port.
   server { listen ${LOCAL}:${ports.udp}; proxy_pass udp; }
-  server { listen ${LOCAL}:${ports.udp} udp; proxy_pass udp; proxy_timeout 30s; }
+  # The receive buffer Harbor's worker gives its UDP ports by default (HARBOR_UDP_RECEIVE_BUFFER_BYTES), like for like.
+  server { listen ${LOCAL}:${ports.udp} udp rcvbuf=4m; proxy_pass udp; proxy_timeout 30s; }
 }
 `,
   );

@@ -54,6 +54,21 @@ static napi_value address_call(napi_env env, napi_callback_info info, int bindin
   return native_number(env, r);
 }
 
+/*
+ * receiveBuffer(fd, bytes) -> the receive buffer the kernel now gives the
+ * socket (Linux reports twice what it granted: the rest is its bookkeeping);
+ * bytes 0 leaves it as it is. The kernel caps a request at net.core.rmem_max.
+ */
+static napi_value js_receive_buffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd, bytes;
+  if (!native_args(env, info, 2, argv) || !native_int(env, argv[0], &fd) || !native_int(env, argv[1], &bytes)) return NULL;
+  if (bytes > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes) < 0) return native_number(env, -errno);
+  int size = 0;
+  socklen_t len = sizeof size;
+  return native_number(env, getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, &len) < 0 ? -errno : size);
+}
+
 /* bind(fd, address, port) / connect(fd, address, port) -> 0 */
 static napi_value js_bind(napi_env env, napi_callback_info info) { return address_call(env, info, 1); }
 static napi_value js_connect(napi_env env, napi_callback_info info) { return address_call(env, info, 0); }
@@ -249,6 +264,7 @@ int udp_init(napi_env env, napi_value exports) {
   napi_property_descriptor functions[] = {
     NATIVE_FUNCTION("socket", js_socket),
     NATIVE_FUNCTION("bind", js_bind),
+    NATIVE_FUNCTION("receiveBuffer", js_receive_buffer),
     NATIVE_FUNCTION("connect", js_connect),
     NATIVE_FUNCTION("close", js_close),
     NATIVE_FUNCTION("recv", js_recv),

@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { isIPv4 } from "node:net";
 import { publishMessage, type Bus, type Subjects } from "@harbor/bus";
 import { BackendRegistryClient, PortAllocatorClient, PortBindFailed, Protocol, WorkerHeartbeat, timestampFromMs } from "@harbor/proto";
@@ -96,7 +97,13 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
     const common = { serviceId: service.id, host, port: service.port, backends: () => view.backends(service.id), passiveEjectMs: config.passiveEjectMs, counters, logger };
     return protocol === "tcp"
       ? new TcpListener({ ...common, connectTimeoutMs: config.connectTimeoutMs, maxConnections: config.maxConnectionsPerPort, relays, native })
-      : new UdpListener({ ...common, sessionIdleMs: config.udpSessionIdleMs, maxSessions: config.udpMaxSessions, io: isIPv4(host) ? udpIo : dgramIo });
+      : new UdpListener({
+          ...common,
+          sessionIdleMs: config.udpSessionIdleMs,
+          maxSessions: config.udpMaxSessions,
+          io: isIPv4(host) ? udpIo : dgramIo,
+          receiveBufferBytes: config.udpReceiveBufferBytes,
+        });
   };
   /** Active checks per listener, for services that ask for them. */
   const checkers = new Map<string, HealthChecker>();
@@ -288,6 +295,7 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
           logger.warn({ table: kernelTable, others, remove: "nft delete table ip NAME, for each one no running worker owns" }, "other-harbor-nftables-tables-on-host");
         }
       }
+      if (!kernel) warnIfReceiveBufferCapped(config.udpReceiveBufferBytes, logger);
       await relays?.start();
       await follower.start();
       await scheduleReconcile();
@@ -324,4 +332,20 @@ export function createWorker(config: WorkerConfig, deps: WorkerDeps): Worker {
       logger.info("worker-stopped");
     },
   };
+}
+
+/** The kernel silently caps SO_RCVBUF at net.core.rmem_max: say so once, with the fix, rather than per port. */
+function warnIfReceiveBufferCapped(requested: number, logger: Logger): void {
+  let rmemMax: number;
+  try {
+    rmemMax = Number(readFileSync("/proc/sys/net/core/rmem_max", "utf8").trim());
+  } catch {
+    return; // not Linux, or no /proc: nothing to compare with
+  }
+  if (requested > rmemMax) {
+    logger.warn(
+      { requestedBytes: requested, rmemMax, fix: `sysctl -w net.core.rmem_max=${requested}, or a smaller HARBOR_UDP_RECEIVE_BUFFER_BYTES` },
+      "udp-receive-buffer-capped",
+    );
+  }
 }

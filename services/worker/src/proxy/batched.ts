@@ -27,16 +27,17 @@ export function batchedIo(io: NativeModule): DatagramIo {
   const meta = new Int32Array(io.BATCH * 3);
   return {
     name: "native",
-    async bind(host, port, handlers) {
+    async bind(host, port, handlers, receiveBufferBytes) {
       if (!isIPv4(host)) throw new Error(`batched UDP I/O binds IPv4 addresses only, not ${host}`);
       const fd = io.socket(4);
       if (fd < 0) throw errno(fd, "socket");
       const bound = io.bind(fd, host, port);
-      if (bound < 0) {
+      const buffer = bound < 0 ? bound : io.receiveBuffer(fd, receiveBufferBytes);
+      if (buffer < 0) {
         io.close(fd);
-        throw errno(bound, "bind", `${host}:${port}`);
+        throw bound < 0 ? errno(bound, "bind", `${host}:${port}`) : errno(buffer, "setsockopt SO_RCVBUF");
       }
-      return new BatchedPort(io, meta, fd, handlers);
+      return new BatchedPort(io, meta, fd, handlers, buffer);
     },
   };
 }
@@ -52,6 +53,7 @@ class BatchedPort implements PortSocket {
     private readonly meta: Int32Array,
     private readonly fd: number,
     private readonly handlers: PortHandlers,
+    readonly receiveBufferBytes: number,
   ) {
     this.poller = io.poll(fd, () => this.readable());
   }

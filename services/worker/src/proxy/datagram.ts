@@ -31,6 +31,8 @@ export interface Upstream {
 }
 
 export interface PortSocket {
+  /** The port's receive buffer as the kernel reports it (on Linux twice what it granted). */
+  readonly receiveBufferBytes: number;
   /** Where a client is; asked when its session opens, not per datagram. */
   describe(source: Source): { address: string; port: number };
   /** Sends a backend's replies back to the client, from the port's own address. */
@@ -44,14 +46,17 @@ export interface PortSocket {
 
 export interface DatagramIo {
   readonly name: "native" | "dgram";
-  /** Binds the port; rejects when it cannot (taken, bad address). */
-  bind(host: string, port: number, handlers: PortHandlers): Promise<PortSocket>;
+  /**
+   * Binds the port, asking for a receive buffer of `receiveBufferBytes` (0:
+   * the system's default); rejects when it cannot (taken, bad address).
+   */
+  bind(host: string, port: number, handlers: PortHandlers, receiveBufferBytes: number): Promise<PortSocket>;
 }
 
 /** `node:dgram`: every platform, every address family; a JavaScript call per datagram each way. */
 export const dgramIo: DatagramIo = {
   name: "dgram",
-  async bind(host, port, handlers) {
+  async bind(host, port, handlers, receiveBufferBytes) {
     const socket = dgram.createSocket({ type: isIPv6(host) ? "udp6" : "udp4" });
     try {
       await new Promise<void>((resolve, reject) => {
@@ -61,6 +66,7 @@ export const dgramIo: DatagramIo = {
           resolve();
         });
       });
+      if (receiveBufferBytes > 0) socket.setRecvBufferSize(receiveBufferBytes);
     } catch (err) {
       socket.close();
       throw err;
@@ -73,6 +79,10 @@ export const dgramIo: DatagramIo = {
 
 class DgramPort implements PortSocket {
   constructor(private readonly socket: dgram.Socket) {}
+
+  get receiveBufferBytes(): number {
+    return this.socket.getRecvBufferSize();
+  }
 
   describe(source: Source): { address: string; port: number } {
     const key = source as string;

@@ -65,6 +65,7 @@ describe("health checker", () => {
       counters: new DataPlaneCounters(),
       logger,
       io: dgramIo,
+      receiveBufferBytes: 0,
     });
     // A timeout a loaded machine does not reach for an answer from loopback; the refused connect fails at once.
     const spec = { intervalMs: 100, timeoutMs: 1_000, unhealthyThreshold: 1, healthyThreshold: 1, udpProbe: "ping" };

@@ -11,6 +11,8 @@ export interface NativeModule {
   readonly BATCH: number;
   socket(family: 4 | 6): number;
   bind(fd: number, address: string, port: number): number;
+  /** Sets SO_RCVBUF (bytes 0: leaves it) and returns what the kernel reports now (twice what it granted, on Linux), or -errno. */
+  receiveBuffer(fd: number, bytes: number): number;
   connect(fd: number, address: string, port: number): number;
   close(fd: number): number;
   recv(fd: number, meta: Int32Array): number;

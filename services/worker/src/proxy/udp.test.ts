@@ -1,4 +1,5 @@
 import dgram from "node:dgram";
+import { readFileSync } from "node:fs";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
@@ -20,7 +21,7 @@ afterEach(async () => {
   for (const c of cleanup.splice(0)) await c();
 });
 
-async function setup(io: DatagramIo, names: string[], options: { sessionIdleMs?: number; maxSessions?: number; passiveEjectMs?: number } = {}) {
+async function setup(io: DatagramIo, names: string[], options: { sessionIdleMs?: number; maxSessions?: number; passiveEjectMs?: number; receiveBufferBytes?: number } = {}) {
   const backends: UdpEchoBackend[] = [];
   for (const name of names) {
     const b = await startUdpEchoBackend(name);
@@ -41,6 +42,7 @@ async function setup(io: DatagramIo, names: string[], options: { sessionIdleMs?:
     counters,
     logger,
     io,
+    receiveBufferBytes: options.receiveBufferBytes ?? 0,
   });
   expect(await listener.listen()).toBe(true);
   cleanup.push(() => listener.close());
@@ -186,6 +188,51 @@ describe.each(IOS)("udp listener ($name sockets) - datagrams", (io) => {
 
 describe("udp listener - batched native sockets", () => {
   it("bind IPv4 addresses only: an IPv6 port is refused with the reason (the worker gives such ports node:dgram)", async () => {
-    await expect(batchedIo(NATIVE).bind("::1", 0, { datagram: () => undefined, error: () => undefined })).rejects.toThrow(/IPv4 addresses only/);
+    await expect(batchedIo(NATIVE).bind("::1", 0, { datagram: () => undefined, error: () => undefined }, 0)).rejects.toThrow(/IPv4 addresses only/);
   });
+});
+
+const sysctl = (name: string) => Number(readFileSync(`/proc/sys/net/core/${name}`, "utf8").trim());
+const RMEM_MAX = sysctl("rmem_max");
+const RMEM_DEFAULT = sysctl("rmem_default");
+const BIG = 4 << 20;
+
+describe.each(IOS)("udp listener ($name sockets) - receive buffer", (io) => {
+  it("the port's socket gets the buffer asked for, capped at net.core.rmem_max; 0 leaves the system's default", async () => {
+    // Linux reports twice what it granted (the rest is its bookkeeping).
+    expect((await setup(io, ["a"], { receiveBufferBytes: 1 << 20 })).listener.receiveBufferBytes).toBe(2 * Math.min(1 << 20, RMEM_MAX));
+    expect((await setup(io, ["a"], { receiveBufferBytes: 0 })).listener.receiveBufferBytes).toBe(RMEM_DEFAULT);
+  });
+
+  /** Sends `count` datagrams from one socket without letting the event loop run, then counts what the listener took once it could. */
+  async function burst(receiveBufferBytes: number, count: number): Promise<number> {
+    const { listener, counters } = await setup(io, ["a"], { receiveBufferBytes });
+    const fd = NATIVE.socket(4);
+    cleanup.push(() => NATIVE.close(fd));
+    expect(NATIVE.connect(fd, "127.0.0.1", listener.port)).toBe(0);
+    const datagram = Buffer.alloc(64, 1);
+    // One first, so the session exists and the burst is forwarded as it is read.
+    expect(NATIVE.sendBuffer(fd, datagram)).toBe(0);
+    await waitFor(() => counters.udpToBackend === 1, "the first datagram forwarded");
+    for (let i = 0; i < count; i++) expect(NATIVE.sendBuffer(fd, datagram)).toBe(0);
+    // Settled: the count has not moved for 300 ms.
+    let last = -1;
+    await waitFor(async () => {
+      const now = counters.udpToBackend;
+      if (now === last) return true;
+      last = now;
+      await new Promise((r) => setTimeout(r, 300));
+      return false;
+    }, "the burst read", 20_000);
+    return counters.udpToBackend - 1;
+  }
+
+  // Each 64-byte datagram costs the kernel ~1 KiB of buffer: 2,000 overflow the usual 208 KiB.
+  it.skipIf(RMEM_MAX < BIG || RMEM_DEFAULT > 256 << 10)(
+    "a burst that arrives while the worker is busy waits in a 4 MiB buffer: all 2,000 get through, where the system's default drops some",
+    async () => {
+      expect(await burst(BIG, 2_000)).toBe(2_000);
+      expect(await burst(0, 2_000)).toBeLessThan(2_000);
+    },
+  );
 });

@@ -22,6 +22,8 @@ export interface UdpListenerOptions {
   logger: Logger;
   /** The port's sockets: batched native I/O, or node:dgram. */
   io: DatagramIo;
+  /** The port socket's receive buffer, which absorbs bursts while the worker is busy; 0: the system's default. */
+  receiveBufferBytes: number;
 }
 
 interface Session {
@@ -74,13 +76,23 @@ export class UdpListener implements PortListener {
     return this.sessions.size;
   }
 
+  /** The port socket's receive buffer as the kernel reports it (twice what it granted, on Linux); undefined while not listening. */
+  get receiveBufferBytes(): number | undefined {
+    return this.socket?.receiveBufferBytes;
+  }
+
   async listen(): Promise<boolean> {
-    const { host, port, logger, serviceId, io } = this.options;
+    const { host, port, logger, serviceId, io, receiveBufferBytes } = this.options;
     try {
-      this.socket = await io.bind(host, port, {
-        datagram: (payload, source) => this.fromClient(payload, source),
-        error: (err) => logger.warn({ serviceId, port, err }, "udp-listener-error"),
-      });
+      this.socket = await io.bind(
+        host,
+        port,
+        {
+          datagram: (payload, source) => this.fromClient(payload, source),
+          error: (err) => logger.warn({ serviceId, port, err }, "udp-listener-error"),
+        },
+        receiveBufferBytes,
+      );
     } catch (err) {
       this.error = (err as Error).message;
       logger.warn({ serviceId, host, port, err }, "udp-listener-bind-failed");
@@ -90,7 +102,7 @@ export class UdpListener implements PortListener {
     this.error = undefined;
     this.sweeper = setInterval(() => this.sweep(), Math.min(1_000, this.options.sessionIdleMs));
     this.sweeper.unref();
-    logger.info({ serviceId, host, port, io: io.name }, "udp-listener-opened");
+    logger.info({ serviceId, host, port, io: io.name, receiveBufferBytes: this.socket.receiveBufferBytes }, "udp-listener-opened");
     return true;
   }
 
