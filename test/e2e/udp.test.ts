@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startEchoBackend, startUdpEchoBackend, udpClient, waitFor, type EchoBackend, type UdpEchoBackend } from "@harbor/testkit";
 import { spread, type ServiceJson } from "./cluster.js";
@@ -98,5 +99,31 @@ describe("e2e both - TCP and UDP on one port number", () => {
       expect(reply.fromPort).toBe(service.port);
     }
     client.close();
+  });
+});
+
+describe.skipIf(KERNEL_MODE)("e2e udp - the port's receive buffer (userspace)", () => {
+  const rmemMax = Number(readFileSync("/proc/sys/net/core/rmem_max", "utf8").trim());
+
+  it("a UDP port gets HARBOR_UDP_RECEIVE_BUFFER_BYTES (4 MiB), as far as net.core.rmem_max lets it", async () => {
+    const service = await harbor.json<ServiceJson>("create-service", "udp-buffered", "--app", "buffered");
+    const opened = await waitFor(
+      () => harbor.logs().split("\n").find((l) => l.includes('"msg":"udp-listener-opened"') && l.includes(`"port":${service.port},`)),
+      "the port's listener opened",
+    );
+    // Linux reports twice what it granted.
+    expect(JSON.parse(opened).receiveBufferBytes).toBe(2 * Math.min(4 << 20, rmemMax));
+  });
+
+  it("asking for more than net.core.rmem_max is said once at start, with the fix", async () => {
+    const asking = rmemMax + 4096;
+    const other = await startHarbor({ env: { HARBOR_UDP_RECEIVE_BUFFER_BYTES: String(asking) } });
+    try {
+      const line = await waitFor(() => other.logs().split("\n").find((l) => l.includes('"msg":"udp-receive-buffer-capped"')), "the warning");
+      expect(JSON.parse(line)).toMatchObject({ requestedBytes: asking, rmemMax, fix: `sysctl -w net.core.rmem_max=${asking}, or a smaller HARBOR_UDP_RECEIVE_BUFFER_BYTES` });
+      expect(other.logs().split("udp-receive-buffer-capped").length - 1).toBe(1);
+    } finally {
+      await other.stop();
+    }
   });
 });
