@@ -1,4 +1,4 @@
-import { SERVE_TARGETS, type ServeTarget } from "./targets.js";
+import { DEFAULT_SERVE_TARGET, isServeTarget } from "./targets.js";
 
 // The `harbor` command: the process ends with the verb's exit code (tests call runCli with their own buffers).
 //
@@ -9,9 +9,10 @@ import { SERVE_TARGETS, type ServeTarget } from "./targets.js";
 // Any option, `--help` or `--api` say, or an unknown target takes the parser,
 // which explains or refuses as for any verb.
 const [verb, target, ...rest] = process.argv.slice(2);
-const plainServe = verb === "serve" && rest.length === 0 && (target === undefined || (SERVE_TARGETS as readonly string[]).includes(target));
+const serveTarget = verb === "serve" && rest.length === 0 ? (target ?? DEFAULT_SERVE_TARGET) : undefined;
 
-const code = plainServe
-  ? await (await import("./serve.js")).serve((target ?? "all") as ServeTarget, process.env)
-  : await (await import("./program.js")).runCli(process.argv);
+const code =
+  serveTarget !== undefined && isServeTarget(serveTarget)
+    ? await (await import("./serve.js")).serve(serveTarget, process.env)
+    : await (await import("./program.js")).runCli(process.argv);
 if (code !== 0) process.exitCode = code;

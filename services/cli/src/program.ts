@@ -3,7 +3,7 @@ import { Command, CommanderError, Option } from "commander";
 import { parseRange } from "@harbor/runtime";
 import { createClients, CliError, type Clients } from "./client.js";
 import { inline, instanceOutput, keyValues, nodeOutput, serviceOutput, table } from "./output.js";
-import { SERVE_TARGETS, type ServeTarget } from "./targets.js";
+import { DEFAULT_SERVE_TARGET, SERVE_TARGETS, isServeTarget } from "./targets.js";
 
 /** This package's version (the file is one level above both src/ and dist/). */
 const VERSION = (createRequire(import.meta.url)("../package.json") as { version: string }).version;
@@ -421,13 +421,13 @@ export function buildProgram(io: CliIo = processIo): Command {
   program
     .command("serve")
     .description("run Harbor: all (one process, as `npm start`), control-plane (allocator and registry), one of allocator, registry, worker, or an app instance's HTTPS container-proxy")
-    .argument("[target]", SERVE_TARGETS.join(" | "), "all")
+    .argument("[target]", SERVE_TARGETS.join(" | "), DEFAULT_SERVE_TARGET)
     .action(async function (this: Command, target: string) {
-      if (!(SERVE_TARGETS as readonly string[]).includes(target)) throw new CliError(`serve target ${JSON.stringify(target)} is not one of ${SERVE_TARGETS.join(", ")}`, 2);
+      if (!isServeTarget(target)) throw new CliError(`serve target ${JSON.stringify(target)} is not one of ${SERVE_TARGETS.join(", ")}`, 2);
       const opts = this.optsWithGlobals<GlobalOptions>();
       // Loaded only to serve: the other verbs stay light.
       const { serve } = await import("./serve.js");
-      process.exitCode = await serve(target as ServeTarget, process.env, opts.api);
+      process.exitCode = await serve(target, process.env, opts.api);
     });
 
   return program;

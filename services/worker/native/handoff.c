@@ -173,7 +173,7 @@ void handoff_init(napi_env env, napi_value exports) {
     NATIVE_FUNCTION("sendControl", js_send_control),
     NATIVE_FUNCTION("receive", js_receive),
   };
-  napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
+  NATIVE_EXPORT(env, exports, functions);
   native_export_int(env, exports, "HANDOFF_CLIENT", KIND_CLIENT);
   native_export_int(env, exports, "HANDOFF_CONTROL", KIND_CONTROL);
   native_export_int(env, exports, "HANDOFF_CLIENT_LOST", KIND_CLIENT_LOST);

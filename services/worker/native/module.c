@@ -105,7 +105,7 @@ NAPI_MODULE_INIT() {
   if (!udp_init(env, exports)) return NULL;
   tcp_init(env, exports);
   handoff_init(env, exports);
-  napi_property_descriptor trim = {"trimMemory", NULL, trim_memory, NULL, NULL, NULL, napi_default, NULL};
-  napi_define_properties(env, exports, 1, &trim);
+  napi_property_descriptor functions[] = {NATIVE_FUNCTION("trimMemory", trim_memory)};
+  NATIVE_EXPORT(env, exports, functions);
   return exports;
 }

@@ -19,8 +19,10 @@ void native_export_int(napi_env env, napi_value exports, const char *name, int32
 /* A literal IPv4 or IPv6 address and a port; -EINVAL for anything else. */
 int native_sockaddr(napi_env env, napi_value host, int32_t port, struct sockaddr_storage *ss, socklen_t *len);
 
-/* An exported function, for a part's napi_define_properties table. */
+/* An exported function, for a part's table of them. */
 #define NATIVE_FUNCTION(name, fn) {name, NULL, fn, NULL, NULL, NULL, napi_default, NULL}
+/* Adds a part's table of NATIVE_FUNCTIONs (an array, not a pointer) to the exports. */
+#define NATIVE_EXPORT(env, exports, table) napi_define_properties(env, exports, sizeof(table) / sizeof((table)[0]), table)
 
 /* Each part adds its functions to the exports; 0 (with an exception pending) on failure. */
 int udp_init(napi_env env, napi_value exports);

@@ -864,5 +864,5 @@ void tcp_init(napi_env env, napi_value exports) {
     NATIVE_FUNCTION("pairEvents", js_pair_events),
     NATIVE_FUNCTION("pipes", js_pipes),
   };
-  napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
+  NATIVE_EXPORT(env, exports, functions);
 }

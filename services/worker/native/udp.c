@@ -275,7 +275,7 @@ int udp_init(napi_env env, napi_value exports) {
     NATIVE_FUNCTION("poll", js_poll),
     NATIVE_FUNCTION("unpoll", js_unpoll),
   };
-  napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
+  NATIVE_EXPORT(env, exports, functions);
   native_export_int(env, exports, "BATCH", BATCH);
   return 1;
 }

@@ -32,10 +32,14 @@ export function batchedIo(io: NativeModule): DatagramIo {
       const fd = io.socket(4);
       if (fd < 0) throw errno(fd, "socket");
       const bound = io.bind(fd, host, port);
-      const buffer = bound < 0 ? bound : io.receiveBuffer(fd, receiveBufferBytes);
+      if (bound < 0) {
+        io.close(fd);
+        throw errno(bound, "bind", `${host}:${port}`);
+      }
+      const buffer = io.receiveBuffer(fd, receiveBufferBytes);
       if (buffer < 0) {
         io.close(fd);
-        throw bound < 0 ? errno(bound, "bind", `${host}:${port}`) : errno(buffer, "setsockopt SO_RCVBUF");
+        throw errno(buffer, "setsockopt SO_RCVBUF");
       }
       return new BatchedPort(io, meta, fd, handlers, buffer);
     },
