@@ -30,15 +30,29 @@ enum { KIND_MALFORMED = 0, KIND_CLIENT = 1, KIND_CONTROL = 2, KIND_CLIENT_LOST =
 /* Descriptors one message may bring before MSG_CTRUNC: one is expected, more are closed. */
 #define MAX_FDS 8
 
-/* channel() -> [worker's end, relay's end]: non-blocking, close-on-exec (the relay's end is given to the child by fork's stdio). */
+/*
+ * channel() -> [worker's end, relay's end, largest control payload]: the ends
+ * non-blocking, close-on-exec (the relay's end is given to the child by
+ * fork's stdio). The kernel refuses (EMSGSIZE) a message longer than the
+ * sender's send buffer less 32 bytes; the buffer is left as it is, since it
+ * also bounds how many clients wait for a relay that is behind.
+ */
 static napi_value js_channel(napi_env env, napi_callback_info info) {
   (void)info;
-  int sv[2];
+  int sv[2], sndbuf = 0;
+  socklen_t len = sizeof sndbuf;
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0) return native_number(env, -errno);
+  if (getsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) < 0) {
+    int err = errno;
+    close(sv[0]);
+    close(sv[1]);
+    return native_number(env, -err);
+  }
   napi_value ends;
-  napi_create_array_with_length(env, 2, &ends);
+  napi_create_array_with_length(env, 3, &ends);
   napi_set_element(env, ends, 0, native_number(env, sv[0]));
   napi_set_element(env, ends, 1, native_number(env, sv[1]));
+  napi_set_element(env, ends, 2, native_number(env, sndbuf - 32 - (int)(HEADER_INTS * sizeof(int32_t))));
   return ends;
 }
 
@@ -82,14 +96,14 @@ static napi_value js_send_control(napi_env env, napi_callback_info info) {
 }
 
 /* Closes every descriptor a message brought (a malformed one's, or the extras). */
-static void close_all(struct msghdr *msg, int keep) {
+static void close_all(struct msghdr *msg) {
   for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
     int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
     for (int i = 0; i < n; i++) {
       int fd;
       memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-      if (fd != keep) close(fd);
+      close(fd);
     }
   }
 }
@@ -104,7 +118,7 @@ static int only_descriptor(struct msghdr *msg) {
     count += n;
   }
   if (count == 1 && !(msg->msg_flags & MSG_CTRUNC)) return found;
-  close_all(msg, -1);
+  close_all(msg);
   return -1;
 }
 
@@ -155,7 +169,7 @@ static napi_value js_receive(napi_env env, napi_callback_info info) {
       m[1] = header[1], m[2] = header[2], m[3] = header[3], m[4] = fd;
       continue;
     }
-    close_all(&msg, -1);
+    close_all(&msg);
     m[4] = -1;
     if (whole && header[0] == KIND_CONTROL && header[1] >= 0 && (size_t)n == sizeof header + (size_t)header[1]) {
       m[0] = KIND_CONTROL, m[1] = header[1], m[2] = 0, m[3] = 0;

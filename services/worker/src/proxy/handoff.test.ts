@@ -5,17 +5,18 @@ import { HANDOFF_META, nativeModule, type NativeModule } from "./native.js";
 
 // The hand-off channel (native/handoff.c) between the worker and a relay, both ends in this process.
 const native = nativeModule("native") as NativeModule;
-const { EAGAIN, ECONNRESET, EPIPE } = constants.errno;
+const { EAGAIN, ECONNRESET, EMSGSIZE, EPIPE } = constants.errno;
 
 const cleanup: Array<() => unknown> = [];
 afterEach(() => {
   for (const c of cleanup.splice(0).reverse()) c();
 });
 
-function channel(): [number, number] {
+/** [worker's end, relay's end, largest control payload]. */
+function channel(): [number, number, number] {
   const ends = native.channel();
   if (typeof ends === "number") throw new Error(`channel: ${ends}`);
-  cleanup.push(() => ends.forEach((fd) => native.close(fd)));
+  cleanup.push(() => [ends[0], ends[1]].forEach((fd) => native.close(fd)));
   return ends;
 }
 
@@ -101,6 +102,18 @@ describe("hand-off channel", () => {
     expect(native.sendClient(worker, client, 0, 0, 0)).toBe(-ECONNRESET);
     expect(native.sendControl(worker, Buffer.from("{}"))).toBe(-EPIPE);
     expect(target(client)).toBe("/dev/null");
+  });
+
+  it("says how large a control message it takes: that many bytes arrive whole, one more is EMSGSIZE and nothing is sent", () => {
+    const [worker, relay, max] = channel();
+    expect(max).toBeGreaterThan(64 << 10);
+    const big = Buffer.alloc(max + 1, "x".charCodeAt(0));
+    const whole = Buffer.alloc(max + 1024);
+    expect(native.sendControl(worker, big)).toBe(-EMSGSIZE);
+    expect(native.sendControl(worker, big.subarray(0, max))).toBe(0);
+    expect(native.receive(relay, meta, whole)).toBe(1);
+    expect(messages(1)[0]).toEqual([native.HANDOFF_CONTROL, max, 0, 0, -1]);
+    expect(native.receive(relay, meta, whole)).toBe(0);
   });
 
   it("tells the relay when the worker's end is closed", () => {

@@ -49,8 +49,8 @@ export interface NativeModule {
   /** The pipes bulk flows are spliced through (two descriptors each), how many wait empty for the next, and the bytes they carried. */
   pipes(): { open: number; spare: number; splicedBytes: number };
   // Hand-off to relay processes (native/handoff.c): one SOCK_SEQPACKET channel per relay, read in the order sent.
-  /** A new channel: [the worker's end, the relay's end], both close-on-exec and non-blocking; or -errno. */
-  channel(): [number, number] | number;
+  /** A new channel: [the worker's end, the relay's end, the largest control message's bytes it takes], both ends close-on-exec and non-blocking; or -errno. */
+  channel(): [number, number, number] | number;
   /** Sends an accepted client with three numbers; 0 when sent (the relay has a duplicate: the caller closes its own), else -errno. */
   sendClient(channel: number, clientFd: number, a: number, b: number, c: number): number;
   /** Sends a control message's bytes; 0, or -errno (nothing sent). */

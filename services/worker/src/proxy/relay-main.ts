@@ -18,7 +18,8 @@ import { CONTROL_MAX_BYTES, RELAY_CHANNEL_FD, type FromRelay, type HandOff, type
 const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
 const send = (message: FromRelay) => process.send?.(message);
 // The worker says which: with the module (it loaded it itself) clients come as descriptors on the channel.
-const native = process.env.HARBOR_RELAY_IO === "native" ? nativeModule("auto") : undefined;
+const channelled = process.env.HARBOR_RELAY_IO === "native";
+const native = channelled ? nativeModule("auto") : undefined;
 /** Dials and carries the clients that come as descriptors. */
 const dialer = native && new NativeDialer(pairTable(native), KEEPALIVE_IDLE_MS / 1000, { clientsShared: true });
 
@@ -248,7 +249,7 @@ function readChannel(module: NativeModule): void {
     }
   });
 }
-if (process.env.HARBOR_RELAY_CHANNEL === "1") {
+if (channelled) {
   // The worker loaded the module from the same place: a relay without it could not read a single client.
   if (!native) {
     logger.fatal("relay-without-native-module");

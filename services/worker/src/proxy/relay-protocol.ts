@@ -16,7 +16,12 @@ import type { Endpoint } from "./dial.js";
 
 /** The descriptor a relay finds its end of the hand-off channel at: fork's stdio after 0-2 and IPC's 3. */
 export const RELAY_CHANNEL_FD = 4;
-/** The largest control message on the channel: what a relay's receive buffer holds (a rotation of ~15,000 backends). */
+/**
+ * The largest control message a relay reads (its receive buffer). The channel
+ * itself may take less (its send buffer: ~208 KiB by default, a rotation of
+ * ~6,000 backends); the pool refuses what is over either, and that listener's
+ * clients stay in the worker.
+ */
 export const CONTROL_MAX_BYTES = 1 << 20;
 
 /**

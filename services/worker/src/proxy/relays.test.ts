@@ -35,10 +35,10 @@ async function backends(...names: string[]): Promise<EchoBackend[]> {
 const asSet = (bs: EchoBackend[]): Backend[] => bs.map((b, i) => ({ instanceId: `i${i}`, app: "a", host: "127.0.0.1", port: b.port, availableSince: undefined }));
 
 /** `native`: the listener accepts with the module and hands descriptors over the relays' channels; `node`: Node's sockets and IPC. */
-async function relayedListener(set: () => readonly Backend[], io: "native" | "node", host = "127.0.0.1", connectTimeoutMs = 1_000) {
+async function relayedListener(set: () => readonly Backend[], io: "native" | "node", host = "127.0.0.1", connectTimeoutMs = 1_000, poolLogger = logger) {
   const counters = new DataPlaneCounters();
   const native = io === "native" ? nativeModule("native") : undefined;
-  const relays = new RelayPool(2, connectTimeoutMs, counters, logger, native, RELAY_MAIN);
+  const relays = new RelayPool(2, connectTimeoutMs, counters, poolLogger, native, RELAY_MAIN);
   await relays.start();
   cleanup.push(() => relays.stop(2_000));
   const listener = new TcpListener({
@@ -230,6 +230,27 @@ describe("tcp listener with relays taking descriptors", () => {
     cleanup.push(() => client.close());
     expect(await client.nextLine()).toMatch(/^h[01]$/);
     expect(execFileSync("ss", ["-tnoH", "state", "established", `( sport = :${listener.port} )`]).toString()).toMatch(/timer:\(keepalive,/);
+  });
+});
+
+describe("relay pool - descriptors over the channel", () => {
+  it("a rotation too big for a relay's channel: the worker carries that listener's clients, and says why once per relay", async () => {
+    const [b] = await backends("big");
+    // Some 400 KB of JSON: more than a channel with the default send buffer takes in one message.
+    const set = Array.from({ length: 12_000 }, () => asSet([b as EchoBackend])[0] as Backend);
+    const events: Array<{ msg: string; err?: { message: string } }> = [];
+    const watched = pino({ level: "info" }, { write: (line: string) => void events.push(JSON.parse(line)) });
+    const { listener, counters } = await relayedListener(() => set, "native", "127.0.0.1", 1_000, watched);
+    for (let i = 0; i < 10; i++) {
+      const c = await connectLines(listener.port);
+      expect(await c.nextLine()).toBe("big");
+      expect(await c.roundTrip(`m${i}`)).toBe(`m${i}`);
+      c.close();
+    }
+    expect([counters.tcpToRelays, counters.tcpRelaysBusy]).toEqual([0, 10]);
+    const refused = events.filter((e) => e.msg === "relay-message-not-sent");
+    expect(refused).toHaveLength(2);
+    expect(refused[0]?.err?.message).toMatch(/-byte message is more than its channel takes \(\d+\)/);
   });
 });
 

@@ -37,8 +37,13 @@ interface Relay {
   child: ChildProcess;
   /** Open connections per listener id, to settle the accounts if the relay dies. */
   open: Map<number, number>;
-  /** The rotation last sent for each listener id (the listener's own array: a new set is a new array), and the backends out of it (joined). */
-  rotations: Map<number, { backends: readonly Endpoint[]; ejected: string }>;
+  /**
+   * The rotation last sent for each listener id (the listener's own array: a
+   * new set is a new array), and the backends out of it (joined); `refused`
+   * when it can never be sent (too big for the channel), so that the next
+   * clients do not build it again to find that out.
+   */
+  rotations: Map<number, { backends: readonly Endpoint[]; ejected: string; refused: boolean }>;
   /** Exited (its IPC channel may still look connected for a moment): takes nothing more. */
   dead: boolean;
   /** Clients handed over whose send has not completed: Node queues handles, and a relay that dies drops its queue without a word. */
@@ -46,6 +51,8 @@ interface Relay {
   exited: Promise<void>;
   /** The worker's end of the hand-off channel, with the native module. */
   channel: number | undefined;
+  /** The largest control message the channel and the relay take, in bytes. */
+  controlMaxBytes: number;
   /** Messages the channel had no room for, in order: sent before anything else, and until they are, the relay takes no client. */
   unsent: Buffer[];
   retryTimer: NodeJS.Timeout | undefined;
@@ -87,7 +94,7 @@ export class RelayPool {
     this.logger.info({ relays: this.size }, "relays-started");
   }
 
-  /** Whether clients go as descriptors (handOff); else as Node sockets (dispatch). */
+  /** Whether clients go as descriptors (handOff); else as Node sockets (dispatch). A listener with the module accepts natively only then. */
   get takesDescriptors(): boolean {
     return this.native !== undefined;
   }
@@ -186,31 +193,36 @@ export class RelayPool {
   private sendRotation(relay: Relay, listener: number, backends: readonly Endpoint[], ejected: string[] | undefined): boolean {
     const ejectedNow = ejected?.join(",") ?? "";
     const last = relay.rotations.get(listener);
-    if (last?.backends === backends && last.ejected === ejectedNow) return true;
+    if (last?.backends === backends && last.ejected === ejectedNow) return !last.refused;
     const message: Rotation = { t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) };
     if (ejected) message.e = ejected;
-    if (!this.send(relay, message)) {
-      // Queued (it goes later) or dropped: either way what the relay has is not known here; the next client sends it again.
+    const sent = this.send(relay, message);
+    if (sent === "waiting") {
+      // Queued, it goes later (or not, if the relay dies): the next client sends it again.
       relay.rotations.delete(listener);
       return false;
     }
-    relay.rotations.set(listener, { backends, ejected: ejectedNow });
-    return true;
+    relay.rotations.set(listener, { backends, ejected: ejectedNow, refused: sent === "refused" });
+    return sent === "sent";
   }
 
-  /** A message to the relay, on its hand-off channel (in order with its clients) or Node's IPC; false when it could not be sent now. */
-  private send(relay: Relay, message: ToRelay): boolean {
+  /**
+   * A message to the relay, on its hand-off channel (in order with its
+   * clients) or Node's IPC: sent, waiting for room in the channel, or refused
+   * (too big for it: never sent).
+   */
+  private send(relay: Relay, message: ToRelay): "sent" | "waiting" | "refused" {
     if (relay.channel === undefined) {
       if (relay.child.connected) relay.child.send(message);
-      return true;
+      return "sent";
     }
     const bytes = Buffer.from(JSON.stringify(message));
-    if (bytes.length > CONTROL_MAX_BYTES) {
-      this.unsendable(relay, errnoError(-EMSGSIZE, "send", `relay ${relay.index}: a ${bytes.length}-byte message is more than a relay reads (${CONTROL_MAX_BYTES})`));
-      return false;
+    if (bytes.length > relay.controlMaxBytes) {
+      this.unsendable(relay, errnoError(-EMSGSIZE, "send", `relay ${relay.index}: a ${bytes.length}-byte message is more than its channel takes (${relay.controlMaxBytes})`));
+      return "refused";
     }
     relay.unsent.push(bytes);
-    return this.flush(relay);
+    return this.flush(relay) ? "sent" : "waiting";
   }
 
   /** Sends the channel's waiting messages in order; false when any is left (tried again soon) or could not be sent. */
@@ -261,12 +273,16 @@ export class RelayPool {
     const native = this.native;
     let channel: number | undefined;
     let theirs: number | undefined;
+    let controlMaxBytes = CONTROL_MAX_BYTES;
     if (native) {
       const ends = native.channel();
       if (typeof ends === "number") throw errnoError(ends, "socketpair", `relay ${index}'s hand-off channel`);
-      [channel, theirs] = ends;
+      let channelMax: number;
+      [channel, theirs, channelMax] = ends;
+      controlMaxBytes = Math.min(CONTROL_MAX_BYTES, channelMax);
     }
-    const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs), HARBOR_RELAY_IO: native ? "native" : "node", HARBOR_RELAY_CHANNEL: native ? "1" : "0" };
+    // With the module the relay reads its clients and messages from the channel at RELAY_CHANNEL_FD.
+    const env = { ...process.env, HARBOR_RELAY_INDEX: String(index), HARBOR_RELAY_CONNECT_TIMEOUT_MS: String(this.connectTimeoutMs), HARBOR_RELAY_IO: native ? "native" : "node" };
     let child: ChildProcess;
     try {
       // The relay's end becomes its descriptor RELAY_CHANNEL_FD (after stdio and IPC); this process keeps only its own.
@@ -287,6 +303,7 @@ export class RelayPool {
       sending: new Set(),
       exited: new Promise((resolve) => child.once("exit", () => resolve())),
       channel,
+      controlMaxBytes,
       unsent: [],
       retryTimer: undefined,
       unsentLoggedAt: 0,
