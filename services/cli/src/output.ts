@@ -102,3 +102,8 @@ export function keyValues(record: object): string {
       .join("\n") + "\n"
   );
 }
+
+/** Errors are one line on stderr: whatever a message carries after a newline joins the line. */
+export function oneLine(message: string): string {
+  return message.trim().replace(/\s*\n\s*/g, " ");
+}

@@ -2,7 +2,7 @@ import { createRequire } from "node:module";
 import { Command, CommanderError, Option } from "commander";
 import { parseRange } from "@harbor/runtime";
 import { createClients, CliError, type Clients } from "./client.js";
-import { inline, instanceOutput, keyValues, nodeOutput, serviceOutput, table } from "./output.js";
+import { inline, instanceOutput, keyValues, nodeOutput, oneLine, serviceOutput, table } from "./output.js";
 import { DEFAULT_SERVE_TARGET, SERVE_TARGETS, isServeTarget } from "./targets.js";
 
 /** This package's version (the file is one level above both src/ and dist/). */
@@ -26,11 +26,6 @@ interface GlobalOptions {
 }
 
 const WORKER_LIVE_WITHIN_MS = 15_000;
-
-/** Errors are one line on stderr: whatever a message carries after a newline joins the line. */
-function oneLine(message: string): string {
-  return message.trim().replace(/\s*\n\s*/g, " ");
-}
 
 /**
  * A whole number written in decimal digits, from min to max. (`Number()` alone

@@ -1,5 +1,6 @@
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { oneLine } from "./output.js";
 import { connectBus, createSubjects, isValidPrefix, DEFAULT_NATS_PREFIX, type Bus } from "@harbor/bus";
 import { readFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
@@ -268,15 +269,15 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     return 0;
   } catch (err) {
     if (err instanceof ConfigError) {
-      process.stderr.write(`harbor: ${err.message}\n`);
+      process.stderr.write(`harbor: ${oneLine(err.message)}\n`);
       return 2;
     }
     if (err instanceof HarborError) {
-      process.stderr.write(`harbor: ${err.message}\n`);
+      process.stderr.write(`harbor: ${oneLine(err.message)}\n`);
       return 1;
     }
     logger.error({ err }, "serve-failed");
-    process.stderr.write(`harbor: ${(err as Error).message}\n`);
+    process.stderr.write(`harbor: ${oneLine((err as Error).message ?? String(err))}\n`);
     return 1;
   }
 }
