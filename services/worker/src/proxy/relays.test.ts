@@ -9,7 +9,7 @@ import type { Backend } from "@harbor/proto";
 import { createLogger } from "@harbor/runtime";
 import { connectLines, freePort, startEchoBackend, waitFor, type EchoBackend } from "@harbor/testkit";
 import { DataPlaneCounters } from "../metrics.js";
-import { nativeModule } from "./native.js";
+import { nativeModule, type NativeModule } from "./native.js";
 import { RelayPool } from "./relays.js";
 import { TcpListener } from "./tcp.js";
 
@@ -75,6 +75,20 @@ function relayChildren(): number[] {
   }
   return pids;
 }
+
+/** The largest control message a hand-off channel takes here (its send buffer's, as the pool reads it). */
+function channelMaxBytes(): number {
+  const native = nativeModule("native") as NativeModule;
+  const ends = native.channel();
+  if (typeof ends === "number") throw new Error(`socketpair: ${ends}`);
+  native.close(ends[0]);
+  native.close(ends[1]);
+  return ends[2];
+}
+
+/** Control messages the pool holds for relays whose channels had no room (pool internals, read for the test only). */
+const waitingMessages = (pool: RelayPool): number =>
+  (pool as unknown as { relays: Array<{ unsent: unknown[] }> }).relays.reduce((n, relay) => n + relay.unsent.length, 0);
 
 /** Opens `count` connections one after another; which backend greeted each, and that each echoes. */
 async function reach(port: number, count: number): Promise<Record<string, number>> {
@@ -218,6 +232,42 @@ describe("tcp listener with relays taking descriptors", () => {
     await waitFor(() => counters.tcpProxied === total && listener.connections === 0, "every connection carried and ended").catch((err: Error) => {
       throw new Error(`${err.message}: proxied ${counters.tcpProxied}, open ${listener.connections}`);
     });
+  });
+
+  it("a rotation that finds a stalled relay's channel full waits, and reaches the relay before any client does", async () => {
+    const before = relayChildren();
+    const [first, second, third] = await backends("first", "second", "third");
+    // Each rotation about 60 % of what a channel holds: the second fills it, the third finds no room.
+    // A rotation message carries each backend as {"host":…,"port":…} and a comma.
+    const probe = JSON.stringify({ host: "127.0.0.1", port: (first as EchoBackend).port }).length + 1;
+    const rotationOf = (b: EchoBackend) => Array.from({ length: Math.floor((0.6 * channelMaxBytes()) / probe) }, () => asSet([b])[0] as Backend);
+    let set = rotationOf(first as EchoBackend);
+    const { listener, counters, relays } = await relayedListener(() => set, "native");
+    const stalled = relayChildren().filter((pid) => !before.includes(pid));
+    expect(stalled).toHaveLength(2);
+    for (const pid of stalled) process.kill(pid, "SIGSTOP");
+    cleanup.push(() => stalled.forEach((pid) => process.kill(pid, "SIGCONT")));
+
+    // One client per relay, each after its first rotation; they wait in the channels.
+    const early = [await connectLines(listener.port), await connectLines(listener.port)];
+    await waitFor(() => counters.tcpToRelays === 2, "both clients handed to the stalled relays");
+    set = rotationOf(second as EchoBackend);
+    const c2 = await connectLines(listener.port);
+    set = rotationOf(third as EchoBackend);
+    const c3 = await connectLines(listener.port);
+    // The third rotation waits in the pool for both relays: the worker carried these two itself, with the set of their time.
+    expect(await c2.nextLine()).toBe("second");
+    expect(await c3.nextLine()).toBe("third");
+    expect([counters.tcpToRelays, counters.tcpRelaysBusy]).toEqual([2, 2]);
+    expect(waitingMessages(relays)).toBe(2);
+
+    for (const pid of stalled) process.kill(pid, "SIGCONT");
+    // The early clients kept the rotation they were sent with; every later one has the third, which got there first.
+    expect(await Promise.all(early.map((c) => c.nextLine()))).toEqual(["first", "first"]);
+    await waitFor(() => waitingMessages(relays) === 0, "the waiting rotations sent once the relays read again");
+    expect(await reach(listener.port, 4)).toEqual({ third: 4 });
+    expect(counters.tcpToRelays).toBe(6);
+    for (const c of [...early, c2, c3]) c.close();
   });
 
   it("hands a client Node's sockets accepted (a listener on a host name) over the channel too, after its rotation", async () => {

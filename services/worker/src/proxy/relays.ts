@@ -53,8 +53,12 @@ interface Relay {
   channel: number | undefined;
   /** The largest control message the channel and the relay take, in bytes. */
   controlMaxBytes: number;
-  /** Messages the channel had no room for, in order: sent before anything else, and until they are, the relay takes no client. */
-  unsent: Buffer[];
+  /**
+   * Messages the channel had no room for, in order: sent before anything
+   * else, and until they are, the relay takes no client. `rotationOf` names
+   * the listener a rotation is for, whose record goes if it cannot be sent.
+   */
+  unsent: Array<{ bytes: Buffer; rotationOf?: number }>;
   retryTimer: NodeJS.Timeout | undefined;
   /** When a message that could not be sent was last logged. */
   unsentLoggedAt: number;
@@ -196,12 +200,9 @@ export class RelayPool {
     if (last?.backends === backends && last.ejected === ejectedNow) return !last.refused;
     const message: Rotation = { t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) };
     if (ejected) message.e = ejected;
-    const sent = this.send(relay, message);
-    if (sent === "waiting") {
-      // Queued, it goes later (or not, if the relay dies): the next client sends it again.
-      relay.rotations.delete(listener);
-      return false;
-    }
+    const sent = this.send(relay, message, listener);
+    // Waiting, it still reaches the relay before any client (none is handed over while messages wait), so it is
+    // recorded as the relay's: a later forget follows it. A relay that dies first is replaced with no records.
     relay.rotations.set(listener, { backends, ejected: ejectedNow, refused: sent === "refused" });
     return sent === "sent";
   }
@@ -211,7 +212,7 @@ export class RelayPool {
    * clients) or Node's IPC: sent, waiting for room in the channel, or refused
    * (too big for it: never sent).
    */
-  private send(relay: Relay, message: ToRelay): "sent" | "waiting" | "refused" {
+  private send(relay: Relay, message: ToRelay, rotationOf?: number): "sent" | "waiting" | "refused" {
     if (relay.channel === undefined) {
       if (relay.child.connected) relay.child.send(message);
       return "sent";
@@ -221,7 +222,7 @@ export class RelayPool {
       this.unsendable(relay, errnoError(-EMSGSIZE, "send", `relay ${relay.index}: a ${bytes.length}-byte message is more than its channel takes (${relay.controlMaxBytes})`));
       return "refused";
     }
-    relay.unsent.push(bytes);
+    relay.unsent.push({ bytes, rotationOf });
     return this.flush(relay) ? "sent" : "waiting";
   }
 
@@ -229,7 +230,7 @@ export class RelayPool {
   private flush(relay: Relay): boolean {
     let all = true;
     while (relay.unsent.length > 0 && relay.channel !== undefined) {
-      const bytes = relay.unsent[0] as Buffer;
+      const { bytes, rotationOf } = relay.unsent[0] as Relay["unsent"][number];
       const r = (this.native as NativeModule).sendControl(relay.channel, bytes);
       if (r === -EAGAIN || r === -ENOBUFS || r === -ENOMEM) {
         relay.retryTimer ??= setTimeout(() => {
@@ -241,6 +242,8 @@ export class RelayPool {
       relay.unsent.shift();
       if (r < 0) {
         all = false;
+        // The relay does not have this rotation: the listener's next client tries to send it again.
+        if (rotationOf !== undefined) relay.rotations.delete(rotationOf);
         // The relay is gone, and its exit settles its accounts. Anything else is this message's fault.
         if (!relay.dead && r !== -EPIPE && r !== -ECONNRESET) {
           this.unsendable(relay, errnoError(r, "send", r === -EMSGSIZE ? `relay ${relay.index}: a ${bytes.length}-byte message is more than the channel takes` : `relay ${relay.index}`));
