@@ -13,7 +13,7 @@ import { backendKey, dial, KEEPALIVE_IDLE_MS, type DialHooks, type Endpoint } fr
 import { errnoError, HANDOFF_META, nativeModule, type NativeModule } from "./native.js";
 import { NativeDialer, type NativeDialHooks } from "./native-dial.js";
 import { nodePairs, pairTable, type Pair } from "./pairs.js";
-import { CONTROL_MAX_BYTES, RELAY_CHANNEL_FD, type FromRelay, type HandOff, type Rotation, type Stats, type ToRelay } from "./relay-protocol.js";
+import { CONTROL_MAX_BYTES, isChannelControl, RELAY_CHANNEL_FD, type FromRelay, type HandOff, type Rotation, type Stats, type ToRelay } from "./relay-protocol.js";
 
 const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
 const send = (message: FromRelay) => process.send?.(message);
@@ -239,7 +239,8 @@ function readChannel(module: NativeModule): void {
             logger.error({ err }, "relay-channel-message-malformed");
             continue;
           }
-          if (typeof message === "object" && message !== null) control(message as ToRelay);
+          if (isChannelControl(message)) control(message);
+          else logger.error({ kind: typeof message === "object" && message !== null ? String((message as { t?: unknown }).t) : typeof message }, "relay-channel-message-malformed");
         } else if (!malformedLogged) {
           // Only the worker holds the other end: a malformed message is a bug, logged once, its descriptors closed.
           malformedLogged = true;

@@ -93,3 +93,30 @@ export interface Stats {
 }
 
 export type FromRelay = BackendFailed | Stats | { t: "ready" };
+
+/** A control message the worker sends on the hand-off channel (not a client's). */
+export type ChannelControl = Rotation | Forget | Stop;
+
+const isListenerId = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) > 0;
+const isEndpoint = (v: unknown): v is Endpoint =>
+  typeof v === "object" && v !== null && typeof (v as Endpoint).host === "string" && Number.isInteger((v as Endpoint).port) && (v as Endpoint).port > 0 && (v as Endpoint).port < 65_536;
+
+/**
+ * Whether a message read off the hand-off channel is one a relay acts on.
+ * Only the worker writes there, so anything else is a bug: the relay logs
+ * and drops it rather than keep a rotation it would crash on at the next client.
+ */
+export function isChannelControl(m: unknown): m is ChannelControl {
+  if (typeof m !== "object" || m === null) return false;
+  const message = m as { t?: unknown; l?: unknown; b?: unknown; e?: unknown; deadlineMs?: unknown };
+  switch (message.t) {
+    case "rotation":
+      return isListenerId(message.l) && Array.isArray(message.b) && message.b.every(isEndpoint) && (message.e === undefined || (Array.isArray(message.e) && message.e.every((k: unknown) => typeof k === "string")));
+    case "forget":
+      return isListenerId(message.l);
+    case "stop":
+      return Number.isFinite(message.deadlineMs) && (message.deadlineMs as number) >= 0;
+    default:
+      return false;
+  }
+}

@@ -86,9 +86,12 @@ function channelMaxBytes(): number {
   return ends[2];
 }
 
-/** Control messages the pool holds for relays whose channels had no room (pool internals, read for the test only). */
-const waitingMessages = (pool: RelayPool): number =>
-  (pool as unknown as { relays: Array<{ unsent: unknown[] }> }).relays.reduce((n, relay) => n + relay.unsent.length, 0);
+/** The pool's relays, as the pool keeps them (internals, read for the tests only). */
+const relaysOf = (pool: RelayPool) => (pool as unknown as { relays: Array<{ unsent: unknown[]; channel: number | undefined }> }).relays;
+/** Control messages the pool holds for relays whose channels had no room. */
+const waitingMessages = (pool: RelayPool): number => relaysOf(pool).reduce((n, relay) => n + relay.unsent.length, 0);
+/** The worker's ends of the relays' hand-off channels. */
+const channelsOf = (pool: RelayPool): number[] => relaysOf(pool).map((relay) => relay.channel as number);
 
 /** Opens `count` connections one after another; which backend greeted each, and that each echoes. */
 async function reach(port: number, count: number): Promise<Record<string, number>> {
@@ -268,6 +271,22 @@ describe("tcp listener with relays taking descriptors", () => {
     expect(await reach(listener.port, 4)).toEqual({ third: 4 });
     expect(counters.tcpToRelays).toBe(6);
     for (const c of [...early, c2, c3]) c.close();
+  });
+
+  it("a relay that reads a malformed control message drops it and goes on carrying", async () => {
+    const before = relayChildren();
+    const set = asSet(await backends("m0", "m1"));
+    const { listener, counters, relays } = await relayedListener(() => set, "native");
+    expect(await reach(listener.port, 2)).toEqual({ m0: 1, m1: 1 });
+    const pids = relayChildren().filter((pid) => !before.includes(pid));
+    const native = nativeModule("native") as NativeModule;
+    // Not JSON; JSON but no message; a rotation for this very listener that the relay would crash on at its next client.
+    const garbage = ["{not json", "[1,2,3]", JSON.stringify({ t: "rotation", l: 1, b: "127.0.0.1:1" })];
+    for (const channel of channelsOf(relays)) for (const text of garbage) expect(native.sendControl(channel, Buffer.from(text))).toBe(0);
+
+    expect(await reach(listener.port, 4)).toEqual({ m0: 2, m1: 2 });
+    expect(relayChildren().filter((pid) => !before.includes(pid))).toEqual(pids);
+    expect([counters.tcpToRelays, counters.tcpRelaysBusy]).toEqual([6, 0]);
   });
 
   it("hands a client Node's sockets accepted (a listener on a host name) over the channel too, after its rotation", async () => {
