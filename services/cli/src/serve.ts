@@ -268,17 +268,11 @@ export async function serve(target: ServeTarget, env: Record<string, string | un
     );
     return 0;
   } catch (err) {
-    if (err instanceof ConfigError) {
-      process.stderr.write(`harbor: ${oneLine(err.message)}\n`);
-      return 2;
-    }
-    if (err instanceof HarborError) {
-      process.stderr.write(`harbor: ${oneLine(err.message)}\n`);
-      return 1;
-    }
-    logger.error({ err }, "serve-failed");
+    // A refusal Harbor explains (a setting, a request) is the one line; anything else is logged in full too.
+    const explained = err instanceof ConfigError || err instanceof HarborError;
+    if (!explained) logger.error({ err }, "serve-failed");
     process.stderr.write(`harbor: ${oneLine((err as Error).message ?? String(err))}\n`);
-    return 1;
+    return err instanceof ConfigError ? 2 : 1;
   }
 }
 

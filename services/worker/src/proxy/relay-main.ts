@@ -13,7 +13,7 @@ import { backendKey, dial, KEEPALIVE_IDLE_MS, type DialHooks, type Endpoint } fr
 import { errnoError, HANDOFF_META, nativeModule, type NativeModule } from "./native.js";
 import { NativeDialer, type NativeDialHooks } from "./native-dial.js";
 import { nodePairs, pairTable, type Pair } from "./pairs.js";
-import { CONTROL_MAX_BYTES, isChannelControl, RELAY_CHANNEL_FD, type FromRelay, type HandOff, type Rotation, type Stats, type ToRelay } from "./relay-protocol.js";
+import { CONTROL_MAX_BYTES, parseChannelControl, RELAY_CHANNEL_FD, type FromRelay, type HandOff, type Rotation, type Stats, type ToRelay } from "./relay-protocol.js";
 
 const logger = createLogger("harbor-relay").child({ component: "relay", relay: Number(process.env.HARBOR_RELAY_INDEX ?? 0) });
 const send = (message: FromRelay) => process.send?.(message);
@@ -232,15 +232,9 @@ function readChannel(module: NativeModule): void {
           if (!lostLogged) logger.error({ listener: meta[i + 1] }, "relay-client-lost-out-of-descriptors");
           lostLogged = true;
         } else if (kind === module.HANDOFF_CONTROL) {
-          let message: unknown;
-          try {
-            message = JSON.parse(payload.toString("utf8", 0, meta[i + 1] as number));
-          } catch (err) {
-            logger.error({ err }, "relay-channel-message-malformed");
-            continue;
-          }
-          if (isChannelControl(message)) control(message);
-          else logger.error({ kind: typeof message === "object" && message !== null ? String((message as { t?: unknown }).t) : typeof message }, "relay-channel-message-malformed");
+          const message = parseChannelControl(payload.toString("utf8", 0, meta[i + 1] as number));
+          if (message instanceof Error) logger.error({ err: message }, "relay-channel-message-malformed");
+          else control(message);
         } else if (!malformedLogged) {
           // Only the worker holds the other end: a malformed message is a bug, logged once, its descriptors closed.
           malformedLogged = true;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { isChannelControl } from "./relay-protocol.js";
+import { isChannelControl, parseChannelControl } from "./relay-protocol.js";
 
 describe("relay protocol - control messages read off the hand-off channel", () => {
   it("takes the rotation, forget and stop messages the worker sends", () => {
@@ -29,5 +29,12 @@ describe("relay protocol - control messages read off the hand-off channel", () =
     ]) {
       expect(isChannelControl(bad), JSON.stringify(bad)).toBe(false);
     }
+  });
+
+  it("parses a message's text, or says why it is not one", () => {
+    expect(parseChannelControl('{"t":"forget","l":4}')).toEqual({ t: "forget", l: 4 });
+    expect(parseChannelControl("{not json")).toBeInstanceOf(SyntaxError);
+    expect((parseChannelControl("[1,2,3]") as Error).message).toBe("a JSON array that is not a rotation, forget or stop the worker sends");
+    expect((parseChannelControl('{"t":"rotation","l":1,"b":"x"}') as Error).message).toBe('a "rotation" message that is not a rotation, forget or stop the worker sends');
   });
 });

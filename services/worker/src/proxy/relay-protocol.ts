@@ -101,6 +101,19 @@ const isListenerId = (v: unknown): v is number => Number.isSafeInteger(v) && (v 
 const isEndpoint = (v: unknown): v is Endpoint =>
   typeof v === "object" && v !== null && typeof (v as Endpoint).host === "string" && Number.isInteger((v as Endpoint).port) && (v as Endpoint).port > 0 && (v as Endpoint).port < 65_536;
 
+/** A control message's text off the hand-off channel, parsed and checked; an Error saying why it is not one. */
+export function parseChannelControl(text: string): ChannelControl | Error {
+  let message: unknown;
+  try {
+    message = JSON.parse(text);
+  } catch (err) {
+    return err as Error;
+  }
+  if (isChannelControl(message)) return message;
+  const kind = typeof message === "object" && message !== null && !Array.isArray(message) ? `a "${String((message as { t?: unknown }).t)}" message` : `a JSON ${Array.isArray(message) ? "array" : typeof message}`;
+  return new Error(`${kind} that is not a rotation, forget or stop the worker sends`);
+}
+
 /**
  * Whether a message read off the hand-off channel is one a relay acts on.
  * Only the worker writes there, so anything else is a bug: the relay logs
