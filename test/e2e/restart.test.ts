@@ -31,7 +31,8 @@ describe("e2e run - local instances", () => {
     await waitFor(async () => {
       const seen = new Set([await reach(service.port).catch(() => ""), await reach(service.port).catch(() => "")]);
       return seen.has("phoenix-0") && seen.has("phoenix-1");
-    }, "both instances in rotation");
+      // A budget, not a measure: two instance processes start and register while the rest of the suite loads both cores.
+    }, "both instances in rotation", 30_000);
 
     // Harbor goes away for longer than the TTL, then comes back on the same database.
     expect(await first.stop()).toBe(0);
@@ -48,5 +49,5 @@ describe("e2e run - local instances", () => {
     const instances = await second.json<unknown[]>("instances", "phoenix");
     expect(instances).toEqual([]);
     expect(run.output()).toMatch(/phoenix\/0 exited/);
-  });
+  }, 120_000);
 });
