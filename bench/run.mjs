@@ -30,9 +30,12 @@ const LOCAL = "127.0.0.1";
 const MODES = {
   // seconds: length of each timed run; omit: iperf3 warm-up seconds left out;
   // reps: each workload × target is run this often and the median is kept;
-  // idleMs: how long every proxy sits idle, after the last one started, before its idle RSS is read.
-  smoke: { seconds: 2, omit: 0, reps: 1, abRequests: 10000, idleMs: 1_000 },
-  full: { seconds: 6, omit: 1, reps: 3, abRequests: 50000, idleMs: 10_000 },
+  // idleMs: how long every proxy sits idle, after the last one started, before its idle RSS is read
+  // (V8 gives a young process's start-up garbage back only after several seconds: at 10 s a
+  // Node reading sometimes still holds it, 6 MiB more);
+  // pairs: back-to-back pairs of direct and harbor-kernel bulk runs, for the kernel mode's ratio to direct.
+  smoke: { seconds: 2, omit: 0, reps: 1, abRequests: 10000, idleMs: 1_000, pairs: 1 },
+  full: { seconds: 6, omit: 1, reps: 3, abRequests: 50000, idleMs: 30_000, pairs: 5 },
 };
 const AB_CONCURRENCY = 32;
 const WRK_CONNECTIONS = 32;
@@ -548,6 +551,64 @@ const WORKLOADS = [
   { name: "UDP flood, batched sender", fn: udpBatchedFlood, needs: "udp", rows: ["udpBatch"], perCore: "udpBatch" },
 ];
 
+// ---------------------------------------------------------------- kernel mode ÷ direct, paired
+
+/**
+ * pairRatios[row] = harbor-kernel ÷ direct of each back-to-back pair. In the
+ * repetitions above the two targets' runs of one workload sit up to four runs
+ * apart, and the host's speed drifts between them (direct's own repetitions
+ * spread by a quarter); a pair run back to back, its order alternating, sees
+ * the same host, so its ratio is the rewrite's cost and little else.
+ */
+const pairRatios = {};
+
+async function kernelPairs(targets) {
+  const direct = targets.find((tg) => tg.name === "direct");
+  const kernel = targets.find((tg) => tg.name === "harbor-kernel");
+  if (!direct || !kernel) return;
+  for (const w of WORKLOADS.filter((w) => w.fn === tcpBulk1 || w.fn === tcpBulk8)) {
+    if (ONLY && !w.name.includes(ONLY)) continue;
+    const row = w.rows[0];
+    const entry = (pairRatios[row] ??= { values: [], errors: [] });
+    for (let pair = 1; pair <= CFG.pairs; pair++) {
+      const order = pair % 2 ? [direct, kernel] : [kernel, direct];
+      try {
+        const got = {};
+        for (const target of order) {
+          log(`pair ${pair}/${CFG.pairs} ${w.name} → ${target.name}`);
+          got[target.name] = (await w.fn(target, `pair${pair}`))[row];
+          await sleep(300);
+        }
+        entry.values.push(got[kernel.name] / got[direct.name]);
+      } catch (err) {
+        log(`  error: ${oneLine(err)}`);
+        entry.errors.push(oneLine(err));
+      }
+    }
+  }
+}
+
+function renderPairs() {
+  const rows = ROWS.filter((row) => pairRatios[row.key]);
+  if (rows.length === 0) return "";
+  const lines = [
+    "## Kernel mode ÷ direct, back to back",
+    "",
+    "| Workload | each pair | median |",
+    "|---|---|---:|",
+    ...rows.map((row) => {
+      const { values, errors } = pairRatios[row.key];
+      const each = values.map((v) => `${fmt(v, 2)}×`).join(", ") || `error: ${errors[0]}`;
+      return `| ${cellText(row.label)} | ${each} | ${values.length ? `${fmt(median(values), 2)}×` : "—"} |`;
+    }),
+    "",
+    `${CFG.pairs} pair(s) of runs, direct then harbor-kernel and the other way round in turn, after the`,
+    "repetitions above: each ratio compares two runs seconds apart, not minutes.",
+    "",
+  ];
+  return lines.join("\n");
+}
+
 // ---------------------------------------------------------------- report
 
 const t = `${CFG.seconds} s`;
@@ -674,6 +735,7 @@ ${renderMain()}
 ↓ = lower is better. "harbor ÷ peer" compares with HAProxy on TCP rows and nginx on UDP rows
 (HAProxy has no UDP); loss is compared as a difference in percentage points.
 
+${renderPairs()}
 ## Per core of proxy CPU
 
 ${renderPerCore()}
@@ -754,6 +816,8 @@ async function main() {
     }
   }
 
+  await kernelPairs(targets);
+
   const cpu = foreignCpu();
   if (cpu.foreignPct > 5) log(`warning: other processes used ${cpu.foreignPct.toFixed(0)} % of the machine's CPU during the run`);
   for (const target of targets) await target.stop();
@@ -761,7 +825,7 @@ async function main() {
 
   const elapsedS = (performance.now() - t0) / 1000;
   const report = renderReport(versions(), startedAt, elapsedS, loadBefore, cpu);
-  writeFileSync(join(RAW_DIR, "results.json"), JSON.stringify({ mode: MODE, command: COMMAND, machineCpu: cpu, results, perCore }, null, 2));
+  writeFileSync(join(RAW_DIR, "results.json"), JSON.stringify({ mode: MODE, command: COMMAND, machineCpu: cpu, results, perCore, pairRatios }, null, 2));
   mkdirSync(RESULTS_DIR, { recursive: true });
   writeFileSync(join(RESULTS_DIR, "latest.md"), report);
   // full.md keeps the last whole full run: every workload, every target.
