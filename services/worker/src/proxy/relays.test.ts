@@ -87,11 +87,19 @@ function channelMaxBytes(): number {
 }
 
 /** The pool's relays, as the pool keeps them (internals, read for the tests only). */
-const relaysOf = (pool: RelayPool) => (pool as unknown as { relays: Array<{ unsent: unknown[]; channel: number | undefined }> }).relays;
+const relaysOf = (pool: RelayPool) => (pool as unknown as { relays: Array<{ unsent: unknown[]; channel: number | undefined; controlMaxBytes: number }> }).relays;
 /** Control messages the pool holds for relays whose channels had no room. */
 const waitingMessages = (pool: RelayPool): number => relaysOf(pool).reduce((n, relay) => n + relay.unsent.length, 0);
 /** The worker's ends of the relays' hand-off channels. */
 const channelsOf = (pool: RelayPool): number[] => relaysOf(pool).map((relay) => relay.channel as number);
+
+/** A rotation of `backend` over and over, about `share` of what a hand-off channel holds when sent. */
+function rotationFilling(backend: EchoBackend, share: number): Backend[] {
+  // A rotation message carries each backend as {"host":…,"port":…} and a comma.
+  const each = JSON.stringify({ host: "127.0.0.1", port: backend.port }).length + 1;
+  const one = asSet([backend])[0] as Backend;
+  return Array.from({ length: Math.ceil((share * channelMaxBytes()) / each) }, () => one);
+}
 
 /** Opens `count` connections one after another; which backend greeted each, and that each echoes. */
 async function reach(port: number, count: number): Promise<Record<string, number>> {
@@ -241,9 +249,7 @@ describe("tcp listener with relays taking descriptors", () => {
     const before = relayChildren();
     const [first, second, third] = await backends("first", "second", "third");
     // Each rotation about 60 % of what a channel holds: the second fills it, the third finds no room.
-    // A rotation message carries each backend as {"host":…,"port":…} and a comma.
-    const probe = JSON.stringify({ host: "127.0.0.1", port: (first as EchoBackend).port }).length + 1;
-    const rotationOf = (b: EchoBackend) => Array.from({ length: Math.floor((0.6 * channelMaxBytes()) / probe) }, () => asSet([b])[0] as Backend);
+    const rotationOf = (b: EchoBackend) => rotationFilling(b, 0.6);
     let set = rotationOf(first as EchoBackend);
     const { listener, counters, relays } = await relayedListener(() => set, "native");
     const stalled = relayChildren().filter((pid) => !before.includes(pid));
@@ -271,6 +277,25 @@ describe("tcp listener with relays taking descriptors", () => {
     expect(await reach(listener.port, 4)).toEqual({ third: 4 });
     expect(counters.tcpToRelays).toBe(6);
     for (const c of [...early, c2, c3]) c.close();
+  });
+
+  it("a rotation the channel refuses outright is not taken for sent: the worker carries those clients, and the next rotation goes to the relays", async () => {
+    const before = relayChildren();
+    const [big, small] = await backends("big", "small");
+    let set = rotationFilling(big as EchoBackend, 1.5);
+    const { listener, counters, relays } = await relayedListener(() => set, "native");
+    // The pool's own size check refuses such a rotation before any send: lifted, the send itself fails (EMSGSIZE),
+    // as any send that is not "no room now" does.
+    for (const relay of relaysOf(relays)) relay.controlMaxBytes = Number.MAX_SAFE_INTEGER;
+    const pids = relayChildren().filter((pid) => !before.includes(pid));
+
+    // Each client's rotation is tried again and fails again: no relay gets a client it has no rotation for.
+    expect(await reach(listener.port, 4)).toEqual({ big: 4 });
+    expect([counters.tcpToRelays, counters.tcpRelaysBusy]).toEqual([0, 4]);
+    set = asSet([small as EchoBackend]);
+    expect(await reach(listener.port, 2)).toEqual({ small: 2 });
+    expect(counters.tcpToRelays).toBe(2);
+    expect(relayChildren().filter((pid) => !before.includes(pid))).toEqual(pids);
   });
 
   it("a relay that reads a malformed control message drops it and goes on carrying", async () => {

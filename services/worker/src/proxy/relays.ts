@@ -39,11 +39,15 @@ interface Relay {
   open: Map<number, number>;
   /**
    * The rotation last sent for each listener id (the listener's own array: a
-   * new set is a new array), and the backends out of it (joined); `refused`
-   * when it can never be sent (too big for the channel), so that the next
-   * clients do not build it again to find that out.
+   * new set is a new array), and the backends out of it (joined). `sent`
+   * covers one still waiting in `unsent` (it reaches the relay before any
+   * client); `refused` when it can never be sent (too big for the channel),
+   * so that the next clients do not build it again to find that out;
+   * `failed` when its send failed: the next client sends it again. A record
+   * of any state means the relay may hold some rotation of that listener,
+   * so `unregister` sends it a forget.
    */
-  rotations: Map<number, { backends: readonly Endpoint[]; ejected: string; refused: boolean }>;
+  rotations: Map<number, { backends: readonly Endpoint[]; ejected: string; state: "sent" | "refused" | "failed" }>;
   /** Exited (its IPC channel may still look connected for a moment): takes nothing more. */
   dead: boolean;
   /** Clients handed over whose send has not completed: Node queues handles, and a relay that dies drops its queue without a word. */
@@ -56,9 +60,10 @@ interface Relay {
   /**
    * Messages the channel had no room for, in order: sent before anything
    * else, and until they are, the relay takes no client. `rotationOf` names
-   * the listener a rotation is for, whose record goes if it cannot be sent.
+   * the listener a rotation is for, whose record is marked failed if it
+   * cannot be sent; `failed` is set on a message whose send failed.
    */
-  unsent: Array<{ bytes: Buffer; rotationOf?: number }>;
+  unsent: Array<{ bytes: Buffer; rotationOf?: number; failed?: boolean }>;
   retryTimer: NodeJS.Timeout | undefined;
   /** When a message that could not be sent was last logged. */
   unsentLoggedAt: number;
@@ -197,22 +202,22 @@ export class RelayPool {
   private sendRotation(relay: Relay, listener: number, backends: readonly Endpoint[], ejected: string[] | undefined): boolean {
     const ejectedNow = ejected?.join(",") ?? "";
     const last = relay.rotations.get(listener);
-    if (last?.backends === backends && last.ejected === ejectedNow) return !last.refused;
+    if (last?.backends === backends && last.ejected === ejectedNow && last.state !== "failed") return last.state === "sent";
     const message: Rotation = { t: "rotation", l: listener, b: backends.map((b) => ({ host: b.host, port: b.port })) };
     if (ejected) message.e = ejected;
     const sent = this.send(relay, message, listener);
     // Waiting, it still reaches the relay before any client (none is handed over while messages wait), so it is
-    // recorded as the relay's: a later forget follows it. A relay that dies first is replaced with no records.
-    relay.rotations.set(listener, { backends, ejected: ejectedNow, refused: sent === "refused" });
+    // recorded as sent. A relay that dies first is replaced with no records.
+    relay.rotations.set(listener, { backends, ejected: ejectedNow, state: sent === "waiting" ? "sent" : sent });
     return sent === "sent";
   }
 
   /**
    * A message to the relay, on its hand-off channel (in order with its
-   * clients) or Node's IPC: sent, waiting for room in the channel, or refused
-   * (too big for it: never sent).
+   * clients) or Node's IPC: sent, waiting for room in the channel, refused
+   * (too big for it: never sent), or failed (the channel would not take it).
    */
-  private send(relay: Relay, message: ToRelay, rotationOf?: number): "sent" | "waiting" | "refused" {
+  private send(relay: Relay, message: ToRelay, rotationOf?: number): "sent" | "waiting" | "refused" | "failed" {
     if (relay.channel === undefined) {
       if (relay.child.connected) relay.child.send(message);
       return "sent";
@@ -222,35 +227,38 @@ export class RelayPool {
       this.unsendable(relay, errnoError(-EMSGSIZE, "send", `relay ${relay.index}: a ${bytes.length}-byte message is more than its channel takes (${relay.controlMaxBytes})`));
       return "refused";
     }
-    relay.unsent.push({ bytes, rotationOf });
-    return this.flush(relay) ? "sent" : "waiting";
+    const entry: Relay["unsent"][number] = { bytes, rotationOf };
+    relay.unsent.push(entry);
+    this.flush(relay);
+    if (entry.failed) return "failed";
+    return relay.unsent.includes(entry) ? "waiting" : "sent";
   }
 
-  /** Sends the channel's waiting messages in order; false when any is left (tried again soon) or could not be sent. */
-  private flush(relay: Relay): boolean {
-    let all = true;
+  /** Sends the channel's waiting messages in order; what the channel has no room for now is tried again soon. */
+  private flush(relay: Relay): void {
     while (relay.unsent.length > 0 && relay.channel !== undefined) {
-      const { bytes, rotationOf } = relay.unsent[0] as Relay["unsent"][number];
+      const entry = relay.unsent[0] as Relay["unsent"][number];
+      const { bytes, rotationOf } = entry;
       const r = (this.native as NativeModule).sendControl(relay.channel, bytes);
       if (r === -EAGAIN || r === -ENOBUFS || r === -ENOMEM) {
         relay.retryTimer ??= setTimeout(() => {
           relay.retryTimer = undefined;
           this.flush(relay);
         }, RETRY_UNSENT_MS);
-        return false;
+        return;
       }
       relay.unsent.shift();
       if (r < 0) {
-        all = false;
-        // The relay does not have this rotation: the listener's next client tries to send it again.
-        if (rotationOf !== undefined) relay.rotations.delete(rotationOf);
+        entry.failed = true;
+        // The relay does not have this rotation: the listener's next client sends it again.
+        const record = rotationOf === undefined ? undefined : relay.rotations.get(rotationOf);
+        if (record) record.state = "failed";
         // The relay is gone, and its exit settles its accounts. Anything else is this message's fault.
         if (!relay.dead && r !== -EPIPE && r !== -ECONNRESET) {
           this.unsendable(relay, errnoError(r, "send", r === -EMSGSIZE ? `relay ${relay.index}: a ${bytes.length}-byte message is more than the channel takes` : `relay ${relay.index}`));
         }
       }
     }
-    return all;
   }
 
   /** A message no relay can be sent: its listener's connections stay in this process. Logged at most every UNSENT_LOG_MS per relay. */
